@@ -105,12 +105,14 @@ def _frame_to_split(df, where, titles):
             raise UsageError(f"{where}: row {bad[0]}: {col} {ids[bad[0]]} is out of range; ids start at 1 (0 is padding)")
     bad = np.flatnonzero((label != 0) & (label != 1))
     if len(bad):
-        raise UsageError(f"{where}: row {bad[0]}: label {label[bad[0]]!r}, expected 0 or 1")
+        raise UsageError(f"{where}: row {bad[0]}: label {label.tolist()[bad[0]]!r}, expected 0 or 1")
     his, his_title = df["his"].tolist(), df["his_title"].tolist()
     lens = np.empty(len(df), np.int64)
     for r, (h, t) in enumerate(zip(his, his_title)):
         if len(h) != len(t):
             raise UsageError(f"{where}: row {r}: history has {len(h)} items but {len(t)} titles")
+        if len(h) == 0 or h[0] != 0:  # without the sentinel, dropping h[0] would shift every later row
+            raise UsageError(f"{where}: row {r}: history {list(h[:3])} does not start with the 0 sentinel")
         lens[r] = len(h) - 1  # drop the leading 0 sentinel
     flat = np.fromiter((x for h in his for x in h[1:]), np.int64, int(lens.sum()))
     if len(flat) and flat.min() < 1:
@@ -163,7 +165,8 @@ def _find_split_files(name, root):
             _download_grouplens(folder, root)
         build_ml1m_split(folder, folder)
         return {s: (lambda p=p: open(p, "rb"), p) for s, p in files.items()}
-    raise UsageError(f"--data {name}: no {folder}/{{{','.join(SPLITS)}}}_ood2.pkl and no {zpath}")
+    missing = [p for p in files.values() if not os.path.exists(p)]
+    raise UsageError(f"--data {name}: no {', '.join(missing)} and no {zpath}")
 
 
 def load_dataset(name="ml-1m", root=None):
@@ -222,7 +225,7 @@ def _download_grouplens(folder, root):
 
 
 def _read_dat(path, ncols):
-    """Read a GroupLens `::`-separated latin-1 file into a list of field lists."""
+    """Read a GroupLens `::`-separated latin-1 file into a list of (line number, fields)."""
     rows = []
     try:
         with open(path, encoding="latin-1") as f:
@@ -232,7 +235,7 @@ def _read_dat(path, ncols):
                 fields = line.rstrip("\r\n").split("::")
                 if len(fields) != ncols:
                     raise UsageError(f"{path}: line {n}: {len(fields)} '::'-separated fields, expected {ncols}")
-                rows.append(fields)
+                rows.append((n, fields))
     except FileNotFoundError:
         raise UsageError(f"{path}: file not found")
     return rows
@@ -248,10 +251,10 @@ def build_ml1m_split(raw_dir, out_dir):
     in train; valid_small = valid.sample(frac=0.5, random_state=2023)."""
     import pandas as pd
     titles = {}
-    for fields in _read_dat(os.path.join(raw_dir, "movies.dat"), 3):
+    for _, fields in _read_dat(os.path.join(raw_dir, "movies.dat"), 3):
         titles[int(fields[0])] = fields[1]
     ratings = []
-    for n, (u, i, r, t) in enumerate(_read_dat(os.path.join(raw_dir, "ratings.dat"), 4), 1):
+    for n, (u, i, r, t) in _read_dat(os.path.join(raw_dir, "ratings.dat"), 4):
         try:
             u, i, r, t = int(u), int(i), int(r), int(t)
         except ValueError:
@@ -380,6 +383,8 @@ class SegmentTokenizer:
         self.prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         # Any real token id can fill a slot: its embedding is overwritten before the LLM sees it.
         self.slot_id = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.eos_token_id
+        # Pads sit after the last real token and are never attended to: any id works (LLaMA has none).
+        self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
 
     def encode(self, seg, first):
         key = (seg, first)

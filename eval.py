@@ -9,6 +9,8 @@ Warm rows: user and item each have more than 3 train rows. Cold rows: not_cold =
 """
 import numpy as np
 
+import data
+
 
 # ---------------------------------------------------------------------------------------------
 # Metrics as plain functions
@@ -39,17 +41,20 @@ def uauc(users, labels, scores):
     return (float(np.mean(per_user)) if per_user else float("nan")), len(per_user)
 
 
-def subsets(split):
-    """The row masks the paper reports: all rows, warm rows, cold rows."""
-    return {"all": np.ones(len(split), bool), "warm": split.warm, "cold": ~split.not_cold}
+def subsets(split, rows=None):
+    """The row masks the paper reports: all rows, warm rows, cold rows (of `rows`, default all)."""
+    rows = np.arange(len(split)) if rows is None else rows
+    return {"all": np.ones(len(rows), bool), "warm": split.warm[rows], "cold": ~split.not_cold[rows]}
 
 
-def report(split, scores):
-    """{"all"|"warm"|"cold": {"auc", "uauc", "uauc_users", "rows"}} for one split's scores."""
+def report(split, scores, rows=None):
+    """{"all"|"warm"|"cold": {"auc", "uauc", "uauc_users", "rows"}}; scores[k] belongs to row rows[k]."""
+    rows = np.arange(len(split)) if rows is None else rows
+    uid, label = split.uid[rows], split.label[rows]
     out = {}
-    for name, m in subsets(split).items():
-        u, n = uauc(split.uid[m], split.label[m], scores[m])
-        out[name] = {"auc": auc(split.label[m], scores[m]), "uauc": u, "uauc_users": n, "rows": int(m.sum())}
+    for name, m in subsets(split, rows).items():
+        u, n = uauc(uid[m], label[m], scores[m])
+        out[name] = {"auc": auc(label[m], scores[m]), "uauc": u, "uauc_users": n, "rows": int(m.sum())}
     return out
 
 
@@ -57,3 +62,103 @@ def metrics_block(valid_report, test_report):
     """The metrics.json layout shared by collab.py and train.py."""
     return {"valid": valid_report["all"], "test": test_report["all"],
             "test_warm": test_report["warm"], "test_cold": test_report["cold"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring a model: every row exactly once, sharded over processes, no gradients
+
+
+def score_rows(model, enc, split, rows, batch_size, pad_id, device, dtype=None, rank=0, world=1):
+    """-> (len(rows),) float64 scores of `model` (a CoLLM, unwrapped from DDP) for `rows` of a split.
+
+    Rank r scores rows[r::world] (no DistributedSampler: it pads shards by repeating rows, which
+    would count some rows twice) and the shards are gathered on every rank. Batches go longest
+    first in length order, so padding is minimal; scores are put back in row order."""
+    import torch
+    mine = np.asarray(rows)[rank::world]
+    scores = np.empty(len(mine))
+    was_training = model.training
+    model.eval()  # dropout off
+    amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
+    with torch.no_grad(), amp:
+        for b in data.eval_batches(enc.lengths[mine], batch_size):
+            batch = data.collate(enc, split, mine[b], pad_id)
+            scores[b] = model(**{k: v.to(device) for k, v in batch.items()}).float().cpu().numpy()
+    model.train(was_training)
+    if world == 1:
+        return scores
+    import torch.distributed as dist
+    shards = [None] * world
+    dist.all_gather_object(shards, scores)
+    full = np.empty(len(rows))
+    for r, shard in enumerate(shards):
+        full[r::world] = shard
+    return full
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: score a train.py checkpoint on a whole split
+
+
+def print_table(title, rep):
+    print(title)
+    print(f"{'rows':<6}{'AUC':>8}{'UAUC':>8}{'users':>7}{'rows':>7}")
+    for name, m in rep.items():
+        print(f"{name:<6}{m['auc']:>8.4f}{m['uauc']:>8.4f}{m['uauc_users']:>7}{m['rows']:>7}")
+
+
+def main(argv=None):
+    import argparse
+    import json
+    import os
+    # Rebuilding a model from a checkpoint is train.py's knowledge (which LLM, which stage, which
+    # tensors); importing it here, inside main, keeps the metrics above free of model code.
+    import train
+    p = argparse.ArgumentParser(description="Score a train.py checkpoint on every row of a split: AUC and "
+                                            "UAUC overall, on warm rows and on cold rows.")
+    p.add_argument("--ckpt", required=True, help="a train.py checkpoint (best.pt or last.pt)")
+    p.add_argument("--split", default="test", choices=("test", "valid", "valid_small"), help="split to score (default test)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per scoring batch (default 16)")
+    p.add_argument("--rows", type=int, default=0, help="score only the first N rows (0 = all)")
+    p.add_argument("--data-root", default=None, help="folder holding datasets (default: the checkpoint's setting)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default auto)")
+    p.add_argument("--out", default=None, help="write metrics.json here instead of beside the checkpoint")
+    a = p.parse_args(argv)
+    if a.batch_size < 1 or a.rows < 0:
+        raise data.UsageError("--batch-size must be >= 1 and --rows >= 0")
+    if not os.path.isfile(a.ckpt):
+        raise data.UsageError(f"--ckpt {a.ckpt}: file not found")
+    state = train.load_checkpoint(a.ckpt)
+    if "lora" not in state or "config" not in state:
+        raise data.UsageError(f"--ckpt {a.ckpt}: not a train.py checkpoint (a collab.py model.pt? those are "
+                              f"evaluated by collab.py itself)")
+    cfg = train.Config(**{**state["config"], "device": a.device, "data_root": a.data_root or state["config"]["data_root"]})
+    _, _, device = train.setup_distributed(cfg)
+    dtype = train.amp_dtype(cfg, device)
+    ds = data.load_dataset(cfg.data, cfg.data_root)
+    model, tok = train.build_model(cfg, ds, dtype, state)
+    model.to(device)
+    enc = train.encode(cfg, ds, tok, a.split, model)
+    rows = np.arange(len(ds.splits[a.split]))[:a.rows or None]
+    pad = data.SegmentTokenizer(tok).pad_id
+    scores = score_rows(model, enc, ds.splits[a.split], rows, a.batch_size, pad, device, dtype)
+    rep = report(ds.splits[a.split], scores, rows)
+    print_table(f"{a.ckpt} on {cfg.data} {a.split} ({cfg.stage}, {cfg.llm}, step {state['step']})", rep)
+    out = a.out or os.path.dirname(os.path.abspath(a.ckpt))
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "metrics.json")
+    result = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            result = json.load(f)
+    key = a.split
+    result.update({key: rep["all"], f"{key}_warm": rep["warm"], f"{key}_cold": rep["cold"],
+                   "stage": cfg.stage, "llm": cfg.llm})
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    data.cli_main(main)

