@@ -107,6 +107,41 @@ def print_table(title, rep):
         print(f"{name:<6}{m['auc']:>8.4f}{m['uauc']:>8.4f}{m['uauc_users']:>7}{m['rows']:>7}")
 
 
+# The paper's ML-1M test numbers (SPEC section 7; the LLM rows with Vicuna-7B), printed beside ours.
+PAPER_ML1M = {"MF": (0.6482, 0.6361), "LightGCN": (0.5959, 0.6499), "TALLRec": (0.7097, 0.6818),
+              "CoLLM-MF": (0.7295, 0.6875), "CoLLM-LightGCN": (0.7100, 0.6967)}
+REC_NAMES = {"mf": "MF", "lightgcn": "LightGCN"}
+
+
+def results_table(run_dirs):
+    """Runs' metrics.json files (train.py's or collab.py's) -> one Markdown table, a row per run."""
+    import json
+    import os
+    lines = ["| method | llm | samples seen | test rows | test AUC | test UAUC | warm AUC | cold AUC | paper AUC / UAUC |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in run_dirs:
+        path = os.path.join(run, "metrics.json") if os.path.isdir(run) else run
+        if not os.path.isfile(path):
+            raise data.UsageError(f"--table {run}: no metrics.json there (a train.py or collab.py --out folder)")
+        try:
+            with open(path) as f:
+                m = json.load(f)
+            if "stage" in m:  # train.py: stage 1 is TALLRec, stage 2 CoLLM with its collaborative model
+                method = "TALLRec" if m["stage"] == "lora" else f"CoLLM-{REC_NAMES[m['rec']]}"
+                llm, dataset = m["llm"], m["config"]["data"]
+            else:  # collab.py
+                method, llm, dataset = REC_NAMES[m["config"]["model"]], "-", m["config"]["data"]
+            t, w, c, seen = m["test"], m["test_warm"], m["test_cold"], m["samples_seen"]
+            row = (f"{t['auc']:.4f} | {t['uauc']:.4f} | {w['auc']:.4f} | {c['auc']:.4f}", t["rows"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise data.UsageError(f"--table {path}: not a finished train.py or collab.py metrics.json "
+                                  f"({type(e).__name__}: {e})")
+        paper = PAPER_ML1M.get(method) if dataset == "ml-1m" else None
+        lines.append(f"| {method} | {llm} | {seen:,} | {row[1]:,} | {row[0]} | "
+                     f"{f'{paper[0]:.4f} / {paper[1]:.4f}' if paper else '-'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     import argparse
     import json
@@ -115,8 +150,12 @@ def main(argv=None):
     # tensors); importing it here, inside main, keeps the metrics above free of model code.
     import train
     p = argparse.ArgumentParser(description="Score a train.py checkpoint on every row of a split: AUC and "
-                                            "UAUC overall, on warm rows and on cold rows.")
-    p.add_argument("--ckpt", required=True, help="a train.py checkpoint (best.pt or last.pt)")
+                                            "UAUC overall, on warm rows and on cold rows. Or, with --table, "
+                                            "tabulate finished runs.")
+    p.add_argument("--ckpt", help="a train.py checkpoint (best.pt or last.pt)")
+    p.add_argument("--table", nargs="+", metavar="RUN_DIR",
+                   help="instead of scoring: print a Markdown results table of these train.py / collab.py "
+                        "output folders (their metrics.json), with the paper's ML-1M numbers beside them")
     p.add_argument("--split", default="test", choices=("test", "valid", "valid_small"), help="split to score (default test)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per scoring batch (default 16)")
     p.add_argument("--rows", type=int, default=0, help="score only the first N rows (0 = all)")
@@ -124,6 +163,11 @@ def main(argv=None):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default auto)")
     p.add_argument("--out", default=None, help="write metrics.json here instead of beside the checkpoint")
     a = p.parse_args(argv)
+    if a.table:
+        print(results_table(a.table))
+        return
+    if not a.ckpt:
+        raise data.UsageError("give --ckpt CHECKPOINT to score, or --table RUN_DIR [RUN_DIR ...] to tabulate")
     if a.batch_size < 1 or a.rows < 0:
         raise data.UsageError("--batch-size must be >= 1 and --rows >= 0")
     if not os.path.isfile(a.ckpt):

@@ -77,9 +77,10 @@ def test_trainable_parameters_per_stage(toy_root, lora_run, mf_ckpt):
     assert not hasattr(stage1, "proj") and stage1.rec is None  # stage 1 runs nothing collaborative
 
 
-def one_batch(ds, tok, mode, n=8):
+def one_batch(ds, tok, mode, n=8, rows=None):
     enc = data.encode_split(ds, "train", data.SegmentTokenizer(tok), data.load_template("movie", mode))
-    return data.collate(enc, ds.splits["train"], np.arange(n), data.SegmentTokenizer(tok).pad_id)
+    rows = np.arange(n) if rows is None else np.asarray(rows)
+    return data.collate(enc, ds.splits["train"], rows, data.SegmentTokenizer(tok).pad_id)
 
 
 @pytest.mark.parametrize("stage", ["lora", "cie"])
@@ -104,7 +105,8 @@ def test_slots_carry_the_projected_collaborative_embeddings(toy_root, lora_run, 
     ds = data.load_dataset("toy", toy_root)
     model, tok = train.build_model(cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"),
                                            rec_ckpt=mf_ckpt), ds, None)
-    batch = one_batch(ds, tok, "collm", n=2)
+    uid = ds.splits["train"].uid
+    batch = one_batch(ds, tok, "collm", rows=[0, np.flatnonzero(uid != uid[0])[0]])  # two different users
     assert (batch["input_ids"][torch.arange(2)[:, None], batch["slots"]] == data.SegmentTokenizer(tok).slot_id).all()
     model.eval()
     with torch.no_grad():
@@ -156,6 +158,23 @@ def test_the_score_is_the_yes_logit_of_the_full_lm_head(toy_root):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_cpu_matmul_attention_equals_torch_sdpa(toy_root, masked):
+    """collm.matmul_attention (CPU) against PyTorch's fused SDPA, plain causal and with a padding mask
+    (the two ways bench.py and train.py call it), grouped-query heads included."""
+    tok = collm.tiny_tokenizer()
+    llm = collm.load_llm("tiny")[0]
+    batch = one_batch(data.load_dataset("toy", toy_root), tok, "text", n=4)
+    mask = batch["attention_mask"] if masked else None
+    outs = []
+    for impl in ("sdpa", collm.ATTENTION):
+        llm.set_attn_implementation(impl)
+        with torch.no_grad():
+            logits = llm(input_ids=batch["input_ids"], attention_mask=mask).logits
+        outs.append(logits[torch.arange(4), batch["last"]])  # pad positions differ only in what nobody reads
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop, through the real command line
 
@@ -190,6 +209,24 @@ def test_both_stages_and_eval_end_to_end(toy_root, lora_run, mf_ckpt, tmp_path):
     m3 = json.load(open(tmp_path / "ev" / "metrics.json"))
     assert m3["test"] == pytest.approx(m2["test"])  # the rebuilt model scores exactly as in training
     assert "warm" in res3.stdout and "cold" in res3.stdout
+
+
+def test_results_table_reads_the_runs(lora_run, mf_ckpt, tmp_path):
+    mf_dir, lora_dir = os.path.dirname(mf_ckpt), lora_run[0]
+    res = run("eval.py", "--table", mf_dir, lora_dir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert lines[0].startswith("| method | llm | samples seen |") and len(lines) == 4
+    mf, m1 = (json.load(open(os.path.join(d, "metrics.json"))) for d in (mf_dir, lora_dir))
+    assert lines[2].startswith("| MF | - |") and f"| {mf['test']['auc']:.4f} | {mf['test']['uauc']:.4f} |" in lines[2]
+    assert lines[3].startswith(f"| TALLRec | tiny | {m1['samples_seen']:,} | 93 | {m1['test']['auc']:.4f} |")
+    assert lines[3].endswith("| - |")  # toy data: no published numbers beside it
+    m1["config"]["data"] = "ml-1m"  # the paper's column appears for ML-1M runs
+    json.dump(m1, open(tmp_path / "metrics.json", "w"))
+    res = run("eval.py", "--table", tmp_path)
+    assert res.stdout.strip().endswith("| 0.7097 / 0.6818 |"), res.stdout
+    (tmp_path / "metrics.json").write_text("{}")
+    assert_one_line_error(run("eval.py", "--table", tmp_path), "metrics.json", "not a finished")
 
 
 def test_resumed_run_equals_uninterrupted_run(toy_root, tmp_path):

@@ -1,0 +1,557 @@
+"""bench.py: speed and memory of CoLLM training and scoring, against the machine's own matmul peak
+and against the reference implementation's way of doing the same work.
+
+The chapter that measures the others. It answers three questions about one training stage:
+  1. How close to the hardware do we get? Matmul FLOP/s achieved on real ML-1M batches, as a share
+     of the device's peak for the dtype (a large square matmul, best of a few).
+  2. Does the loop lose anything around the model? The same model on one fixed B x 190-token batch
+     (no data, no loop: what the model alone can do) is the baseline the real batches should match.
+  3. What do our choices buy over the reference? The same LLM + LoRA doing the same work the
+     reference's way (SPEC section 5, "bugs not to copy"): full-vocabulary logits at every position,
+     random batches padded to the longest row (and an attention mask for the pads), prompts
+     re-built and re-tokenised from strings every step, and in stage 1 the collaborative model and
+     projector run every step although nothing uses their output.
+
+    python bench.py --llm smollm2-135m --dtype bf16 --batch-size 8 --steps 5                 # stage 1
+    python bench.py --llm smollm2-135m --dtype bf16 --batch-size 8 --steps 5 --stage cie     # stage 2
+    python bench.py --llm smollm2-135m --dtype bf16 --batch-size 8 --steps 5 --device cuda
+
+Each measurement runs in a child process of its own (`--only NAME` runs one and prints it as a JSON
+line), so each path's peak memory is its own: on CPU the peak resident set size (reset after the
+model and data are loaded, so it is the steps' peak with the weights resident, not the load's), on
+CUDA torch.cuda.max_memory_allocated. Times are wall clock on CPU, CUDA events on a GPU; each path
+runs `--steps` batches after `--warmup` untimed ones, `--repeats` times, and the fastest pass counts.
+
+FLOPs are counted, not profiled. Per REAL (non-pad) token a model with frozen weights does about
+2N matmul FLOPs forward and 4N forward + backward (the backward computes the activations' gradients,
+2N, but no gradients for frozen weights), where N = the matrix parameters of the decoder layers.
+The embedding / LM head is left out of N: our forward computes one LM-head row, and crediting its
+V x H parameters per token would count work we skip. The reference path is counted the same way,
+so its padding and full-vocabulary logits show as lower useful FLOP/s. The last line printed is
+one JSON object (keys in `summary`).
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import collab
+import collm
+import data
+import eval as metrics  # our eval.py (named so that it does not shadow the builtin)
+import train
+from data import UsageError
+
+CHILDREN = ("baseline", "ours-train", "ours-eval", "ref-train", "ref-eval")
+FIXED_LEN = 190  # tokens per row of the fixed-shape baseline: the mean ML-1M prompt in LLaMA tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Speed and memory of CoLLM training and scoring: share of the "
+                                            "device's matmul peak, and ours against the reference's way.")
+    p.add_argument("--llm", default="smollm2-135m", help="tiny | smollm2-135m | a model folder | a hub id")
+    p.add_argument("--stage", default="lora", choices=("lora", "cie"),
+                   help="lora: stage 1, LoRA on text prompts; cie: stage 2, projector on CoLLM prompts (default lora)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
+                   help="compute dtype, as train.py --dtype (default bf16)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available")
+    p.add_argument("--batch-size", type=int, default=8, help="training rows per step (default 8, train.py's)")
+    p.add_argument("--eval-batch-size", type=int, default=0,
+                   help="scoring rows per batch (0 = twice --batch-size, as train.py scores)")
+    p.add_argument("--steps", type=int, default=5, help="timed batches per pass (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed batches first (kernel choice, page faults; default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes; the fastest counts (default 3)")
+    p.add_argument("--matmul-size", type=int, default=4096, help="n of the n x n x n peak matmul (default 4096)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="our path with torch.compile'd decoder layers (collm.compile_decoder); default off")
+    p.add_argument("--data", default="ml-1m", help="dataset name under the data root, or a folder (default ml-1m)")
+    p.add_argument("--data-root", default=None, help="folder holding datasets (default $COLLM_DATA, else ./data)")
+    p.add_argument("--cache-dir", default="cache", help="where converted models are kept (as train.py)")
+    p.add_argument("--seed", type=int, default=2023, help="seeds the LoRA init and which batches are drawn")
+    p.add_argument("--only", default=None, choices=CHILDREN,
+                   help="run one measurement in this process and print it as one JSON line (what the "
+                        "parent runs in each child process; useful alone to profile one path)")
+    a = p.parse_args(argv)
+    problems = [f"--{k.replace('_', '-')} must be >= 1 (got {v})" for k, v in
+                dict(batch_size=a.batch_size, steps=a.steps, repeats=a.repeats, matmul_size=a.matmul_size).items()
+                if v < 1]
+    problems += [f"--{k.replace('_', '-')} must be >= 0 (got {v})" for k, v in
+                 dict(eval_batch_size=a.eval_batch_size, warmup=a.warmup).items() if v < 0]
+    if a.device == "cuda" and not torch.cuda.is_available():
+        problems.append("--device cuda: no CUDA device is visible")
+    if a.dtype == "fp16" and a.device != "cuda" and not torch.cuda.is_available():
+        problems.append("--dtype fp16 is a GPU dtype (CPU matmuls have no fp16 units); use bf16 on CPU")
+    if problems:
+        raise UsageError("; ".join(problems))
+    a.eval_batch_size = a.eval_batch_size or 2 * a.batch_size
+    return a
+
+
+def device_and_dtype(a):
+    device = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[a.dtype]  # None = plain fp32, as train.py
+    return device, dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Clocks and memory gauges: CUDA events and allocator statistics on a GPU, wall time and the
+# resident set size on CPU
+
+
+def clock(device, fn):
+    """-> seconds that fn() took. CUDA runs kernels asynchronously: time between two events, after
+    a synchronize, so the GPU's work is counted and not just the Python that queued it."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _proc_status(key):
+    """A /proc/self/status field in bytes (Linux), or None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    return None
+
+
+def memory_now(device):
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _proc_status("VmRSS") or 0
+
+
+def reset_peak_memory(device):
+    """Start counting the peak from here (after loading: a load can briefly hold two copies of the
+    weights, and that is not what a training step costs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: reset the high-water mark VmHWM to the current RSS
+    except OSError:
+        pass  # elsewhere the peak below is the whole process's, load included
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    hwm = _proc_status("VmHWM")
+    if hwm is not None:
+        return hwm
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if platform.system() == "Darwin" else rss * 1024  # bytes on macOS, kB on Linux
+
+
+def timed_passes(device, a, run_pass):
+    """Run `run_pass` (the warm-up already done) `--repeats` times -> (fastest seconds, all of them)."""
+    times = [clock(device, run_pass) for _ in range(a.repeats)]
+    return min(times), times
+
+
+def measure(device, a, warm_up, run_pass):
+    """warm_up() once, then the timed passes -> dict(seconds, times, mem_base, mem_peak).
+
+    mem_base is the memory once the model and data are loaded; the peak counts from after the warm-up
+    (its one-off costs: kernel choice, compiling; what a training step holds stays resident)."""
+    base = memory_now(device)
+    warm_up()
+    reset_peak_memory(device)
+    best, times = timed_passes(device, a, run_pass)
+    return dict(seconds=best, times=times, mem_base=base, mem_peak=peak_memory(device))
+
+
+# ---------------------------------------------------------------------------------------------
+# The device's peak: what one large matmul reaches (the ceiling for a model that is all matmuls)
+
+
+def matmul_peak(device, dtype, n, repeats=5):
+    """-> FLOP/s of the best of `repeats` n x n @ n x n matmuls in `dtype`."""
+    x = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+    y = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+    x @ y  # the first call picks kernels and faults the output pages in
+    return 2 * n ** 3 / min(clock(device, lambda: x @ y) for _ in range(repeats))
+
+
+# ---------------------------------------------------------------------------------------------
+# Models. Both paths use train.py's LLM + LoRA; stage 2 adds a collaborative model and projector.
+
+
+def decoder_matrix_params(model):
+    """N: parameters of the decoder layers' weight matrices (the matmuls every token goes through);
+    LoRA's rank-8 matrices are left out (0.4% of the work on SmolLM2) and so are the embeddings."""
+    layers = model.llm.get_base_model().get_decoder().layers
+    return sum(p.numel() for name, p in layers.named_parameters() if p.ndim == 2 and "lora_" not in name)
+
+
+def build(a, ds, dtype, device, with_rec):
+    """-> (CoLLM, tokenizer, cfg) with this stage's trainable tensors.
+
+    Stage 1 is train.build_model's model as it is. Stage 2 (and the reference's stage 1, which runs
+    a collaborative model it never uses) adds a fresh MF with its projector: trained or random
+    weights cost the same time, and this way the bench needs no checkpoints."""
+    cfg = train.Config(stage=a.stage, llm=a.llm, data=a.data, data_root=a.data_root, cache_dir=a.cache_dir,
+                       dtype=a.dtype, seed=a.seed, batch_size=a.batch_size)
+    torch.manual_seed(a.seed)
+    model, tok = train.build_model(replace(cfg, stage="lora"), ds, dtype)  # lora: needs no --ckpt
+    if with_rec:
+        model = collm.CoLLM(model.llm, model.yes_id, collab.MF(ds.user_num, ds.item_num))
+        for name, p in model.named_parameters():  # stage 2 trains the projector, stage 1 only LoRA
+            p.requires_grad_(name.startswith("proj.") if a.stage == "cie" else "lora_" in name)
+    if a.compile:
+        collm.compile_decoder(model)
+    return model.to(device), tok, cfg
+
+
+def optimizer_for(model):
+    """train.py's AdamW: decay on matrices, none on biases."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return trainable, torch.optim.AdamW([{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": 1e-3},
+                                         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}],
+                                        lr=1e-3, betas=(0.9, 0.999))
+
+
+def train_step_fn(model, device, dtype, score_fn):
+    """-> step(batch): one optimizer step exactly as train.py takes it (autocast, BCE on the Yes
+    logit, loss scaling for fp16, clipping, AdamW), `score_fn(batch)` giving the (B,) logits."""
+    trainable, optimizer = optimizer_for(model)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def step(batch):
+        with train.autocast(device, dtype):
+            loss = F.binary_cross_entropy_with_logits(score_fn(batch), batch["label"].to(device))
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()  # the loop reads the loss every step (on CUDA, a wait for the GPU)
+    return step
+
+
+def padded_tokens(lengths, batches):
+    """-> (real tokens, tokens including pads) of right-padded batches of rows with these lengths."""
+    return int(sum(lengths[b].sum() for b in batches)), int(sum(len(b) * lengths[b].max() for b in batches))
+
+
+def pick(batches, k, rng):
+    """k batches drawn at random (same-size ones only), in their original order."""
+    full = [b for b in batches if len(b) == len(batches[0])]
+    if len(full) < k:
+        raise UsageError(f"--warmup + --steps = {k} batches, but the split has only {len(full)} full ones")
+    return [full[i] for i in np.sort(rng.choice(len(full), k, replace=False))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Our path: prompts tokenised once (data.encode_split), length-bucketed batches, one LM-head row
+
+
+def ours_train(a, ds, device, dtype):
+    model, tok, cfg = build(a, ds, dtype, device, with_rec=a.stage == "cie")
+    enc = train.encode(cfg, ds, tok, "train", model)
+    split, pad = ds.splits["train"], data.SegmentTokenizer(tok).pad_id
+    epoch = data.train_batches(enc.lengths, a.batch_size, np.random.default_rng(a.seed), bucket=True)
+    batches = epoch[:a.warmup + a.steps]
+    step = train_step_fn(model, device, dtype, lambda batch: model(**batch))
+    model.train()
+
+    def run(rows_list):
+        for rows in rows_list:  # collating is part of the step, as in train.py's loop
+            step({k: v.to(device) for k, v in data.collate(enc, split, rows, pad).items()})
+
+    m = measure(device, a, lambda: run(batches[:a.warmup]), lambda: run(batches[a.warmup:]))
+    real, total = padded_tokens(enc.lengths, batches[a.warmup:])
+    # Padding over a whole epoch, for both batchings of the same prompts (the reference's prompts
+    # tokenise to these lengths too: data.py's tests check segment-wise == whole-string tokenising).
+    random_epoch = data.train_batches(enc.lengths, a.batch_size, np.random.default_rng(a.seed), bucket=False)
+    share = lambda bs: 1 - np.divide(*padded_tokens(enc.lengths, bs))
+    return dict(**m, samples=a.steps * a.batch_size, tokens=real, padded=total, n_params=decoder_matrix_params(model),
+                n_embed=model.llm.get_input_embeddings().weight.numel(), padding_epoch=share(epoch),
+                ref_padding_epoch=share(random_epoch), mean_len=float(enc.lengths.mean()))
+
+
+def ours_eval(a, ds, device, dtype):
+    """eval.score_rows itself, on --steps batches drawn from valid_small's longest-first order."""
+    model, tok, cfg = build(a, ds, dtype, device, with_rec=a.stage == "cie")
+    enc = train.encode(cfg, ds, tok, "valid_small", model)
+    split, pad, ebs = ds.splits["valid_small"], data.SegmentTokenizer(tok).pad_id, a.eval_batch_size
+    every = data.eval_batches(enc.lengths, ebs)
+    batches = pick(every, a.warmup + a.steps, np.random.default_rng(a.seed))
+    # score_rows sorts the rows it is given by length again; whole batches of the full order, given
+    # in that order, come back out as the same batches.
+    score = lambda bs: metrics.score_rows(model, enc, split, np.concatenate(bs), ebs, pad, device, dtype) if bs else None
+    m = measure(device, a, lambda: score(batches[:a.warmup]), lambda: score(batches[a.warmup:]))
+    real, total = padded_tokens(enc.lengths, batches[a.warmup:])
+    return dict(**m, samples=a.steps * ebs, tokens=real, padded=total,
+                padding_epoch=1 - np.divide(*padded_tokens(enc.lengths, every)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference's way: the same LLM + LoRA, but prompts built as strings and tokenised every step,
+# random batches padded to the longest with an attention mask, logits for the whole vocabulary at
+# every position, and (stage 1) the collaborative model + projector run for nothing
+
+
+class ReferencePrompts:
+    """Builds a batch the way the reference's Dataset + collator do, every step: text per row, one
+    tokenizer call over the batch (padding to its longest row), slots found by searching for the
+    placeholder token."""
+
+    def __init__(self, ds, tok, stage):
+        self.ds, self.tok = ds, tok
+        self.template = data.load_template(ds.domain, "text" if stage == "lora" else "collm")
+        self.bos = tok.bos_token or ""  # the reference typed "<s>" before every prompt
+        self.slot = tok.unk_token or tok.eos_token  # the reference's placeholder: <unk>, found by its id
+        self.slot_id = tok.convert_tokens_to_ids(self.slot)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "right"
+
+    def __call__(self, split, rows):
+        texts = []
+        for r in rows:
+            hist = [self.ds.titles[i] for i in split.history(r)]
+            text = data.render_prompt(data.prompt_segments(self.template, hist, self.ds.titles[split.iid[r]]))
+            texts.append(self.bos + text.replace("<UserID>", self.slot).replace("<TargetItemID>", self.slot))
+        t = self.tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+        return dict(input_ids=t["input_ids"], attention_mask=t["attention_mask"], uid=torch.from_numpy(split.uid[rows]),
+                    iid=torch.from_numpy(split.iid[rows]), label=torch.from_numpy(split.label[rows]))
+
+
+def reference_scores(model, batch, stage, slot_id):
+    """(B,) Yes-logits the reference's way. `model` is a CoLLM with a rec model in both stages."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    rows = torch.arange(len(ids), device=ids.device)
+    u, i = model.collab_tokens(batch["uid"], batch["iid"])  # stage 1 computes these too, then drops them
+    if stage == "cie":
+        embed = model.llm.get_input_embeddings()(ids)  # (B, T, H)
+        where = (ids == slot_id).nonzero()  # (2B, 2) the placeholder positions, searched for
+        if len(where) != 2 * len(ids):
+            raise UsageError(f"reference path: expected 2 placeholder tokens per prompt, found {len(where)} "
+                             f"in {len(ids)} prompts")
+        embed = embed.index_put((where[0::2, 0], where[0::2, 1]), u.to(embed.dtype))
+        embed = embed.index_put((where[1::2, 0], where[1::2, 1]), i.to(embed.dtype))
+        logits = model.llm(inputs_embeds=embed, attention_mask=mask).logits  # (B, T, V): every position
+    else:
+        logits = model.llm(input_ids=ids, attention_mask=mask).logits  # (B, T, V): every position
+    return logits[rows, mask.sum(1) - 1, model.yes_id].float()
+
+
+def ref_train(a, ds, device, dtype):
+    model, tok, cfg = build(a, ds, dtype, device, with_rec=True)
+    prompts, split = ReferencePrompts(ds, tok, a.stage), ds.splits["train"]
+    lengths = np.diff(split.his_ptr)  # only to size the draw; the batches are random, as the reference's
+    batches = data.train_batches(lengths, a.batch_size, np.random.default_rng(a.seed), bucket=False)[:a.warmup + a.steps]
+    step = train_step_fn(model, device, dtype, lambda batch: reference_scores(model, batch, a.stage, prompts.slot_id))
+    model.train()
+    counts = []
+
+    def run(rows_list):
+        for rows in rows_list:
+            batch = {k: v.to(device) for k, v in prompts(split, rows).items()}  # tokenised again every step
+            counts.append((int(batch["attention_mask"].sum()), batch["attention_mask"].numel()))
+            step(batch)
+
+    m = measure(device, a, lambda: run(batches[:a.warmup]), lambda: run(batches[a.warmup:]))
+    real, total = np.sum(counts[-a.steps:], 0).tolist()
+    return dict(**m, samples=a.steps * a.batch_size, tokens=real, padded=total)
+
+
+def ref_eval(a, ds, device, dtype):
+    """The reference scores a split in its stored order (a sequential sampler), padded to the longest."""
+    model, tok, cfg = build(a, ds, dtype, device, with_rec=True)
+    prompts, split, ebs = ReferencePrompts(ds, tok, a.stage), ds.splits["valid_small"], a.eval_batch_size
+    every = [np.arange(k, min(k + ebs, len(split))) for k in range(0, len(split), ebs)]
+    batches = pick(every, a.warmup + a.steps, np.random.default_rng(a.seed))
+    model.eval()
+    counts = []
+
+    def run(rows_list):
+        with torch.no_grad(), train.autocast(device, dtype):
+            for rows in rows_list:
+                batch = {k: v.to(device) for k, v in prompts(split, rows).items()}
+                counts.append((int(batch["attention_mask"].sum()), batch["attention_mask"].numel()))
+                reference_scores(model, batch, a.stage, prompts.slot_id).cpu()
+
+    m = measure(device, a, lambda: run(batches[:a.warmup]), lambda: run(batches[a.warmup:]))
+    real, total = np.sum(counts[-a.steps:], 0).tolist()
+    return dict(**m, samples=a.steps * ebs, tokens=real, padded=total)
+
+
+# ---------------------------------------------------------------------------------------------
+# The baseline: the device's matmul peak, and our model alone on one fixed-shape batch
+
+
+def baseline(a, ds, device, dtype):
+    peak = matmul_peak(device, dtype, a.matmul_size)
+    model, tok, cfg = build(a, ds, dtype, device, with_rec=a.stage == "cie")
+    vocab = model.llm.get_input_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(a.seed)
+
+    def fixed_batch(b):  # random token ids: the matmuls cost the same whatever the ids
+        return dict(input_ids=torch.randint(vocab, (b, FIXED_LEN), generator=gen).to(device),
+                    last=torch.full((b,), FIXED_LEN - 1, device=device), slots=torch.tensor([[3, 7]] * b, device=device),
+                    uid=torch.ones(b, dtype=torch.long, device=device), iid=torch.ones(b, dtype=torch.long, device=device),
+                    label=torch.ones(b, device=device))
+
+    step = train_step_fn(model, device, dtype, lambda batch: model(**batch))
+    tb, eb = fixed_batch(a.batch_size), fixed_batch(a.eval_batch_size)
+
+    def score():
+        with torch.no_grad(), train.autocast(device, dtype):
+            model(**eb).cpu()
+
+    c = model.llm.config
+    width = c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    out = dict(peak_flops=peak, n_params=decoder_matrix_params(model), threads=torch.get_num_threads(),
+               attn_width=width * c.num_hidden_layers)
+    model.train()
+    for _ in range(max(1, a.warmup)):
+        step(tb)
+    out["train_seconds"] = timed_passes(device, a, lambda: [step(tb) for _ in range(a.steps)])[0] / a.steps
+    model.eval()
+    for _ in range(max(1, a.warmup)):
+        score()
+    out["eval_seconds"] = timed_passes(device, a, lambda: [score() for _ in range(a.steps)])[0] / a.steps
+    return out
+
+
+MEASURE = {"baseline": baseline, "ours-train": ours_train, "ours-eval": ours_eval, "ref-train": ref_train,
+           "ref-eval": ref_eval}
+
+
+def run_child(a, device, dtype):
+    ds = data.load_dataset(a.data, a.data_root)
+    t = time.time()
+    out = MEASURE[a.only](a, ds, device, dtype)
+    out["wall"] = time.time() - t
+    print(json.dumps(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: one child per measurement, then the table and the JSON line
+
+
+def spawn(argv, name):
+    """Run `bench.py ARGV --only NAME` in a fresh process -> its JSON result."""
+    t = time.time()
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--only", name],
+                         capture_output=True, text=True)
+    if res.returncode == 2 and res.stderr.strip().splitlines()[-1:][0].startswith("error:"):
+        raise UsageError(res.stderr.strip().splitlines()[-1][len("error: "):])
+    if res.returncode != 0:
+        raise RuntimeError(f"bench.py --only {name} failed (exit {res.returncode}):\n{res.stderr[-4000:]}")
+    print(f"  {name:<11} done in {time.time() - t:5.1f} s", flush=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def rates(r, flops_per_token, peak):
+    """A child's result -> samples/s, tokens/s, useful FLOP/s and its share of the peak, padding share."""
+    s = r["seconds"]
+    return dict(samples=r["samples"] / s, tokens=r["tokens"] / s, flops=flops_per_token * r["tokens"] / s,
+                share=flops_per_token * r["tokens"] / s / peak, padding=1 - r["tokens"] / r["padded"])
+
+
+def attention_extra(base, length):
+    """Causal attention scores per token, forward, at prompt length L: QK^T and AV each 2 * (L/2) * width
+    per layer; as a fraction of the 2N counted."""
+    return 2 * length * base["attn_width"] / (2 * base["n_params"])
+
+
+def gb(x):
+    return f"{x / 2 ** 30:.2f} GB"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = parse_args(argv)
+    device, dtype = device_and_dtype(a)
+    if a.only:
+        return run_child(a, device, dtype)
+
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    print(f"=> bench {a.llm} | stage {a.stage} | {device.type} {a.dtype} | batch {a.batch_size}, eval batch "
+          f"{a.eval_batch_size} | {a.steps} steps after {a.warmup} warm-up, best of {a.repeats} "
+          f"| compile {'on' if a.compile else 'off'} | load average {load}", flush=True)
+    res = {name: spawn(argv, name) for name in CHILDREN}
+    base, ot, oe, rt, re_ = (res[k] for k in CHILDREN)
+    peak, N = base["peak_flops"], base["n_params"]
+    f_train, f_eval = 4 * N, 2 * N  # matmul FLOPs per real token (see the module docstring)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()} CPU, {base['threads']} threads"
+    print(f"\ndevice: {name}; {a.dtype} matmul peak ({a.matmul_size}^3, best of 5) {peak / 1e9:.1f} GFLOP/s")
+    print(f"FLOPs per real token: 2N forward, 4N forward + backward, N = {N / 1e6:.1f}M decoder matrix parameters.\n"
+          f"  Not counted: the {ot['n_embed'] / 1e6:.1f}M embedding / LM-head parameters (we compute one LM-head row; "
+          f"counting them would multiply every share by {(N + ot['n_embed']) / N:.2f}),\n"
+          f"  attention scores (about {attention_extra(base, ot['mean_len']):.0%} more at this data's mean "
+          f"{ot['mean_len']:.0f} tokens) and LoRA's rank-r matrices.")
+    fixed = lambda b, sec: dict(samples=b / sec, tokens=b * FIXED_LEN / sec, padding=0.0)
+    rows = [("train  fixed {}x{}".format(a.batch_size, FIXED_LEN),
+             {**fixed(a.batch_size, base["train_seconds"]),
+              "flops": f_train * a.batch_size * FIXED_LEN / base["train_seconds"]}, None),
+            ("train  ours", rates(ot, f_train, peak), ot),
+            ("train  reference", rates(rt, f_train, peak), rt),
+            ("eval   fixed {}x{}".format(a.eval_batch_size, FIXED_LEN),
+             {**fixed(a.eval_batch_size, base["eval_seconds"]),
+              "flops": f_eval * a.eval_batch_size * FIXED_LEN / base["eval_seconds"]}, None),
+            ("eval   ours", rates(oe, f_eval, peak), oe),
+            ("eval   reference", rates(re_, f_eval, peak), re_)]
+    mem_kind = "peak alloc" if device.type == "cuda" else "peak RSS"
+    print(f"\n{'':<22}{'samples/s':>10}{'tokens/s':>10}{'GFLOP/s':>9}{'of peak':>8}{'padding':>9}"
+          f"{mem_kind:>12}{'over base':>11}")
+    for label, r, raw in rows:
+        mem = f"{gb(raw['mem_peak']):>12}{gb(raw['mem_peak'] - raw['mem_base']):>11}" if raw else f"{'':>12}{'':>11}"
+        print(f"{label:<22}{r['samples']:>10.2f}{r['tokens']:>10.0f}{r['flops'] / 1e9:>9.1f}"
+              f"{r['flops'] / peak:>8.2f}{r['padding']:>9.1%}{mem}")
+    tr, te = rates(ot, f_train, peak), rates(oe, f_eval, peak)
+    speedup_train = tr["samples"] / rates(rt, f_train, peak)["samples"]
+    speedup_eval = te["samples"] / rates(re_, f_eval, peak)["samples"]
+    mem_train = ot["mem_peak"] / rt["mem_peak"]
+    mem_over = (ot["mem_peak"] - ot["mem_base"]) / max(1, rt["mem_peak"] - rt["mem_base"])
+    print(f"\nours / reference: train {speedup_train:.2f}x samples/s, eval {speedup_eval:.2f}x samples/s; "
+          f"train {mem_kind} {mem_train:.2f}x (over the post-load base: {mem_over:.2f}x), "
+          f"eval {mem_kind} {oe['mem_peak'] / re_['mem_peak']:.2f}x")
+    print(f"padding over a whole epoch: ours {ot['padding_epoch']:.1%} of train tokens (length-bucketed), "
+          f"{oe['padding_epoch']:.1%} of valid_small (length order); reference {ot['ref_padding_epoch']:.1%} "
+          f"(random batches)")
+    summary = dict(train_samples_per_s=round(tr["samples"], 3), eval_samples_per_s=round(te["samples"], 3),
+                   train_peak_share=round(tr["share"], 4), eval_peak_share=round(te["share"], 4),
+                   padding_share=round(ot["padding_epoch"], 4), ref_padding_share=round(ot["ref_padding_epoch"], 4),
+                   speedup_train=round(speedup_train, 3), speedup_eval=round(speedup_eval, 3),
+                   mem_ratio_train=round(mem_train, 3), device=device.type, dtype=a.dtype, llm=a.llm, stage=a.stage,
+                   compile=a.compile, peak_flops=peak, n_params=N, eval_padding_share=round(oe["padding_epoch"], 4),
+                   fixed_train_peak_share=round(f_train * a.batch_size * FIXED_LEN / base["train_seconds"] / peak, 4),
+                   fixed_eval_peak_share=round(f_eval * a.eval_batch_size * FIXED_LEN / base["eval_seconds"] / peak, 4),
+                   mem_ratio_train_over_base=round(mem_over, 3), load_average=load)
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    data.cli_main(main)

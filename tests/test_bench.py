@@ -1,0 +1,55 @@
+"""bench.py end to end on the tiny LLM and the toy dataset: one step per path, so the script cannot
+rot. No timing thresholds here (other jobs share these CPUs); the README records real numbers."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+KEYS = ("train_samples_per_s", "eval_samples_per_s", "train_peak_share", "eval_peak_share", "padding_share",
+        "ref_padding_share", "speedup_train", "speedup_eval", "mem_ratio_train", "device", "dtype", "llm")
+
+
+def bench(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+
+
+TINY = ["--llm", "tiny", "--dtype", "fp32", "--device", "cpu", "--batch-size", 2, "--steps", 1, "--warmup", 0,
+        "--repeats", 1, "--matmul-size", 128, "--data", "toy"]
+
+
+def test_one_tiny_step_per_path_ends_with_the_json_line(toy_root):
+    res = bench(*TINY, "--data-root", toy_root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    out = json.loads(lines[-1])
+    assert set(KEYS) <= set(out), set(KEYS) - set(out)
+    assert (out["device"], out["dtype"], out["llm"]) == ("cpu", "fp32", "tiny")
+    for k in KEYS[:9]:
+        assert out[k] > 0, (k, out[k])
+    for k in ("padding_share", "ref_padding_share"):
+        assert 0 <= out[k] <= 1, (k, out[k])
+    for label in ("train  ours", "train  reference", "eval   ours", "eval   reference"):  # the table, a row per path
+        assert any(line.startswith(label) for line in lines), label
+
+
+@pytest.mark.parametrize("path", ["ours-train", "ref-train"])
+def test_stage_two_paths_run_alone(toy_root, path):
+    """--only runs one measurement (what each child process does); stage 2 splices the collaborative
+    tokens into slots (ours: known positions; the reference's way: searched for)."""
+    res = bench(*TINY, "--data-root", toy_root, "--stage", "cie", "--only", path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["seconds"] > 0 and out["samples"] == 2 and 0 < out["tokens"] <= out["padded"]
+    assert out["mem_peak"] >= out["mem_base"] > 0
+
+
+def test_bad_flags_are_one_clear_line():
+    res = bench("--llm", "tiny", "--steps", 0, "--batch-size", 0)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    err = res.stderr.strip().splitlines()[-1]
+    assert err.startswith("error:") and "--steps" in err and "--batch-size" in err, err

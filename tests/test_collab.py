@@ -1,0 +1,245 @@
+"""Tests for collab.py: MF and LightGCN learn a planted pattern, the LightGCN graph maths, checkpoints,
+the CLI. All but the last run on a synthetic dataset built here, in seconds on a CPU."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+import collab
+import data
+import eval
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as collab.py's CLI uses: with these tiny ops, two threads on shared cores
+    spin-wait and run 5-25x slower. Restored afterwards for the other test files."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# A planted pattern: every user and item has a hidden "taste angle"; a user likes an item iff the
+# angles are less than 90 degrees apart. A low-rank pattern both models can learn, but no single
+# epoch gets right (the liked-graph is connected, so its shape alone does not give the answer).
+# Every (user, item) pair is rated once and assigned to a split at random.
+
+USERS, ITEMS = 24, 20
+
+
+def toy_frames(seed=0):
+    rng = np.random.default_rng(seed)
+    u, i = np.meshgrid(np.arange(1, USERS + 1), np.arange(1, ITEMS + 1), indexing="ij")
+    u, i = u.ravel(), i.ravel()
+    user_angle, item_angle = rng.uniform(0, 2 * np.pi, USERS + 1), rng.uniform(0, 2 * np.pi, ITEMS + 1)
+    like = np.cos(user_angle[u] - item_angle[i]) > 0
+    df = pd.DataFrame(dict(uid=u, iid=i, label=like.astype(int)))
+    df["timestamp"] = rng.permutation(len(df))
+    df["title"] = [f"Item {x}" for x in df.iid]
+    df["flag"] = rng.choice([-1, 0, 1], size=len(df), p=[0.6, 0.2, 0.2])
+    df = df.sort_values(["uid", "timestamp"]).reset_index(drop=True)
+    # histories as the authors build them: [0] + earlier positives of the same user
+    his = []
+    for _, g in df.groupby("uid", sort=False):
+        seen = [0]
+        for iid, label in zip(g.iid, g.label):
+            his.append(list(seen))
+            seen = seen + [iid] if label else seen
+    df["his"] = his
+    df["his_title"] = [[""] + [f"Item {x}" for x in h[1:]] for h in his]
+    train = df[df.flag == -1]
+    df["not_cold"] = [int(a in set(train.uid) and b in set(train.iid)) for a, b in zip(df.uid, df.iid)]
+    parts = {"train": df[df.flag == -1], "valid": df[df.flag == 0], "test": df[df.flag == 1]}
+    parts["valid_small"] = parts["valid"].sample(frac=0.5, random_state=2023)
+    return parts
+
+
+def to_split(df, u_count, i_count):
+    """A data.Split straight from numpy arrays (histories left empty: collab.py never reads them)."""
+    uid, iid = df.uid.to_numpy(np.int64), df.iid.to_numpy(np.int64)
+    return data.Split(uid=uid, iid=iid, label=df.label.to_numpy(np.float32),
+                      not_cold=df.not_cold.to_numpy().astype(bool), his_ptr=np.zeros(len(df) + 1, np.int64),
+                      his_items=np.zeros(0, np.int64), warm=(u_count[uid] > 3) & (i_count[iid] > 3))
+
+
+@pytest.fixture(scope="module")
+def toy():
+    parts = toy_frames()
+    tr = parts["train"]
+    u_count = np.bincount(tr.uid, minlength=USERS + 1)
+    i_count = np.bincount(tr.iid, minlength=ITEMS + 1)
+    splits = {s: to_split(df, u_count, i_count) for s, df in parts.items()}
+    titles = [""] + [f"Item {x}" for x in range(1, ITEMS + 1)]
+    return data.Dataset(name="toy", domain="movie", splits=splits, titles=titles, user_num=USERS + 1,
+                        item_num=ITEMS + 1)
+
+
+def train_loss(model, split):
+    with torch.no_grad():
+        logits = model(torch.tensor(split.uid), torch.tensor(split.iid))
+        return F.binary_cross_entropy_with_logits(logits, torch.tensor(split.label)).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning
+
+
+@pytest.mark.parametrize("name", ["mf", "lightgcn"])
+def test_learns_planted_pattern(toy, name):
+    torch.manual_seed(0)  # train_rec seeds the same way before building, so this is its initial model
+    tr = toy.splits["train"]
+    edges = np.stack([tr.uid, tr.iid], 1)[tr.label == 1]
+    start = collab.build_model(name, toy.user_num, toy.item_num, 16, 2, edges)
+    model, m = collab.train_rec(toy, name, dim=16, lr=1e-2, wd=0.0, batch_size=64, epochs=60, patience=60,
+                                progress=False)
+    assert train_loss(model, tr) < 0.7 * train_loss(start, tr)
+    assert m["valid"]["auc"] > 0.8 and m["test"]["auc"] > 0.8
+    assert set(m) == {"valid", "test", "test_warm", "test_cold", "best_epoch", "seconds", "config"}
+    assert 1 <= m["best_epoch"] <= 60
+
+
+def test_same_seed_same_result(toy):
+    runs = [collab.train_rec(toy, "lightgcn", dim=8, batch_size=64, epochs=5, seed=3, progress=False)[1]
+            for _ in range(2)]
+    assert runs[0]["valid"] == runs[1]["valid"] and runs[0]["best_epoch"] == runs[1]["best_epoch"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model maths
+
+
+def test_normalized_adjacency_matches_dense():
+    # 3 users (ids 1-3) and 3 items (ids 1-3); id 0 of each is padding, so n = 4 + 4 nodes.
+    # The (1, 1) edge is listed twice and must count once.
+    edges = [(1, 1), (1, 2), (2, 2), (3, 3), (1, 1)]
+    A = np.zeros((8, 8))
+    for u, i in set(edges):
+        A[u, 4 + i] = A[4 + i, u] = 1
+    deg = A.sum(1)
+    d = np.where(deg > 0, deg, 1) ** -0.5 * (deg > 0)
+    dense = d[:, None] * A * d[None, :]
+    got = collab.normalized_adjacency(edges, 4, 4)
+    assert got.is_sparse
+    np.testing.assert_allclose(got.to_dense().numpy(), dense, rtol=1e-6)
+    assert got.to_dense()[1, 4 + 2] == pytest.approx(1 / np.sqrt(2 * 2))  # user 1: 2 items; item 2: 2 users
+    assert got.to_dense()[3, 4 + 3] == pytest.approx(1.0)                 # a lone pair: 1 / sqrt(1 * 1)
+    assert torch.all(got.to_dense().diagonal() == 0)                       # no self loops
+
+
+def test_lightgcn_propagation_and_shapes():
+    edges = [(1, 1), (1, 2), (2, 2), (3, 3)]
+    model = collab.LightGCN(4, 4, edges, dim=5, layers=2)
+    U, I = model.tables()
+    assert U.shape == (4, 5) and I.shape == (4, 5) and model.dim == 5
+    A = model.adj.to_dense()
+    E0 = torch.cat([model.user.weight, model.item.weight])
+    E = (E0 + A @ E0 + A @ A @ E0) / 3
+    torch.testing.assert_close(torch.cat([U, I]), E)
+    uid, iid = torch.tensor([1, 2, 3]), torch.tensor([2, 2, 1])
+    torch.testing.assert_close(model(uid, iid), (E[uid] * E[4 + iid]).sum(-1))
+
+
+def test_mf_tables_and_padding():
+    model = collab.MF(7, 9, dim=6)
+    U, I = model.tables()
+    assert U.shape == (7, 6) and I.shape == (9, 6) and model.dim == 6
+    assert torch.all(U[0] == 0) and torch.all(I[0] == 0)
+    assert set(collab.MODELS) == {"mf", "lightgcn"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and the CLI, on the toy data written as the authors' pickles
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    os.makedirs(root / "toy")
+    for s, df in toy_frames().items():
+        df.to_pickle(root / "toy" / f"{s}_ood2.pkl")
+    return root
+
+
+@pytest.mark.parametrize("name", ["mf", "lightgcn"])
+def test_cli_roundtrip(toy_root, tmp_path, capsys, name):
+    out = tmp_path / name
+    collab.main(["--model", name, "--data", "toy", "--data-root", str(toy_root), "--out", str(out),
+                 "--dim", "8", "--lr", "1e-2", "--batch-size", "64", "--epochs", "8", "--seed", "1", "--threads", "2"])
+    assert torch.get_num_threads() == 1  # main() hands the caller's thread count back
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"{name}: best epoch ") and line.endswith(f"-> {out / 'model.pt'}")
+    assert sorted(os.listdir(out)) == ["metrics.json", "model.pt"]  # no temp files left behind
+
+    ckpt = torch.load(out / "model.pt", weights_only=True)
+    assert ckpt["model"] == name and ckpt["config"]["dim"] == 8 and ckpt["config"]["user_num"] == USERS + 1
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m) == {"valid", "test", "test_warm", "test_cold", "best_epoch", "seconds", "config"}
+    assert set(m["test"]) == {"auc", "uauc", "uauc_users", "rows"}
+
+    # the loaded model (no dataset needed) reproduces the reported valid AUC
+    model = collab.load_rec(out / "model.pt", USERS + 1, ITEMS + 1)
+    assert not model.training
+    va = data.load_dataset("toy", str(toy_root)).splits["valid"]
+    assert eval.auc(va.label, collab.score(model, va)) == pytest.approx(m["valid"]["auc"])
+    U, I = model.tables()
+    assert U.shape == (USERS + 1, 8) and I.shape == (ITEMS + 1, 8)
+
+    with pytest.raises(data.UsageError, match=f"{USERS + 1} users x {ITEMS + 1} items, expected 839 x 3256"):
+        collab.load_rec(out / "model.pt", 839, 3256)
+
+
+def test_checkpoint_dict_roundtrip():
+    """rec_checkpoint / rec_from_checkpoint: the form train.py embeds in its own checkpoints."""
+    model = collab.LightGCN(4, 5, [(1, 1), (1, 2), (2, 4), (3, 3)], dim=6, layers=3)
+    back = collab.rec_from_checkpoint(collab.rec_checkpoint(model), 4, 5)
+    assert isinstance(back, collab.LightGCN) and back.layers == 3 and not back.training
+    for a, b in zip(model.tables(), back.tables()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(data.UsageError, match="expected 4 x 6"):
+        collab.rec_from_checkpoint(collab.rec_checkpoint(model), 4, 6)
+
+
+def test_load_rec_bad_files(tmp_path):
+    with pytest.raises(data.UsageError, match="file not found"):
+        collab.load_rec(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(data.UsageError, match="not a collab.py checkpoint"):
+        collab.load_rec(tmp_path / "junk.pt")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "collab.py", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_cli_bad_flags(tmp_path):
+    r = run_cli("--model", "mf", "--out", str(tmp_path), "--dim", "0", "--lr", "-1", "--batch-size", "0",
+                "--epochs", "0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    for flag in ("--dim", "--lr", "--batch-size", "--epochs"):
+        assert flag in lines[0]
+    r = run_cli("--model", "svd", "--out", str(tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "invalid choice: 'svd'" in r.stderr
+    r = run_cli("--model", "mf", "--out", str(tmp_path), "--data", "nope", "--data-root", str(tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error: --data nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# Real data (skips without the released split)
+
+
+def test_mf_real_data_learns(ml1m):
+    _, m = collab.train_rec(ml1m, "mf", lr=1e-2, epochs=3, progress=False)
+    assert m["valid"]["auc"] > 0.6
+    assert m["config"]["user_num"] == 839 and m["config"]["item_num"] == 3256
