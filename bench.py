@@ -209,12 +209,13 @@ def decoder_matrix_params(model):
     return sum(p.numel() for name, p in layers.named_parameters() if p.ndim == 2 and "lora_" not in name)
 
 
-def build(a, ds, dtype, device, with_rec):
+def build(a, ds, dtype, device, with_rec, ours=True):
     """-> (CoLLM, tokenizer, cfg) with this stage's trainable tensors.
 
     Stage 1 is train.build_model's model as it is. Stage 2 (and the reference's stage 1, which runs
     a collaborative model it never uses) adds a fresh MF with its projector: trained or random
-    weights cost the same time, and this way the bench needs no checkpoints."""
+    weights cost the same time, and this way the bench needs no checkpoints. `--compile` applies to
+    our path (and its fixed-batch baseline) only: the reference ran eager."""
     cfg = train.Config(stage=a.stage, llm=a.llm, data=a.data, data_root=a.data_root, cache_dir=a.cache_dir,
                        dtype=a.dtype, seed=a.seed, batch_size=a.batch_size)
     torch.manual_seed(a.seed)
@@ -223,7 +224,7 @@ def build(a, ds, dtype, device, with_rec):
         model = collm.CoLLM(model.llm, model.yes_id, collab.MF(ds.user_num, ds.item_num))
         for name, p in model.named_parameters():  # stage 2 trains the projector, stage 1 only LoRA
             p.requires_grad_(name.startswith("proj.") if a.stage == "cie" else "lora_" in name)
-    if a.compile:
+    if a.compile and ours:
         collm.compile_decoder(model)
     return model.to(device), tok, cfg
 
@@ -364,7 +365,7 @@ def reference_scores(model, batch, stage, slot_id):
 
 
 def ref_train(a, ds, device, dtype):
-    model, tok, cfg = build(a, ds, dtype, device, with_rec=True)
+    model, tok, cfg = build(a, ds, dtype, device, with_rec=True, ours=False)
     prompts, split = ReferencePrompts(ds, tok, a.stage), ds.splits["train"]
     lengths = np.diff(split.his_ptr)  # only to size the draw; the batches are random, as the reference's
     batches = data.train_batches(lengths, a.batch_size, np.random.default_rng(a.seed), bucket=False)[:a.warmup + a.steps]
@@ -385,7 +386,7 @@ def ref_train(a, ds, device, dtype):
 
 def ref_eval(a, ds, device, dtype):
     """The reference scores a split in its stored order (a sequential sampler), padded to the longest."""
-    model, tok, cfg = build(a, ds, dtype, device, with_rec=True)
+    model, tok, cfg = build(a, ds, dtype, device, with_rec=True, ours=False)
     prompts, split, ebs = ReferencePrompts(ds, tok, a.stage), ds.splits["valid_small"], a.eval_batch_size
     every = [np.arange(k, min(k + ebs, len(split))) for k in range(0, len(split), ebs)]
     batches = pick(every, a.warmup + a.steps, np.random.default_rng(a.seed))

@@ -117,8 +117,8 @@ def results_table(run_dirs):
     """Runs' metrics.json files (train.py's or collab.py's) -> one Markdown table, a row per run."""
     import json
     import os
-    lines = ["| method | llm | samples seen | test rows | test AUC | test UAUC | warm AUC | cold AUC | paper AUC / UAUC |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| run | method | llm | samples seen | test rows | test AUC | test UAUC | warm AUC | cold AUC | paper AUC / UAUC |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for run in run_dirs:
         path = os.path.join(run, "metrics.json") if os.path.isdir(run) else run
         if not os.path.isfile(path):
@@ -137,7 +137,8 @@ def results_table(run_dirs):
             raise data.UsageError(f"--table {path}: not a finished train.py or collab.py metrics.json "
                                   f"({type(e).__name__}: {e})")
         paper = PAPER_ML1M.get(method) if dataset == "ml-1m" else None
-        lines.append(f"| {method} | {llm} | {seen:,} | {row[1]:,} | {row[0]} | "
+        name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        lines.append(f"| {name} | {method} | {llm} | {seen:,} | {row[1]:,} | {row[0]} | "
                      f"{f'{paper[0]:.4f} / {paper[1]:.4f}' if paper else '-'} |")
     return "\n".join(lines)
 

@@ -79,6 +79,8 @@ class Config:
     patience: int = opt(20, "stop after this many evaluations without a better valid AUC")
     seed: int = opt(2023, "seed for initialisation, batch order and dropout")
     bucket: bool = opt(True, "group rows of similar length into batches (under 5%% padding)")
+    compile: bool = opt(False, "torch.compile each decoder layer (collm.compile_decoder): on CPU ~10%% faster "
+                               "steps and about half the activation memory, after ~40 s of compiling")
     log_every: int = opt(10, "print a log line every N steps")
     pause_at: int = opt(0, "end this sitting after N steps with last.pt saved; --resume continues (0 = off)")
     resume: str = opt(None, "continue the run saved in this folder (its last.pt and settings)")
@@ -278,6 +280,8 @@ def train(cfg):
     enc_eval = encode(cfg, ds, tok, cfg.eval_split, model)
     pad = data.SegmentTokenizer(tok).pad_id
     model.to(device)
+    if cfg.compile:
+        collm.compile_decoder(model)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     # DDP syncs the parameters that require grad when it is built: freeze/unfreeze first (done in
     # build_model), then wrap, then build the optimizer.

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +14,7 @@ import collab
 import data
 import eval
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, TOY_ITEMS, TOY_USERS, toy_frames
 
 
 @pytest.fixture(autouse=True)
@@ -28,40 +27,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-# ---------------------------------------------------------------------------------------------
-# A planted pattern: every user and item has a hidden "taste angle"; a user likes an item iff the
-# angles are less than 90 degrees apart. A low-rank pattern both models can learn, but no single
-# epoch gets right (the liked-graph is connected, so its shape alone does not give the answer).
-# Every (user, item) pair is rated once and assigned to a split at random.
+# The planted pattern of conftest.toy_frames: every user and item has a hidden "taste angle"; a user
+# likes an item iff the angles are less than 90 degrees apart. A low-rank pattern both models can
+# learn, but no single epoch gets right (the liked-graph is connected, so its shape alone does not
+# give the answer). Every (user, item) pair is rated once and assigned to a split at random.
 
-USERS, ITEMS = 24, 20
-
-
-def toy_frames(seed=0):
-    rng = np.random.default_rng(seed)
-    u, i = np.meshgrid(np.arange(1, USERS + 1), np.arange(1, ITEMS + 1), indexing="ij")
-    u, i = u.ravel(), i.ravel()
-    user_angle, item_angle = rng.uniform(0, 2 * np.pi, USERS + 1), rng.uniform(0, 2 * np.pi, ITEMS + 1)
-    like = np.cos(user_angle[u] - item_angle[i]) > 0
-    df = pd.DataFrame(dict(uid=u, iid=i, label=like.astype(int)))
-    df["timestamp"] = rng.permutation(len(df))
-    df["title"] = [f"Item {x}" for x in df.iid]
-    df["flag"] = rng.choice([-1, 0, 1], size=len(df), p=[0.6, 0.2, 0.2])
-    df = df.sort_values(["uid", "timestamp"]).reset_index(drop=True)
-    # histories as the authors build them: [0] + earlier positives of the same user
-    his = []
-    for _, g in df.groupby("uid", sort=False):
-        seen = [0]
-        for iid, label in zip(g.iid, g.label):
-            his.append(list(seen))
-            seen = seen + [iid] if label else seen
-    df["his"] = his
-    df["his_title"] = [[""] + [f"Item {x}" for x in h[1:]] for h in his]
-    train = df[df.flag == -1]
-    df["not_cold"] = [int(a in set(train.uid) and b in set(train.iid)) for a, b in zip(df.uid, df.iid)]
-    parts = {"train": df[df.flag == -1], "valid": df[df.flag == 0], "test": df[df.flag == 1]}
-    parts["valid_small"] = parts["valid"].sample(frac=0.5, random_state=2023)
-    return parts
+USERS, ITEMS = TOY_USERS, TOY_ITEMS
 
 
 def to_split(df, u_count, i_count):

@@ -83,20 +83,26 @@ def one_batch(ds, tok, mode, n=8, rows=None):
     return data.collate(enc, ds.splits["train"], rows, data.SegmentTokenizer(tok).pad_id)
 
 
+def fit(model, batch, lr, steps):
+    """Adam on the trainable tensors, the same batch every step -> the losses."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = F.binary_cross_entropy_with_logits(model(**batch), batch["label"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("stage", ["lora", "cie"])
 def test_overfitting_one_batch_drives_the_loss_to_zero(toy_root, lora_run, mf_ckpt, stage):
     ds = data.load_dataset("toy", toy_root)
     extra = dict(ckpt=str(lora_run[0] / "best.pt"), rec_ckpt=mf_ckpt) if stage == "cie" else {}
     model, tok = train.build_model(cfg_for(toy_root, stage=stage, lora_dropout=0.0, **extra), ds, None)
     batch = one_batch(ds, tok, "text" if stage == "lora" else "collm")
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(60):
-        loss = F.binary_cross_entropy_with_logits(model(**batch), batch["label"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(model, batch, lr=1e-2, steps=60)
     assert losses[0] > 0.5 and losses[-1] < 0.05, losses[::10]
 
 
@@ -126,14 +132,7 @@ def test_tiny_llama_and_qwen2_with_the_real_tokenizers(toy_root, arch):
     rec = collab.MF(ds.user_num, ds.item_num, dim=16)
     model = collm.CoLLM(llm, yes, rec)
     batch = one_batch(ds, tok, "collm", n=4)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)  # LoRA + projector
-    losses = []
-    for _ in range(40):
-        loss = F.binary_cross_entropy_with_logits(model(**batch), batch["label"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(model, batch, lr=2e-2, steps=40)  # LoRA + projector
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -173,6 +172,23 @@ def test_cpu_matmul_attention_equals_torch_sdpa(toy_root, masked):
             logits = llm(input_ids=batch["input_ids"], attention_mask=mask).logits
         outs.append(logits[torch.arange(4), batch["last"]])  # pad positions differ only in what nobody reads
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_decoder_scores_and_gradients_equal_eager(toy_root):
+    """--compile (collm.compile_decoder) changes the kernels, not the numbers."""
+    ds = data.load_dataset("toy", toy_root)
+    models = [train.build_model(cfg_for(toy_root, stage="lora", lora_dropout=0.0), ds, None)[0] for _ in range(2)]
+    collm.compile_decoder(models[1])
+    assert all(layer._compiled_call_impl is not None for layer in models[1].llm.get_base_model().get_decoder().layers)
+    batch = one_batch(ds, collm.tiny_tokenizer(), "text", n=4)
+    grads = []
+    for m in models:
+        F.binary_cross_entropy_with_logits(m(**batch), batch["label"]).backward()
+        grads.append([p.grad for p in m.parameters() if p.requires_grad])
+    torch.testing.assert_close(models[1](**batch), models[0](**batch), rtol=1e-4, atol=1e-4)
+    assert len(grads[0]) == 8 and all(g is not None for g in grads[1])
+    for g1, g0 in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g1, g0, rtol=1e-3, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,10 +232,10 @@ def test_results_table_reads_the_runs(lora_run, mf_ckpt, tmp_path):
     res = run("eval.py", "--table", mf_dir, lora_dir)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
-    assert lines[0].startswith("| method | llm | samples seen |") and len(lines) == 4
+    assert lines[0].startswith("| run | method | llm | samples seen |") and len(lines) == 4
     mf, m1 = (json.load(open(os.path.join(d, "metrics.json"))) for d in (mf_dir, lora_dir))
-    assert lines[2].startswith("| MF | - |") and f"| {mf['test']['auc']:.4f} | {mf['test']['uauc']:.4f} |" in lines[2]
-    assert lines[3].startswith(f"| TALLRec | tiny | {m1['samples_seen']:,} | 93 | {m1['test']['auc']:.4f} |")
+    assert lines[2].startswith(f"| {os.path.basename(mf_dir)} | MF | - |") and f"| {mf['test']['auc']:.4f} | {mf['test']['uauc']:.4f} |" in lines[2]
+    assert lines[3].startswith(f"| {lora_dir.name} | TALLRec | tiny | {m1['samples_seen']:,} | 93 | {m1['test']['auc']:.4f} |")
     assert lines[3].endswith("| - |")  # toy data: no published numbers beside it
     m1["config"]["data"] = "ml-1m"  # the paper's column appears for ML-1M runs
     json.dump(m1, open(tmp_path / "metrics.json", "w"))
@@ -332,6 +348,8 @@ def test_smollm2_both_stages_in_bf16(real_root, tmp_path):
               "--cache-dir", os.path.join(ROOT, "cache")]
     r1 = run("train.py", "--stage", "lora", *common, "--out", tmp_path / "lora")
     assert r1.returncode == 0, r1.stderr[-3000:]
+    lora = torch.load(tmp_path / "lora" / "best.pt", weights_only=True)["lora"]
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # B starts at zero: it trained
     collab.main(["--model", "mf", "--data", "ml-1m", "--data-root", str(real_root), "--out", str(tmp_path / "mf"),
                  "--epochs", "1"])
     r2 = run("train.py", "--stage", "cie", *common, "--out", tmp_path / "cie", "--ckpt", tmp_path / "lora" / "best.pt",
