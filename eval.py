@@ -183,6 +183,8 @@ def main(argv=None):
     ds = data.load_dataset(cfg.data, cfg.data_root)
     model, tok = train.build_model(cfg, ds, dtype, state)
     model.to(device)
+    if cfg.compile:  # scored as the run was trained (train.py --compile)
+        train.collm.compile_decoder(model)
     enc = train.encode(cfg, ds, tok, a.split, model)
     rows = np.arange(len(ds.splits[a.split]))[:a.rows or None]
     pad = data.SegmentTokenizer(tok).pad_id

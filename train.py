@@ -79,8 +79,8 @@ class Config:
     patience: int = opt(20, "stop after this many evaluations without a better valid AUC")
     seed: int = opt(2023, "seed for initialisation, batch order and dropout")
     bucket: bool = opt(True, "group rows of similar length into batches (under 5%% padding)")
-    compile: bool = opt(False, "torch.compile each decoder layer (collm.compile_decoder): on CPU ~10%% faster "
-                               "steps and about half the activation memory, after ~40 s of compiling")
+    compile: bool = opt(False, "torch.compile each decoder layer (collm.compile_decoder): on CPU ~15%% faster "
+                               "steps and about half the activation memory, after tens of seconds of compiling")
     log_every: int = opt(10, "print a log line every N steps")
     pause_at: int = opt(0, "end this sitting after N steps with last.pt saved; --resume continues (0 = off)")
     resume: str = opt(None, "continue the run saved in this folder (its last.pt and settings)")

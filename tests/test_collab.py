@@ -75,8 +75,9 @@ def test_learns_planted_pattern(toy, name):
                                 progress=False)
     assert train_loss(model, tr) < 0.7 * train_loss(start, tr)
     assert m["valid"]["auc"] > 0.8 and m["test"]["auc"] > 0.8
-    assert set(m) == {"valid", "test", "test_warm", "test_cold", "best_epoch", "seconds", "config"}
-    assert 1 <= m["best_epoch"] <= 60
+    assert set(m) == {"valid", "test", "test_warm", "test_cold", "best_epoch", "samples_seen", "seconds",
+                      "config"}
+    assert 1 <= m["best_epoch"] <= 60 and m["samples_seen"] == 60 * len(tr)  # patience 60: all 60 epochs ran
 
 
 def test_same_seed_same_result(toy):
@@ -154,7 +155,8 @@ def test_cli_roundtrip(toy_root, tmp_path, capsys, name):
     ckpt = torch.load(out / "model.pt", weights_only=True)
     assert ckpt["model"] == name and ckpt["config"]["dim"] == 8 and ckpt["config"]["user_num"] == USERS + 1
     m = json.loads((out / "metrics.json").read_text())
-    assert set(m) == {"valid", "test", "test_warm", "test_cold", "best_epoch", "seconds", "config"}
+    assert set(m) == {"valid", "test", "test_warm", "test_cold", "best_epoch", "samples_seen", "seconds",
+                      "config"}
     assert set(m["test"]) == {"auc", "uauc", "uauc_users", "rows"}
 
     # the loaded model (no dataset needed) reproduces the reported valid AUC
