@@ -91,13 +91,27 @@ class Dataset:
 # Loading the authors' pickles
 
 
+def _id_column(df, col, where):
+    """uid / iid as int64. Whole numbers stored as floats pass; anything else is refused, never
+    silently truncated (1.5 would otherwise become user 1)."""
+    raw = df[col].to_numpy()
+    if np.issubdtype(raw.dtype, np.integer):
+        return raw.astype(np.int64)
+    bad = np.flatnonzero(~np.isfinite(raw) | (raw != np.round(raw))) if np.issubdtype(raw.dtype, np.floating) \
+        else np.arange(len(raw))  # strings, objects: not ids
+    if len(bad) == 0:
+        return raw.astype(np.int64)
+    r = bad[0]
+    raise UsageError(f"{where}: row {r}: {col} {raw.tolist()[r]!r} is not a whole number (column dtype {raw.dtype}); "
+                     f"expected integer ids")
+
+
 def _frame_to_split(df, where, titles):
     """Check one DataFrame against the schema and turn it into a Split (and fill `titles`)."""
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise UsageError(f"{where}: missing column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}")
-    uid = df["uid"].to_numpy(np.int64)
-    iid = df["iid"].to_numpy(np.int64)
+    uid, iid = _id_column(df, "uid", where), _id_column(df, "iid", where)
     label = df["label"].to_numpy()
     for col, ids in (("uid", uid), ("iid", iid)):
         bad = np.flatnonzero(ids < 1)

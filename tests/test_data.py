@@ -423,13 +423,15 @@ def broken(rows, flag=-1, **columns):
     (dict(test=frame(TEST, 1).drop(columns=["his_title"])), ["test_ood2.pkl", "missing column(s) his_title"]),
     (dict(train=broken(TRAIN, uid=[1] * 11 + [0])), ["train_ood2.pkl", "row 11", "uid 0"]),
     (dict(valid=broken(VALID, 0, iid=[6, -2, 2])), ["valid_ood2.pkl", "row 1", "iid -2"]),
+    (dict(valid=broken(VALID, 0, uid=[1.0, 2.5, 3.0])), ["valid_ood2.pkl", "row 1", "uid 2.5", "integer ids"]),
+    (dict(test=broken(TEST, 1, iid=[str(i) for i in frame(TEST).iid])), ["test_ood2.pkl", "row 0", "iid '", "integer"]),
     (dict(test=broken(TEST, 1, label=[1, 0, 2, 0, 1, 0, 1, 0])), ["test_ood2.pkl", "row 2", "label 2"]),
     (dict(test=broken(TEST, 1, his_title=[[""]] * 8)), ["test_ood2.pkl", "row 0", "5 items but 1 titles"]),
     (dict(valid=broken(VALID, 0, his=[[0, 1, 3, 4], [1, 2, 4, 4], [0]])), ["valid_ood2.pkl", "row 1", "0 sentinel"]),
     (dict(valid=broken(VALID, 0, his=[[0, 1, 3, 4], [0, 1, 0, 4], [0]])), ["valid_ood2.pkl", "row 1", "item id 0"]),
     (dict(test=broken(TEST, 1, his=[[0, 1, 3, 4, 99]] + [h for h in frame(TEST).his[1:]])),
      ["test_ood2.pkl", "history item id 99", "largest target item id 6"]),
-], ids=["missing column", "uid 0", "negative iid", "label 2", "title count", "no sentinel", "history id 0",
+], ids=["missing column", "uid 0", "negative iid", "fractional uid", "string iid", "label 2", "title count", "no sentinel", "history id 0",
         "history id beyond table"])
 def test_bad_pickles_name_file_and_row(tmp_path, frames, words):
     with pytest.raises(data.UsageError) as e:
