@@ -8,6 +8,7 @@ gives one number per (user, item) row can be evaluated here, a collaborative mod
 Warm rows: user and item each have more than 3 train rows. Cold rows: not_cold == 0.
 """
 import numpy as np
+from tqdm import tqdm
 
 import data
 
@@ -81,7 +82,9 @@ def score_rows(model, enc, split, rows, batch_size, pad_id, device, dtype=None, 
     model.eval()  # dropout off
     amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
     with torch.no_grad(), amp:
-        for b in data.eval_batches(enc.lengths[mine], batch_size):
+        batches = data.eval_batches(enc.lengths[mine], batch_size)
+        # a bar on rank 0 only; leave=False: it disappears when done, the caller prints the result
+        for b in tqdm(batches, desc=f"scoring {len(rows):,} rows", disable=rank != 0, leave=False):
             batch = data.collate(enc, split, mine[b], pad_id)
             scores[b] = model(**{k: v.to(device) for k, v in batch.items()}).float().cpu().numpy()
     model.train(was_training)
