@@ -130,16 +130,7 @@ def test_mf_tables_and_padding():
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints and the CLI, on the toy data written as the authors' pickles
-
-
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    os.makedirs(root / "toy")
-    for s, df in toy_frames().items():
-        df.to_pickle(root / "toy" / f"{s}_ood2.pkl")
-    return root
+# Checkpoints and the CLI, on the toy data written as the authors' pickles (conftest's toy_root)
 
 
 @pytest.mark.parametrize("name", ["mf", "lightgcn"])
