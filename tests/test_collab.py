@@ -130,6 +130,61 @@ def test_mf_tables_and_padding():
 
 
 # ---------------------------------------------------------------------------------------------
+# Ids with no train rows (collab.UNSEEN)
+
+
+@pytest.mark.parametrize("name", ["mf", "lightgcn"])
+def test_unseen_rows_read_the_mean_of_seen_rows(name):
+    user_seen = np.array([False, True, True, False, True])  # users 0 (padding) and 3 have no train rows
+    item_seen = np.array([False, True, True, True])
+    edges = [(1, 1), (2, 2), (4, 3), (1, 3)]
+    torch.manual_seed(0)
+    plain = collab.build_model(name, 5, 4, 3, 2, edges)                        # "untouched"
+    torch.manual_seed(0)
+    model = collab.build_model(name, 5, 4, 3, 2, edges, (user_seen, item_seen))  # "mean", same init
+    (U0, I0), (U, I) = plain.tables(), model.tables()
+    for i in (1, 2, 4):                       # trained rows: exactly what the plain model says
+        torch.testing.assert_close(U[i], U0[i])
+    mean = U0[[1, 2, 4]].mean(0)
+    for i in (0, 3):                          # unseen rows: the mean of the trained rows, not their own
+        torch.testing.assert_close(U[i], mean)
+        assert not torch.allclose(U0[3], mean)
+    torch.testing.assert_close(I[0], I0[1:].mean(0))
+    torch.testing.assert_close(I[1:], I0[1:])
+    uid, iid = torch.tensor([3, 1]), torch.tensor([2, 2])
+    torch.testing.assert_close(model(uid, iid), (U[uid] * I[iid]).sum(-1))  # forward scores with them too
+    # the masks are buffers: a checkpoint brings them back, and with them the same tables
+    back = collab.rec_from_checkpoint(collab.rec_checkpoint(model), 5, 4)
+    assert back.user_seen.tolist() == user_seen.tolist() and back.item_seen.tolist() == item_seen.tolist()
+    for a, b in zip(model.tables(), back.tables()):
+        torch.testing.assert_close(a, b)
+
+
+def test_train_rec_marks_users_missing_from_train(toy):
+    """Drop user 1's train rows: train_rec("mean") scores them as the average user, "untouched" with
+    the row weight decay left behind."""
+    tr = toy.splits["train"]
+    keep = tr.uid != 1
+    cut = data.Split(uid=tr.uid[keep], iid=tr.iid[keep], label=tr.label[keep], not_cold=tr.not_cold[keep],
+                     his_ptr=np.zeros(keep.sum() + 1, np.int64), his_items=tr.his_items, warm=tr.warm[keep])
+    ds = data.Dataset(name="toy", domain="movie", splits={**toy.splits, "train": cut}, titles=toy.titles,
+                      user_num=toy.user_num, item_num=toy.item_num)
+    user_seen, item_seen = collab.seen_in_train(ds)
+    assert not user_seen[0] and not user_seen[1] and user_seen[2:].all() and item_seen[1:].all()
+    assert collab.seen_in_train(ds, "untouched") is None
+    kw = dict(dim=8, lr=1e-2, batch_size=64, epochs=3, progress=False)
+    mean_model, m = collab.train_rec(ds, "mf", unseen="mean", **kw)
+    plain_model, m0 = collab.train_rec(ds, "mf", unseen="untouched", **kw)
+    assert m["config"]["unseen"] == "mean" and m0["config"]["unseen"] == "untouched"
+    U, _ = mean_model.tables()
+    torch.testing.assert_close(U[1], mean_model.user.weight[2:].mean(0))
+    U0, _ = plain_model.tables()
+    torch.testing.assert_close(U0[1], plain_model.user.weight[1])
+    # the same seed trains the same rows either way: only the unseen user's table row differs
+    torch.testing.assert_close(mean_model.user.weight[2:], plain_model.user.weight[2:])
+
+
+# ---------------------------------------------------------------------------------------------
 # Checkpoints and the CLI, on the toy data written as the authors' pickles (conftest's toy_root)
 
 
@@ -197,6 +252,8 @@ def test_cli_bad_flags(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "invalid choice: 'svd'" in r.stderr
     r = run_cli("--model", "mf", "--out", str(tmp_path), "--data", "nope", "--data-root", str(tmp_path))
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error: --data nope")
+    r = run_cli("--model", "mf", "--out", str(tmp_path), "--unseen", "zero")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "invalid choice: 'zero'" in r.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,3 +264,12 @@ def test_mf_real_data_learns(ml1m):
     _, m = collab.train_rec(ml1m, "mf", lr=1e-2, epochs=3, progress=False)
     assert m["valid"]["auc"] > 0.6
     assert m["config"]["user_num"] == 839 and m["config"]["item_num"] == 3256
+
+
+def test_real_data_unseen_users(ml1m):
+    """The numbers behind collab.UNSEEN: 42% of test rows and 35% of valid rows are users with no train row."""
+    user_seen, item_seen = collab.seen_in_train(ml1m)
+    te, va = ml1m.splits["test"], ml1m.splits["valid"]
+    assert 1 - user_seen[te.uid].mean() == pytest.approx(0.424, abs=0.005)
+    assert 1 - user_seen[va.uid].mean() == pytest.approx(0.354, abs=0.005)
+    assert item_seen[te.iid].mean() > 0.98

@@ -301,7 +301,8 @@ def test_bad_input_is_one_clear_line(toy_root, lora_run, mf_ckpt, tmp_path):
     collab.main(["--model", "mf", "--data", "toy", "--data-root", str(toy_root), "--out", str(small), "--epochs", "1"])
     ck = torch.load(small / "model.pt", weights_only=True)
     ck["config"]["user_num"] = 5
-    ck["state_dict"]["user.weight"] = ck["state_dict"]["user.weight"][:5]
+    for key in ("user.weight", "user_seen"):  # as if trained on a dataset with 5 user ids
+        ck["state_dict"][key] = ck["state_dict"][key][:5]
     torch.save(ck, small / "model.pt")
     assert_one_line_error(run("train.py", "--stage", "cie", *base, "--ckpt", lora_run[0] / "best.pt",
                               "--rec-ckpt", small / "model.pt"), "model.pt", "expected")
