@@ -52,12 +52,21 @@ def mean_for_unseen(table, seen):
     return torch.where(seen[:, None], table, table[seen].mean(0))
 
 
+def register_seen(model, user_num, item_num, seen):
+    """Buffers user_seen / item_seen (bool, one per id) that tables() reads; seen=None marks every id seen,
+    which makes mean_for_unseen a no-op. Buffers, so checkpoints carry them."""
+    user_seen, item_seen = seen if seen is not None else (np.ones(user_num, bool), np.ones(item_num, bool))
+    model.register_buffer("user_seen", torch.as_tensor(user_seen, dtype=torch.bool))
+    model.register_buffer("item_seen", torch.as_tensor(item_seen, dtype=torch.bool))
+
+
 # ---------------------------------------------------------------------------------------------
 # Models. Both expose `dim`, `tables()` -> (U (user_num, d), I (item_num, d)) and forward(uid, iid).
 
 
 class MF(nn.Module):
-    """Matrix factorisation: logit(u, i) = <U[u], I[i]>. CoLLM uses the raw tables."""
+    """Matrix factorisation: logit(u, i) = <U[u], I[i]>. CoLLM uses the tables as they are
+    (bar the unseen rows)."""
 
     def __init__(self, user_num, item_num, dim=256, seen=None):
         super().__init__()
@@ -128,14 +137,6 @@ class LightGCN(nn.Module):
 
 
 MODELS = {"mf": MF, "lightgcn": LightGCN}
-
-
-def register_seen(model, user_num, item_num, seen):
-    """Buffers user_seen / item_seen (bool, one per id) that tables() reads; seen=None marks every id seen,
-    which makes mean_for_unseen a no-op. Buffers, so checkpoints carry them."""
-    user_seen, item_seen = seen if seen is not None else (np.ones(user_num, bool), np.ones(item_num, bool))
-    model.register_buffer("user_seen", torch.as_tensor(user_seen, dtype=torch.bool))
-    model.register_buffer("item_seen", torch.as_tensor(item_seen, dtype=torch.bool))
 
 
 def build_model(name, user_num, item_num, dim, layers, edges, seen=None):
