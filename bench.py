@@ -64,8 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--llm", default="smollm2-135m", help="tiny | smollm2-135m | a model folder | a hub id")
     p.add_argument("--stage", default="lora", choices=("lora", "cie"),
                    help="lora: stage 1, LoRA on text prompts; cie: stage 2, projector on CoLLM prompts (default lora)")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
-                   help="compute dtype, as train.py --dtype (default bf16)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="compute dtype, as train.py --dtype (default auto: bf16 on GPUs and on CPUs with bf16 "
+                        "units, fp32 on other CPUs); the peak and the shares are for the dtype used")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available")
     p.add_argument("--batch-size", type=int, default=8, help="training rows per step (default 8, train.py's)")
     p.add_argument("--eval-batch-size", type=int, default=0,
@@ -100,9 +101,9 @@ def parse_args(argv=None):
 
 
 def device_and_dtype(a):
+    """-> (device, dtype (None = fp32), dtype name, why that dtype), chosen as train.py chooses."""
     device = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[a.dtype]  # None = plain fp32, as train.py
-    return device, dtype
+    return (device, *train.compute_dtype(a.dtype, device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +311,7 @@ def ours_eval(a, ds, device, dtype):
     m = measure(device, a, lambda: score(batches[:a.warmup]), lambda: score(batches[a.warmup:]))
     real, total = padded_tokens(enc.lengths, batches[a.warmup:])
     return dict(**m, samples=a.steps * ebs, tokens=real, padded=total,
-                padding_epoch=1 - np.divide(*padded_tokens(enc.lengths, every)))
+                padding_epoch=1 - np.divide(*padded_tokens(enc.lengths, every)), mean_len=float(enc.lengths.mean()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,10 +473,16 @@ def spawn(argv, name):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def rates(r, flops_per_token, peak):
-    """A child's result -> samples/s, tokens/s, useful FLOP/s and its share of the peak, padding share."""
+def rates(r, flops_per_token, peak, mean_len):
+    """A child's result -> samples/s, tokens/s, useful FLOP/s and its share of the peak, padding share.
+
+    samples/s is counted at the split's mean prompt length (`mean_len` real tokens a row): real
+    tokens/s / mean_len, i.e. the rate at which a whole epoch would go. The few timed batches are
+    drawn at random, so their rows are longer or shorter than the average (ours 144 vs the
+    reference's 159 tokens a row in one 3-step draw): rows/s of the draw itself would credit
+    whichever path drew the shorter rows. Padding is not a real token, so it stays a cost."""
     s = r["seconds"]
-    return dict(samples=r["samples"] / s, tokens=r["tokens"] / s, flops=flops_per_token * r["tokens"] / s,
+    return dict(samples=r["tokens"] / s / mean_len, tokens=r["tokens"] / s, flops=flops_per_token * r["tokens"] / s,
                 share=flops_per_token * r["tokens"] / s / peak, padding=1 - r["tokens"] / r["padded"])
 
 
@@ -492,12 +499,12 @@ def gb(x):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     a = parse_args(argv)
-    device, dtype = device_and_dtype(a)
+    device, dtype, dtype_name, dtype_reason = device_and_dtype(a)
     if a.only:
         return run_child(a, device, dtype)
 
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    print(f"=> bench {a.llm} | stage {a.stage} | {device.type} {a.dtype} | batch {a.batch_size}, eval batch "
+    print(f"=> bench {a.llm} | stage {a.stage} | {device.type} {dtype_name} ({dtype_reason}) | batch {a.batch_size}, eval batch "
           f"{a.eval_batch_size} | {a.steps} steps after {a.warmup} warm-up, best of {a.repeats} "
           f"| compile {'on' if a.compile else 'off'} | load average {load}", flush=True)
     res = {name: spawn(argv, name) for name in CHILDREN}
@@ -506,23 +513,24 @@ def main(argv=None):
     f_train, f_eval = 4 * N, 2 * N  # matmul FLOPs per real token (see the module docstring)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()} CPU, {base['threads']} threads"
-    print(f"\ndevice: {name}; {a.dtype} matmul peak ({a.matmul_size}^3, best of 5) {peak / 1e9:.1f} GFLOP/s")
+    print(f"\ndevice: {name}; {dtype_name} matmul peak ({a.matmul_size}^3, best of 5) {peak / 1e9:.1f} GFLOP/s")
     print(f"FLOPs per real token: 2N forward, 4N forward + backward, N = {N / 1e6:.1f}M decoder matrix parameters.\n"
           f"  Not counted: the {ot['n_embed'] / 1e6:.1f}M embedding / LM-head parameters (we compute one LM-head row; "
           f"counting them would multiply every share by {(N + ot['n_embed']) / N:.2f}),\n"
           f"  attention scores (about {attention_extra(base, ot['mean_len']):.0%} more at this data's mean "
           f"{ot['mean_len']:.0f} tokens) and LoRA's rank-r matrices.")
-    fixed = lambda b, sec: dict(samples=b / sec, tokens=b * FIXED_LEN / sec, padding=0.0)
+    # the fixed batch's rows are FIXED_LEN tokens long: its samples/s too is counted at the mean length
+    fixed = lambda b, sec, mean_len: dict(samples=b * FIXED_LEN / sec / mean_len, tokens=b * FIXED_LEN / sec, padding=0.0)
     rows = [("train  fixed {}x{}".format(a.batch_size, FIXED_LEN),
-             {**fixed(a.batch_size, base["train_seconds"]),
+             {**fixed(a.batch_size, base["train_seconds"], ot["mean_len"]),
               "flops": f_train * a.batch_size * FIXED_LEN / base["train_seconds"]}, None),
-            ("train  ours", rates(ot, f_train, peak), ot),
-            ("train  reference", rates(rt, f_train, peak), rt),
+            ("train  ours", rates(ot, f_train, peak, ot["mean_len"]), ot),
+            ("train  reference", rates(rt, f_train, peak, ot["mean_len"]), rt),
             ("eval   fixed {}x{}".format(a.eval_batch_size, FIXED_LEN),
-             {**fixed(a.eval_batch_size, base["eval_seconds"]),
+             {**fixed(a.eval_batch_size, base["eval_seconds"], oe["mean_len"]),
               "flops": f_eval * a.eval_batch_size * FIXED_LEN / base["eval_seconds"]}, None),
-            ("eval   ours", rates(oe, f_eval, peak), oe),
-            ("eval   reference", rates(re_, f_eval, peak), re_)]
+            ("eval   ours", rates(oe, f_eval, peak, oe["mean_len"]), oe),
+            ("eval   reference", rates(re_, f_eval, peak, oe["mean_len"]), re_)]
     mem_kind = "peak alloc" if device.type == "cuda" else "peak RSS"
     print(f"\n{'':<22}{'samples/s':>10}{'tokens/s':>10}{'GFLOP/s':>9}{'of peak':>8}{'padding':>9}"
           f"{mem_kind:>12}{'over base':>11}")
@@ -530,14 +538,16 @@ def main(argv=None):
         mem = f"{gb(raw['mem_peak']):>12}{gb(raw['mem_peak'] - raw['mem_base']):>11}" if raw else f"{'':>12}{'':>11}"
         print(f"{label:<22}{r['samples']:>10.2f}{r['tokens']:>10.0f}{r['flops'] / 1e9:>9.1f}"
               f"{r['flops'] / peak:>8.2f}{r['padding']:>9.1%}{mem}")
-    tr, te = rates(ot, f_train, peak), rates(oe, f_eval, peak)
-    speedup_train = tr["samples"] / rates(rt, f_train, peak)["samples"]
-    speedup_eval = te["samples"] / rates(re_, f_eval, peak)["samples"]
+    tr, te = rates(ot, f_train, peak, ot["mean_len"]), rates(oe, f_eval, peak, oe["mean_len"])
+    speedup_train = tr["samples"] / rates(rt, f_train, peak, ot["mean_len"])["samples"]
+    speedup_eval = te["samples"] / rates(re_, f_eval, peak, oe["mean_len"])["samples"]
     mem_train = ot["mem_peak"] / rt["mem_peak"]
     mem_over = (ot["mem_peak"] - ot["mem_base"]) / max(1, rt["mem_peak"] - rt["mem_base"])
     print(f"\nours / reference: train {speedup_train:.2f}x samples/s, eval {speedup_eval:.2f}x samples/s; "
           f"train {mem_kind} {mem_train:.2f}x (over the post-load base: {mem_over:.2f}x), "
           f"eval {mem_kind} {oe['mem_peak'] / re_['mem_peak']:.2f}x")
+    print(f"samples/s: real tokens/s over the split's mean prompt, {ot['mean_len']:.0f} tokens (train) and "
+          f"{oe['mean_len']:.0f} (valid_small): an epoch's rate, whatever rows the timed batches drew")
     print(f"padding over a whole epoch: ours {ot['padding_epoch']:.1%} of train tokens (length-bucketed), "
           f"{oe['padding_epoch']:.1%} of valid_small (length order); reference {ot['ref_padding_epoch']:.1%} "
           f"(random batches)")
@@ -545,7 +555,9 @@ def main(argv=None):
                    train_peak_share=round(tr["share"], 4), eval_peak_share=round(te["share"], 4),
                    padding_share=round(ot["padding_epoch"], 4), ref_padding_share=round(ot["ref_padding_epoch"], 4),
                    speedup_train=round(speedup_train, 3), speedup_eval=round(speedup_eval, 3),
-                   mem_ratio_train=round(mem_train, 3), device=device.type, dtype=a.dtype, llm=a.llm, stage=a.stage,
+                   mem_ratio_train=round(mem_train, 3), device=device.type, dtype=dtype_name,
+                   cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                   cpu_bf16_units=train.cpu_has_bf16_units(), llm=a.llm, stage=a.stage,
                    compile=a.compile, peak_flops=peak, n_params=N, eval_padding_share=round(oe["padding_epoch"], 4),
                    fixed_train_peak_share=round(f_train * a.batch_size * FIXED_LEN / base["train_seconds"] / peak, 4),
                    fixed_eval_peak_share=round(f_eval * a.eval_batch_size * FIXED_LEN / base["eval_seconds"] / peak, 4),

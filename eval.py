@@ -165,6 +165,9 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=0, help="score only the first N rows (0 = all)")
     p.add_argument("--data-root", default=None, help="folder holding datasets (default: the checkpoint's setting)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default auto)")
+    p.add_argument("--dtype", default=None, choices=("auto", "bf16", "fp16", "fp32"),
+                   help="compute dtype (default: the run's own --dtype; its default, auto, picks what THIS "
+                        "machine computes natively, e.g. fp32 on a CPU without bf16 units)")
     p.add_argument("--out", default=None, help="write metrics.json here instead of beside the checkpoint")
     a = p.parse_args(argv)
     if a.table:
@@ -180,9 +183,11 @@ def main(argv=None):
     if "lora" not in state or "config" not in state:
         raise data.UsageError(f"--ckpt {a.ckpt}: not a train.py checkpoint (a collab.py model.pt? those are "
                               f"evaluated by collab.py itself)")
-    cfg = train.Config(**{**state["config"], "device": a.device, "data_root": a.data_root or state["config"]["data_root"]})
+    cfg = train.Config(**{**state["config"], "device": a.device, "dtype": a.dtype or state["config"]["dtype"],
+                          "data_root": a.data_root or state["config"]["data_root"]})
     _, _, device = train.setup_distributed(cfg)
-    dtype = train.amp_dtype(cfg, device)
+    dtype, dtype_name, dtype_reason = train.compute_dtype(cfg.dtype, device)
+    print(f"=> scoring on {device} in {dtype_name} ({dtype_reason})")
     ds = data.load_dataset(cfg.data, cfg.data_root)
     model, tok = train.build_model(cfg, ds, dtype, state)
     model.to(device)
@@ -203,7 +208,7 @@ def main(argv=None):
             result = json.load(f)
     key = a.split
     result.update({key: rep["all"], f"{key}_warm": rep["warm"], f"{key}_cold": rep["cold"],
-                   "stage": cfg.stage, "llm": cfg.llm})
+                   "stage": cfg.stage, "llm": cfg.llm, f"{key}_dtype": dtype_name})
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(path + ".tmp", path)

@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 KEYS = ("train_samples_per_s", "eval_samples_per_s", "train_peak_share", "eval_peak_share", "padding_share",
-        "ref_padding_share", "speedup_train", "speedup_eval", "mem_ratio_train", "device", "dtype", "llm")
+        "ref_padding_share", "speedup_train", "speedup_eval", "mem_ratio_train", "device", "dtype", "cpu_capability", "cpu_bf16_units", "llm")
 
 
 def bench(*args):

