@@ -183,11 +183,18 @@ def yes_token_id(tokenizer):
     return ids[0]
 
 
-def add_lora(llm, r=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj")):
-    """Wrap the LLM with peft LoRA adapters (the paper's r=8, alpha=16 on q and v projections).
-    peft keeps adapter weights in fp32 even when the base model is bf16/fp16."""
+def add_lora(llm, r=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"), top_layers=0):
+    """Wrap the LLM with peft LoRA adapters (the paper's r=8, alpha=16 on q and v projections of
+    every layer). peft keeps adapter weights in fp32 even when the base model is bf16/fp16.
+
+    top_layers=k > 0 puts adapters in the top k decoder layers only. Nothing below them is then
+    trained, so autograd never runs the backward through the lower layers: they cost a forward
+    pass only (2N per token instead of 4N)."""
     from peft import LoraConfig, get_peft_model
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
+    n = llm.config.num_hidden_layers
+    layers = list(range(n - top_layers, n)) if 0 < top_layers < n else None  # None = every layer
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
+                     layers_to_transform=layers)
     try:
         return get_peft_model(llm, cfg)
     except ValueError as e:
@@ -213,6 +220,9 @@ class CoLLM(nn.Module):
         self.yes_id = yes_id
         self.rec = rec
         self.tune_rec = tune_rec
+        # A constant added to every score: 0 (the paper's score) unless train.py --calibrate sets it.
+        # A shift changes no ranking, so AUC ignores it; it only moves where the loss starts.
+        self.register_buffer("score_bias", torch.zeros(()))
         if rec is not None:
             H = llm.get_input_embeddings().weight.shape[1]
             self.proj = nn.Sequential(nn.Linear(rec.dim, 10 * rec.dim), nn.ReLU(), nn.Linear(10 * rec.dim, H))
@@ -246,4 +256,4 @@ class CoLLM(nn.Module):
         score = h_last @ head.weight[self.yes_id].float()   # (B,) one row of the LM head, not the vocabulary
         if getattr(head, "bias", None) is not None:
             score = score + head.bias[self.yes_id].float()
-        return score
+        return score + self.score_bias

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import collab
 import collm
 import data
+import eval as metrics  # our eval.py
 import train
 from conftest import ROOT, shared_tokenizer
 
@@ -120,6 +121,35 @@ def test_slots_carry_the_projected_collaborative_embeddings(toy_root, lora_run, 
         model.user_table[batch["uid"][0]] += 1.0
         after = model(**batch)
     assert after[0] != before[0] and after[1] == before[1]
+
+
+def test_lora_in_the_top_layers_only_trains_nothing_below_them(toy_root):
+    ds = data.load_dataset("toy", toy_root)
+    model, tok = train.build_model(cfg_for(toy_root, stage="lora", lora_layers=1), ds, None)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trained) == 4 and all(".layers.1." in n for n in trained), trained  # q and v, A and B, layer 1 of 2
+    batch = one_batch(ds, tok, "text", n=4)
+    seen = []  # which decoder layers the backward pass runs through
+    for i, layer in enumerate(model.llm.get_base_model().get_decoder().layers):
+        layer.register_full_backward_hook(lambda m, gi, go, i=i: seen.append(i))
+    F.binary_cross_entropy_with_logits(model(**batch), batch["label"]).backward()
+    assert seen == [1]  # layer 0 ran forward only
+
+
+def test_calibrate_shifts_the_scores_to_the_positive_rate_and_is_kept(toy_root):
+    ds = data.load_dataset("toy", toy_root)
+    cfg = cfg_for(toy_root, stage="lora")
+    model, tok = train.build_model(cfg, ds, None)
+    enc, split = train.encode(cfg, ds, tok, "train", model), ds.splits["train"]
+    pad, rows = data.SegmentTokenizer(tok).pad_id, np.arange(len(split))
+    before = metrics.score_rows(model, enc, split, rows, 8, pad, torch.device("cpu"))
+    shift = train.calibrate(model, enc, split, 8, pad, torch.device("cpu"), None, seed=0, n=len(split))
+    after = metrics.score_rows(model, enc, split, rows, 8, pad, torch.device("cpu"))
+    rate = split.label.mean()
+    assert after.mean() == pytest.approx(np.log(rate / (1 - rate)), abs=1e-4)
+    np.testing.assert_allclose(after - before, shift, atol=1e-5)  # one constant for every row: AUC unchanged
+    rebuilt, _ = train.build_model(cfg, ds, None, state=train.model_tensors(model))  # as resume and eval.py do
+    assert float(rebuilt.score_bias) == pytest.approx(shift)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
