@@ -72,31 +72,32 @@ def metrics_block(valid_report, test_report):
 def score_rows(model, enc, split, rows, batch_size, pad_id, device, dtype=None, rank=0, world=1):
     """-> (len(rows),) float64 scores of `model` (a CoLLM, unwrapped from DDP) for `rows` of a split.
 
-    Rank r scores rows[r::world] (no DistributedSampler: it pads shards by repeating rows, which
-    would count some rows twice) and the shards are gathered on every rank. Batches go longest
-    first in length order, so padding is minimal; scores are put back in row order."""
+    The rows are cut into batches that keep one user's rows with the same history together (the
+    model then computes their shared prompt prefix once), longest first; rank r scores batches
+    r, r + world, ... (no DistributedSampler: it pads shards by repeating rows, which would count
+    some rows twice), and every rank gathers every score. Scores come back in row order."""
     import torch
-    mine = np.asarray(rows)[rank::world]
-    scores = np.empty(len(mine))
+    rows = np.asarray(rows)
+    groups = data.prefix_groups(enc, rows) if getattr(model, "prefix_cache", False) else None
+    mine = data.eval_batches(enc.lengths[rows], batch_size, enc.shared[rows], groups)[rank::world]
+    scores = np.full(len(rows), np.nan)
     was_training = model.training
     model.eval()  # dropout off
     amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
     with torch.no_grad(), amp:
-        batches = data.eval_batches(enc.lengths[mine], batch_size)
         # a bar on rank 0 only; leave=False: it disappears when done, the caller prints the result
-        for b in tqdm(batches, desc=f"scoring {len(rows):,} rows", disable=rank != 0, leave=False):
-            batch = data.collate(enc, split, mine[b], pad_id)
+        for b in tqdm(mine, desc=f"scoring {len(rows):,} rows", disable=rank != 0, leave=False):
+            batch = data.collate(enc, split, rows[b], pad_id)
             scores[b] = model(**{k: v.to(device) for k, v in batch.items()}).float().cpu().numpy()
     model.train(was_training)
-    if world == 1:
-        return scores
-    import torch.distributed as dist
-    shards = [None] * world
-    dist.all_gather_object(shards, scores)
-    full = np.empty(len(rows))
-    for r, shard in enumerate(shards):
-        full[r::world] = shard
-    return full
+    if world > 1:
+        import torch.distributed as dist
+        done = np.concatenate(mine) if mine else np.zeros(0, np.int64)
+        shards = [None] * world
+        dist.all_gather_object(shards, (done, scores[done]))
+        for done, values in shards:
+            scores[done] = values
+    return scores
 
 
 # ---------------------------------------------------------------------------------------------

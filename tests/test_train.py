@@ -222,6 +222,60 @@ def test_compiled_decoder_scores_and_gradients_equal_eager(toy_root):
 
 
 # ---------------------------------------------------------------------------------------------
+# Shared prefixes: computed once, with the same numbers as one call over the whole prompt
+
+
+@pytest.mark.parametrize("stage", ["lora", "cie"])
+def test_scoring_with_shared_prefixes_equals_one_call(toy_root, lora_run, mf_ckpt, stage):
+    ds = data.load_dataset("toy", toy_root)
+    extra = dict(ckpt=str(lora_run[0] / "best.pt"), rec_ckpt=mf_ckpt) if stage == "cie" else {}
+    cfg = cfg_for(toy_root, stage=stage, **extra)
+    model, tok = train.build_model(cfg, ds, None)
+    enc, split = train.encode(cfg, ds, tok, "test", model), ds.splits["test"]
+    rows, pad = np.arange(len(split)), data.SegmentTokenizer(tok).pad_id
+    groups = data.prefix_groups(enc, rows)
+    assert len(set(groups)) < len(rows) - 10  # the toy test split has rows that share a prefix
+    for g in set(groups):  # a group is one history (in stage 1 also of several users: the text is the same)
+        assert len({tuple(split.history(r)[-data.MAX_TITLES:]) for r in rows[groups == g]}) == 1
+    shared = metrics.score_rows(model, enc, split, rows, 8, pad, torch.device("cpu"))
+    model.prefix_cache = False
+    whole = metrics.score_rows(model, enc, split, rows, 8, pad, torch.device("cpu"))
+    np.testing.assert_allclose(shared, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_stage2_runs_the_prefix_without_gradients_and_gets_the_same_gradients(toy_root, lora_run, mf_ckpt):
+    ds = data.load_dataset("toy", toy_root)
+    cfg = cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"), rec_ckpt=mf_ckpt)
+    model, tok = train.build_model(cfg, ds, None)
+    model.eval()  # LoRA dropout off (its draws would differ between the two paths); gradients still flow
+    for rows in ([0, 5, 9, 13], [20, 21, 40, 77], [3, 60, 61, 100]):
+        batch = one_batch(ds, tok, "collm", rows=rows)
+        assert len(set(batch["slots"][:, 0].tolist())) > 1  # rows whose slots sit at different positions
+        results = []
+        for cached in (True, False):
+            model.prefix_cache = cached
+            model.zero_grad()
+            score = model(**batch)
+            F.binary_cross_entropy_with_logits(score, batch["label"]).backward()
+            results.append((score.detach(), [p.grad.clone() for p in model.proj.parameters()]))
+        assert model.prefix_split(batch["slots"], batch["shared"]) == 0  # prefix_cache is off now
+        model.prefix_cache = True
+        assert model.prefix_split(batch["slots"], batch["shared"]) == int(batch["slots"][:, 0].min())
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(results[0][1], results[1][1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_stage1_training_runs_the_whole_prompt_in_one_call(toy_root):
+    ds = data.load_dataset("toy", toy_root)
+    model, tok = train.build_model(cfg_for(toy_root, stage="lora"), ds, None)
+    batch = one_batch(ds, tok, "text", n=4)
+    assert model.prefix_split(batch["slots"], batch["shared"]) == 0  # LoRA trains in every position
+    with torch.no_grad():
+        assert model.prefix_split(batch["slots"], batch["shared"]) == int(batch["shared"].min()) > 0
+
+
+# ---------------------------------------------------------------------------------------------
 # The loop, through the real command line
 
 
