@@ -61,19 +61,19 @@ RATINGS = [
     (30, 2, 5, ts(2003, 1, 31)),                # 8  month 33: last test month
     (30, 608, 5, ts(2003, 2, 1)),               # 9  month 34: dropped
     (12, 6, 5, ts(2002, 12, 1)),                # 10 a user with test rows only
-    (4, 47, 5, ts(2001, 10, 10)),               # 11 two rows in the same second: file order kept
-    (4, 2, 4, ts(2001, 10, 10)),                # 12
+    (4, 47, 5, ts(2001, 10, 10)),               # 11 two rows in the same second come out in the order of
+    (4, 2, 4, ts(2001, 10, 10)),                # 12 their movies' first lines (2: row 3, 47: row 6): 12, 11
     (4, 1, 3, ts(2002, 5, 5)),                  # 13 this movie is never rated in train -> cold
     (4, 608, 4, ts(2002, 6, 6)),                # 14
     (4, 6, 4, ts(2002, 10, 5)),                 # 15
 ]
 USER_ID = {4: 1, 12: 2, 30: 3}  # ascending raw id; user 9 only has dropped rows and gets none
-ITEM_ID = {47: 1, 2: 2, 1: 3, 608: 4, 6: 5, 2324: 6}  # first appearance in the (user, time) listing
+ITEM_ID = {2: 1, 47: 2, 1: 3, 608: 4, 6: 5, 2324: 6}  # first appearance in the (user, time) listing
 # per split, in listing order: (RATINGS row, label, history item ids, not_cold)
 EXPECTED = {
-    "train": [(11, 1, [], 1), (12, 1, [1], 1), (2, 1, [], 1), (3, 0, [5], 1), (4, 0, [5], 1)],
+    "train": [(12, 1, [], 1), (11, 1, [1], 1), (2, 1, [], 1), (3, 0, [5], 1), (4, 0, [5], 1)],
     "valid": [(13, 0, [1, 2], 0), (14, 1, [1, 2], 1), (5, 1, [5], 0), (6, 1, [5, 6], 1)],
-    "test": [(15, 1, [1, 2, 4], 1), (10, 1, [], 0), (7, 0, [5, 6, 1], 0), (8, 1, [5, 6, 1], 1)],
+    "test": [(15, 1, [1, 2, 4], 1), (10, 1, [], 0), (7, 0, [5, 6, 2], 0), (8, 1, [5, 6, 2], 1)],
 }
 TITLE = {ITEM_ID[m]: MOVIES[m] for m in ITEM_ID}
 
@@ -119,20 +119,21 @@ def test_build_ml1m_split_follows_the_authors_rules(tmp_path, monkeypatch):
 def test_load_dataset_builds_from_raw_files_then_loads(tmp_path):
     write_raw(tmp_path / "ml-1m")
     d = data.load_dataset("ml-1m", tmp_path)
-    for s in data.SPLITS:
-        assert (tmp_path / "ml-1m" / f"{s}_ood2.pkl").exists()
+    assert sorted(os.listdir(tmp_path / "ml-1m")) == ["movies.dat", "ratings.dat"]  # nothing written beside them
+    assert "build_ml1m_split" in d.source and data.cache_dir() in d.source
     assert (d.name, d.domain, d.user_num, d.item_num) == ("ml-1m", "movie", 4, 7)
     assert d.titles == [""] + [TITLE[i] for i in range(1, 7)]
     test = d.splits["test"]
-    assert test.uid.tolist() == [1, 2, 3, 3] and test.iid.tolist() == [5, 5, 3, 2]
+    assert test.uid.tolist() == [1, 2, 3, 3] and test.iid.tolist() == [5, 5, 3, 1]
     assert test.label.dtype == np.float32 and test.label.tolist() == [1, 1, 0, 1]
-    assert [test.history(r).tolist() for r in range(4)] == [[1, 2, 4], [], [5, 6, 1], [5, 6, 1]]
+    assert [test.history(r).tolist() for r in range(4)] == [[1, 2, 4], [], [5, 6, 2], [5, 6, 2]]
     assert test.not_cold.tolist() == [True, False, False, True]
     assert not test.warm.any()  # warm needs more than 3 train rows; user 3 has exactly 3
 
 
 def test_no_raw_files_and_no_network_says_where_to_put_what(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "GROUPLENS_URL", "http://127.0.0.1:9/x.zip")  # nothing listens on port 9
+    monkeypatch.setattr(data, "AUTHORS_ZIP_URL", "http://127.0.0.1:9/y.zip")
     with pytest.raises(data.UsageError) as e:
         data.load_dataset("ml-1m", tmp_path)
     msg = str(e.value)
@@ -221,7 +222,7 @@ def test_released_split_sizes_and_shares(ml1m):
 
 def test_released_split_obeys_the_build_rules(real_root):
     """The authors' pickles are what build_ml1m_split's rules produce: histories, ids, months, sample."""
-    frames = {s: data._read_pickle(*src) for s, src in data._find_split_files("ml-1m", real_root).items()}
+    frames = {s: data._read_pickle(*src) for s, src in data._find_split_files("ml-1m", real_root)[0].items()}
     for split, (first, last) in (("train", ("2001-06", "2002-03")), ("valid", ("2002-04", "2002-08")),
                                  ("test", ("2002-09", "2003-01"))):
         months = pd.to_datetime(frames[split].timestamp, unit="s").dt.strftime("%Y-%m")
@@ -241,7 +242,8 @@ def test_released_split_obeys_the_build_rules(real_root):
 def test_stats_cli_prints_row_counts(real_root):
     res = run_cli("--data", "ml-1m", "--stats", root=real_root)
     assert res.returncode == 0, res.stderr
-    rows = {line.split()[0]: line.split()[1] for line in res.stdout.splitlines()[2:]}
+    rows = {line.split()[0]: line.split()[1] for line in res.stdout.splitlines()[2:6]}
+    assert res.stdout.splitlines()[6].startswith("source: the four pickles in ")
     assert rows == {"train": "33,891", "valid": "10,401", "test": "7,331", "valid_small": "5,200"}
 
 
