@@ -128,14 +128,16 @@ def test_hand_made_files_give_the_stated_split(tmp_path, monkeypatch):
 # Generated files at the real threshold, checked against the notebook's own pandas steps
 
 
-def write_generated(folder, n_lines, seed=0, users=None, books=None, text_len=40, meta_extra=0):
-    """Random raw files: 40% of reviews in 2017 on a small dense set of users and books (most pass
-    the >20 filter, some not), the rest in other years; metadata in shuffled order with some
-    duplicates. Written line by line, so n_lines can be millions."""
+def write_generated(folder, n_lines, seed=0, users=None, books=None, text_len=40, meta_extra=0, share_2017=0.4,
+                    uniform=False):
+    """Random raw files: `share_2017` of the reviews in 2017 on a dense set of users and books (zipf-
+    skewed, so some pass the >20 filter and some do not; or uniform, for a split the size of the
+    paper's), the rest in other years; metadata in shuffled order with some duplicates and
+    `meta_extra` books never reviewed. Written line by line, so n_lines can be millions."""
     rng = np.random.default_rng(seed)
     users = users or max(30, n_lines // 120)
     books = books or max(40, n_lines // 90)
-    text = "x" * text_len
+    texts = ["".join(rng.choice(list("abcdefghij klmnopqrst uvwxyz. "), text_len)) for _ in range(100)]
     asins = [f"{1000000000 + b:010d}" for b in range(books)]
     lo, hi = data.YEAR_2017
     chunk = 100_000
@@ -143,23 +145,25 @@ def write_generated(folder, n_lines, seed=0, users=None, books=None, text_len=40
     def reviews():
         for start in range(0, n_lines, chunk):
             n = min(chunk, n_lines - start)
-            in_2017 = rng.random(n) < 0.4
-            u = np.where(in_2017, rng.zipf(1.3, n) % users, rng.integers(0, 10 * users, n))
-            b = np.where(in_2017, rng.zipf(1.2, n) % books, rng.integers(0, books + 500, n))
+            in_2017 = rng.random(n) < share_2017
+            u_2017 = rng.integers(0, users, n) if uniform else rng.zipf(1.3, n) % users
+            b_2017 = rng.integers(0, books, n) if uniform else rng.zipf(1.2, n) % books
+            u = np.where(in_2017, u_2017, rng.integers(0, 10 * users, n))
+            b = np.where(in_2017, b_2017, rng.integers(0, books + 500, n))
             t = np.where(in_2017, rng.integers(lo, hi, n), rng.integers(ts(2010, 1, 1), ts(2018, 10, 1), n))
             month_start = t.astype("datetime64[s]").astype("datetime64[M]").astype("datetime64[s]").astype(np.int64)
             t = np.where(rng.random(n) < 0.2, month_start, t)  # same-second reviews: their order is the join's
-            stars = rng.integers(1, 6, n)
+            stars = rng.choice([1, 2, 3, 4, 5], n, p=[0.05, 0.05, 0.1, 0.17, 0.63])
             for k in range(n):
-                yield review_line(f"A{u[k]:012d}", f"{1000000000 + b[k]:010d}", stars[k], int(t[k]), text)
+                yield review_line(f"A{u[k]:012d}", f"{1000000000 + b[k]:010d}", stars[k], int(t[k]), texts[k % 100])
 
     def meta():
         order = rng.permutation(books + meta_extra)
         for k in order.tolist():
             asin = asins[k] if k < books else f"X{k:09d}"
             if rng.random() < 0.05:  # a duplicate line with another title: the later one counts
-                yield meta_line(asin, f"Old edition of {asin}", text)
-            yield meta_line(asin, f"The Book of {asin}", text)
+                yield meta_line(asin, f"Old edition of {asin}", texts[k % 100])
+            yield meta_line(asin, f"The Book of {asin}", texts[k % 100])
 
     write_gz(os.path.join(folder, "Books_5.json.gz"), reviews())
     write_gz(os.path.join(folder, "meta_Books.json.gz"), meta())
@@ -293,5 +297,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Write generated Amazon-Book raw files for the scale measurement.")
     p.add_argument("--scale", nargs=2, metavar=("FOLDER", "LINES"), required=True)
     a = p.parse_args()
-    write_generated(a.scale[0], int(a.scale[1]), seed=0, users=26_000, books=36_000, text_len=600,
-                    meta_extra=400_000)
+    # 30% of the lines in 2017 on 23,000 users and 34,000 books, uniformly: about 780k rows pass the
+    # >20 filter, the size of the paper's split; 300-character review texts (the real file averages
+    # about 370 bytes a line); 400,000 extra metadata lines.
+    write_generated(a.scale[0], int(a.scale[1]), seed=0, users=23_000, books=34_000, text_len=300,
+                    meta_extra=400_000, share_2017=0.3, uniform=True)
