@@ -280,7 +280,7 @@ def _cached_build(name, raw, build):
             os.rename(tmp, out)
         except OSError:  # another run finished the same build first: use its copy
             if not _pickles_in(out):
-                raise
+                raise UsageError(f"{out} exists but does not hold the four pickles; remove it and run again")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -375,7 +375,7 @@ def _download_amazon(folder, zpath, root):
 # after the rows are ordered and labelled, one pass writes histories, not_cold and the pickles.
 
 
-def _write_authors_split(uid, iid, label, ts, flag, title, out_dir, small_frac):
+def _write_authors_split(uid, iid, label, ts, flag, title, out_dir, small_frac, where):
     """Rows (final 1-based ids, label 0/1, unix time, flag -1/0/1 = train/valid/test), ALREADY in the
     listing order: the three splits concatenated and stably sorted by (user, time). `title[iid]` is
     an item's title. Each row's history is `[0]` + every earlier positive item of that user (across
@@ -402,7 +402,8 @@ def _write_authors_split(uid, iid, label, ts, flag, title, out_dir, small_frac):
     parts = {"train": df[df.flag == -1], "valid": df[df.flag == 0], "test": df[df.flag == 1]}
     empty = [s for s, p in parts.items() if len(p) == 0]
     if empty:
-        raise UsageError(f"the rules leave no {' and no '.join(empty)} rows: these are not the expected raw files")
+        raise UsageError(f"{where}: the authors' rules leave no {' and no '.join(empty)} rows; "
+                         f"these are not the expected raw files")
     parts["valid_small"] = parts["valid"].sample(frac=small_frac, random_state=2023)
     os.makedirs(out_dir, exist_ok=True)
     for s, part in parts.items():
@@ -480,7 +481,8 @@ def build_ml1m_split(raw_dir, out_dir):
         item_id.setdefault(x[1], len(item_id) + 1)
     title = {item_id[i]: titles[i] for i in item_id}
     _write_authors_split([user_id[x[0]] for x in kept], [item_id[x[1]] for x in kept], [int(x[2] >= 4) for x in kept],
-                         [x[3] for x in kept], [x[4] for x in kept], title, out_dir, small_frac=0.5)
+                         [x[3] for x in kept], [x[4] for x in kept], title, out_dir, small_frac=0.5,
+                         where=os.path.join(raw_dir, "ratings.dat"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,11 +587,12 @@ def build_amazon_book_split(raw_dir, out_dir):
     if len(rows) == 0:
         raise UsageError(f"{reviews_path}: no 2017 reviews by users and of books with more than "
                          f"{AMAZON_MIN_RATINGS} of them: these are not the Amazon Review Data 2018 Books files")
-    untitled = sorted({int(a) for a in asin[rows] if titles[a] == ""})
-    if untitled:
-        names = {c: a for a, c in asin_code.items() if c in set(untitled[:3])}
+    untitled = sorted({a for a in asin[rows].tolist() if titles[a] == ""})
+    if untitled:  # the notebook would write '' into the prompts; we stop and say which books
+        shown = set(untitled[:3])
+        names = sorted(a for a, c in asin_code.items() if c in shown)
         raise UsageError(f"{meta_path}: {len(untitled)} of the books kept have no title (asin "
-                         f"{', '.join(names[c] for c in untitled[:3])}); a prompt needs every title")
+                         f"{', '.join(names)}); a prompt needs every title")
     uid, iid = _first_appearance_ids(user[rows]), _first_appearance_ids(asin[rows])
     title = [""] * (int(iid.max()) + 1)
     for i, a in zip(iid.tolist(), asin[rows].tolist()):
@@ -605,7 +608,7 @@ def build_amazon_book_split(raw_dir, out_dir):
     listing = np.lexsort((t[order], uid[order]))  # stable: by user, then time
     order, flag = order[listing], flag[listing]
     _write_authors_split(uid[order].tolist(), iid[order].tolist(), label[order].tolist(), t[order].tolist(),
-                         flag.tolist(), title, out_dir, small_frac=0.25)
+                         flag.tolist(), title, out_dir, small_frac=0.25, where=reviews_path)
 
 
 # Datasets that can be built from raw files: (raw file names, builder, download when all are absent)

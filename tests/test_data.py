@@ -164,6 +164,11 @@ def test_no_rating_in_the_window_is_one_error_line(tmp_path):
     assert not (tmp_path / "out").exists()
     assert_cli_error(run_cli("--data", "ml-1m", "--data-root", tmp_path, "--stats"), "ratings.dat", "months 14-33")
     assert os.listdir(data.cache_dir()) == []  # the failed build left nothing in the cache
+    train_only = "".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in RATINGS[:5])
+    write_raw(tmp_path / "ml-1m", ratings_text=train_only)
+    with pytest.raises(data.UsageError, match=r"ratings\.dat: the authors' rules leave no valid and no test rows"):
+        data.load_dataset("ml-1m", tmp_path)
+    assert os.listdir(data.cache_dir()) == []
 
 
 def test_one_raw_file_missing_names_it_and_downloads_nothing(tmp_path, monkeypatch):
