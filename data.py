@@ -200,7 +200,9 @@ def _find_split_files(name, root):
     name = os.path.basename(os.path.normpath(folder))
     zpath = folder + ".zip"
     if found := _pickles_in(folder):
-        return found, f"the four pickles in {folder}"
+        raw = [f for f in RAW.get(name, ((),))[0] if os.path.exists(os.path.join(folder, f))]
+        # earlier versions built their pickles beside the raw files: say that those are not read
+        return found, f"the four pickles in {folder}" + (f" ({' + '.join(raw)} there unused)" if raw else "")
     if os.path.exists(zpath) and (found := _pickles_in_zip(zpath, name)):
         return found, f"the four pickles in {zpath}"
     if name not in RAW:

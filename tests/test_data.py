@@ -229,7 +229,7 @@ def _rebuilt(tmp_path):
     return {s: out / f"{s}_ood2.pkl" for s in data.SPLITS}
 
 
-def test_cache_follows_the_raw_files_and_a_read_only_folder_works(tmp_path):
+def test_cache_follows_the_raw_files_and_a_read_only_folder_works(tmp_path, monkeypatch):
     raw = write_raw(tmp_path / "ml-1m")
     first = data.load_dataset("ml-1m", tmp_path)
     assert data.load_dataset("ml-1m", tmp_path).source == first.source  # built once, then read
@@ -239,17 +239,18 @@ def test_cache_follows_the_raw_files_and_a_read_only_folder_works(tmp_path):
     second = data.load_dataset("ml-1m", tmp_path)
     assert second.source != first.source and len(second.splits["test"]) == len(first.splits["test"]) - 1
     assert len(os.listdir(data.cache_dir())) == 2
-    # a read-only data folder: nothing is written there
+    # a read-only data folder (as root, chmod does not stop writes: the listing below is the check)
     os.chmod(raw, 0o555)
     os.chmod(tmp_path, 0o555)
     try:
-        write_cache = os.path.join(data.cache_dir(), "elsewhere")
-        os.environ["COLLM_CACHE"] = write_cache  # the fixture restores it
+        monkeypatch.setenv("COLLM_CACHE", os.path.join(data.cache_dir(), "elsewhere"))
         assert len(data.load_dataset("ml-1m", tmp_path).splits["test"]) == len(second.splits["test"])
     finally:
         os.chmod(tmp_path, 0o755)
         os.chmod(raw, 0o755)
     assert sorted(os.listdir(raw)) == ["movies.dat", "ratings.dat"]
+    data.build_ml1m_split(raw, raw)  # pickles beside the raw files, as earlier versions left them: read, and said
+    assert data.load_dataset("ml-1m", tmp_path).source.endswith("(ratings.dat + movies.dat there unused)")
 
 
 def release_as_raw(frames, folder, seed=0):
