@@ -200,7 +200,18 @@ def notebook_split(folder):
     valid, test = rating_valid_test.iloc[:n_].copy(), rating_valid_test.iloc[n_:].copy()
     valid["flag"], test["flag"] = 0.0, 1.0
     data_ = pd.concat([rating_train, valid, test], axis=0, ignore_index=True).sort_values(by=["uid", "timestamp"])
-    return data_.reset_index(drop=True)
+    data_ = data_.reset_index(drop=True)
+    his_ = []
+    for _, x in data_.groupby("uid"):  # deal_with_each_u
+        his = [0]
+        for i, y in zip(x.iid, x.label):
+            his_.append(list(his))
+            if y > 0:
+                his.append(i)
+    data_["his"] = his_
+    train_user, train_item = set(data_.uid[data_.flag == -1]), set(data_.iid[data_.flag == -1])
+    data_["not_cold"] = [int(u in train_user and i in train_item) for u, i in zip(data_.uid, data_.iid)]
+    return data_
 
 
 def test_generated_files_match_the_notebooks_pandas_steps(tmp_path):
@@ -210,8 +221,9 @@ def test_generated_files_match_the_notebooks_pandas_steps(tmp_path):
     want = notebook_split(raw)
     assert len(got) == len(want) > 500 and (got.flag == 0).sum() > 20
     assert want.duplicated(["uid", "timestamp"]).sum() > 50  # enough same-second rows for the order to matter
-    for col in ("uid", "iid", "label", "timestamp", "title", "flag"):
+    for col in ("uid", "iid", "label", "timestamp", "title", "flag", "not_cold"):
         assert got[col].tolist() == want[col].astype(got[col].dtype).tolist(), col
+    assert got.his.tolist() == want.his.tolist()
 
 
 def test_stats_cli_on_generated_files(tmp_path):
