@@ -40,7 +40,7 @@ SPLITS = ("train", "valid", "test", "valid_small")
 COLUMNS = ("uid", "iid", "label", "his", "his_title", "title", "not_cold")
 PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 # Downloads, tried only when a dataset has neither pickles nor raw files (see _find_split_files)
-AUTHORS_ZIP_URL = "https://github.com/zyang1580/CoLLM/raw/main/collm-datasets/ml-1m.zip"  # the exact split
+AUTHORS_ZIP_URL = "https://github.com/zyang1580/CoLLM/raw/HEAD/collm-datasets/ml-1m.zip"  # the exact split
 GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-1m.zip"
 AMAZON_URLS = {  # Amazon Review Data 2018, "5-core" Books reviews and Books metadata
     "Books_5.json.gz": "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_v2/categoryFilesSmall/Books_5.json.gz",
