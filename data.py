@@ -182,15 +182,20 @@ def _pickles_in(folder):
 
 
 def _pickles_in_zip(zpath, name):
-    """The same for `<name>/<split>_ood2.pkl` inside a zip, read in place."""
+    """The same inside a zip, read in place: `<name>/<split>_ood2.pkl`, else the four pickles in the
+    zip's only folder that has them (people zip the book split as `book/`, or with no folder)."""
     try:
         zf = zipfile.ZipFile(zpath)
     except zipfile.BadZipFile:
         raise UsageError(f"{zpath}: not a zip file")
-    inner = {s: f"{name}/{s}_ood2.pkl" for s in SPLITS}
-    if all(p in zf.namelist() for p in inner.values()):
-        return {s: (lambda p=p: zf.open(p), f"{zpath}:{p}") for s, p in inner.items()}
-    return None
+    names = set(zf.namelist())
+    folders = [n[:-len("train_ood2.pkl")] for n in sorted(names) if n.endswith("train_ood2.pkl")]
+    folders = [f for f in folders if all(f"{f}{s}_ood2.pkl" in names for s in SPLITS)]
+    folder = f"{name}/" if f"{name}/" in folders else folders[0] if len(folders) == 1 else None
+    if folder is None:
+        return None
+    inner = {s: f"{folder}{s}_ood2.pkl" for s in SPLITS}
+    return {s: (lambda p=p: zf.open(p), f"{zpath}:{p}") for s, p in inner.items()}
 
 
 def _find_split_files(name, root):
@@ -228,8 +233,8 @@ def load_dataset(name="ml-1m", root=None):
     titles, splits = {}, {}
     for s, (opener, where) in sources.items():
         splits[s] = _frame_to_split(_read_pickle(opener, where), where, titles)
-    user_num = 1 + max(int(sp.uid.max()) for sp in splits.values())
-    item_num = 1 + max(int(sp.iid.max()) for sp in splits.values())
+    user_num = 1 + max((int(sp.uid.max()) for sp in splits.values() if len(sp)), default=0)
+    item_num = 1 + max((int(sp.iid.max()) for sp in splits.values() if len(sp)), default=0)
     for s, sp in splits.items():
         if len(sp.his_items) and sp.his_items.max() >= item_num:
             raise UsageError(f"{sources[s][1]}: history item id {sp.his_items.max()} is beyond the largest "

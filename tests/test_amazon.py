@@ -295,6 +295,18 @@ def test_bad_raw_file_from_the_cli_exits_2(tmp_path):
     assert "Books_5.json.gz" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_a_zip_of_the_pickles_is_read_in_place(tmp_path, monkeypatch):
+    import zipfile
+    monkeypatch.setattr(data, "AMAZON_MIN_RATINGS", 2)
+    data.build_amazon_book_split(write_hand_made(tmp_path / "raw"), tmp_path / "out")
+    with zipfile.ZipFile(tmp_path / "amazon-book.zip", "w") as zf:  # a folder named otherwise inside
+        for s in data.SPLITS:
+            zf.write(tmp_path / "out" / f"{s}_ood2.pkl", f"book/{s}_ood2.pkl")
+    d = data.load_dataset("amazon-book", tmp_path)
+    assert d.source == f"the four pickles in {tmp_path / 'amazon-book.zip'}" and d.domain == "book"
+    assert d.splits["test"].history(1).tolist() == [2, 2] and d.titles[1:] == ["Book One", "Book Two", "Book Three"]
+
+
 def test_no_files_and_no_network_says_what_to_put_where(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "AMAZON_URLS", {n: "http://127.0.0.1:9/" + n for n in data.AMAZON_URLS})
     with pytest.raises(data.UsageError) as e:
