@@ -398,14 +398,13 @@ def _write_authors_split(uid, iid, label, ts, flag, title, out_dir, small_frac, 
         if y == 1:
             his.append(i)
             his_title.append(title[i])
-    train = [f == -1 for f in flag]
-    warm_u = {u for u, t in zip(uid, train) if t}
-    warm_i = {i for i, t in zip(iid, train) if t}
+    train_users = {u for u, f in zip(uid, flag) if f == -1}
+    train_items = {i for i, f in zip(iid, flag) if f == -1}
     df = pd.DataFrame(dict(
         uid=np.asarray(uid, np.int64), iid=np.asarray(iid, np.int64), label=np.asarray(label, np.int64),
         timestamp=np.asarray(ts, np.int64), his=his_col, his_title=his_title_col, title=[title[i] for i in iid],
         flag=np.asarray(flag, np.float64),
-        not_cold=np.asarray([int(u in warm_u and i in warm_i) for u, i in zip(uid, iid)], np.int64)))
+        not_cold=np.asarray([int(u in train_users and i in train_items) for u, i in zip(uid, iid)], np.int64)))
     parts = {"train": df[df.flag == -1], "valid": df[df.flag == 0], "test": df[df.flag == 1]}
     empty = [s for s, p in parts.items() if len(p) == 0]
     if empty:
