@@ -16,6 +16,14 @@ def _real_root():
     return root if ok else None
 
 
+@pytest.fixture(autouse=True)
+def build_cache(tmp_path_factory, monkeypatch):
+    """Splits built from raw files go to a fresh cache per test, never to ~/.cache/collm."""
+    path = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("COLLM_CACHE", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def real_root():
     root = _real_root()

@@ -3,10 +3,12 @@ tokenisation, batching, and the one-line errors for bad input.
 
 Everything runs offline on CPU. Tests that need the released split or the real tokenizers skip
 when ../shared does not have them (see conftest.py)."""
+import io
 import os
 import subprocess
 import sys
 import time
+import zipfile
 from datetime import datetime, timezone
 
 import numpy as np
@@ -61,19 +63,19 @@ RATINGS = [
     (30, 2, 5, ts(2003, 1, 31)),                # 8  month 33: last test month
     (30, 608, 5, ts(2003, 2, 1)),               # 9  month 34: dropped
     (12, 6, 5, ts(2002, 12, 1)),                # 10 a user with test rows only
-    (4, 47, 5, ts(2001, 10, 10)),               # 11 two rows in the same second: file order kept
-    (4, 2, 4, ts(2001, 10, 10)),                # 12
+    (4, 47, 5, ts(2001, 10, 10)),               # 11 two rows in the same second come out in the order of
+    (4, 2, 4, ts(2001, 10, 10)),                # 12 their movies' first lines (2: row 3, 47: row 6): 12, 11
     (4, 1, 3, ts(2002, 5, 5)),                  # 13 this movie is never rated in train -> cold
     (4, 608, 4, ts(2002, 6, 6)),                # 14
     (4, 6, 4, ts(2002, 10, 5)),                 # 15
 ]
 USER_ID = {4: 1, 12: 2, 30: 3}  # ascending raw id; user 9 only has dropped rows and gets none
-ITEM_ID = {47: 1, 2: 2, 1: 3, 608: 4, 6: 5, 2324: 6}  # first appearance in the (user, time) listing
+ITEM_ID = {2: 1, 47: 2, 1: 3, 608: 4, 6: 5, 2324: 6}  # first appearance in the (user, time) listing
 # per split, in listing order: (RATINGS row, label, history item ids, not_cold)
 EXPECTED = {
-    "train": [(11, 1, [], 1), (12, 1, [1], 1), (2, 1, [], 1), (3, 0, [5], 1), (4, 0, [5], 1)],
+    "train": [(12, 1, [], 1), (11, 1, [1], 1), (2, 1, [], 1), (3, 0, [5], 1), (4, 0, [5], 1)],
     "valid": [(13, 0, [1, 2], 0), (14, 1, [1, 2], 1), (5, 1, [5], 0), (6, 1, [5, 6], 1)],
-    "test": [(15, 1, [1, 2, 4], 1), (10, 1, [], 0), (7, 0, [5, 6, 1], 0), (8, 1, [5, 6, 1], 1)],
+    "test": [(15, 1, [1, 2, 4], 1), (10, 1, [], 0), (7, 0, [5, 6, 2], 0), (8, 1, [5, 6, 2], 1)],
 }
 TITLE = {ITEM_ID[m]: MOVIES[m] for m in ITEM_ID}
 
@@ -119,20 +121,21 @@ def test_build_ml1m_split_follows_the_authors_rules(tmp_path, monkeypatch):
 def test_load_dataset_builds_from_raw_files_then_loads(tmp_path):
     write_raw(tmp_path / "ml-1m")
     d = data.load_dataset("ml-1m", tmp_path)
-    for s in data.SPLITS:
-        assert (tmp_path / "ml-1m" / f"{s}_ood2.pkl").exists()
+    assert sorted(os.listdir(tmp_path / "ml-1m")) == ["movies.dat", "ratings.dat"]  # nothing written beside them
+    assert "build_ml1m_split" in d.source and data.cache_dir() in d.source
     assert (d.name, d.domain, d.user_num, d.item_num) == ("ml-1m", "movie", 4, 7)
     assert d.titles == [""] + [TITLE[i] for i in range(1, 7)]
     test = d.splits["test"]
-    assert test.uid.tolist() == [1, 2, 3, 3] and test.iid.tolist() == [5, 5, 3, 2]
+    assert test.uid.tolist() == [1, 2, 3, 3] and test.iid.tolist() == [5, 5, 3, 1]
     assert test.label.dtype == np.float32 and test.label.tolist() == [1, 1, 0, 1]
-    assert [test.history(r).tolist() for r in range(4)] == [[1, 2, 4], [], [5, 6, 1], [5, 6, 1]]
+    assert [test.history(r).tolist() for r in range(4)] == [[1, 2, 4], [], [5, 6, 2], [5, 6, 2]]
     assert test.not_cold.tolist() == [True, False, False, True]
     assert not test.warm.any()  # warm needs more than 3 train rows; user 3 has exactly 3
 
 
 def test_no_raw_files_and_no_network_says_where_to_put_what(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "GROUPLENS_URL", "http://127.0.0.1:9/x.zip")  # nothing listens on port 9
+    monkeypatch.setattr(data, "AUTHORS_ZIP_URL", "http://127.0.0.1:9/y.zip")
     with pytest.raises(data.UsageError) as e:
         data.load_dataset("ml-1m", tmp_path)
     msg = str(e.value)
@@ -151,6 +154,170 @@ def test_malformed_ratings_line_names_the_file_and_line(tmp_path):
         data.build_ml1m_split(tmp_path / "b", tmp_path / "b")
     write_raw(tmp_path / "ml-1m", ratings_text=good + "1::6::5\n")
     assert_cli_error(run_cli("--data", "ml-1m", "--data-root", tmp_path, "--stats"), "ratings.dat: line 2")
+
+
+def test_no_rating_in_the_window_is_one_error_line(tmp_path):
+    early = "".join(f"1::{i}::5::{ts(2000, 4, 20 + i)}\n" for i in (1, 2))  # months 0 only: nothing to keep
+    write_raw(tmp_path / "ml-1m", ratings_text=early)
+    with pytest.raises(data.UsageError, match=r"ratings\.dat: no rating falls in months 14-33 .*\(2000-04\)"):
+        data.build_ml1m_split(tmp_path / "ml-1m", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert_cli_error(run_cli("--data", "ml-1m", "--data-root", tmp_path, "--stats"), "ratings.dat", "months 14-33")
+    assert os.listdir(data.cache_dir()) == []  # the failed build left nothing in the cache
+    train_only = "".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in RATINGS[:5])
+    write_raw(tmp_path / "ml-1m", ratings_text=train_only)
+    with pytest.raises(data.UsageError, match=r"ratings\.dat: the authors' rules leave no valid and no test rows"):
+        data.load_dataset("ml-1m", tmp_path)
+    assert os.listdir(data.cache_dir()) == []
+
+
+def test_one_raw_file_missing_names_it_and_downloads_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_fetch", lambda *a: pytest.fail("no download when the user's folder has files"))
+    write_raw(tmp_path / "ml-1m")
+    os.remove(tmp_path / "ml-1m" / "movies.dat")
+    with pytest.raises(data.UsageError, match=r"holds ratings\.dat but no movies\.dat; put movies\.dat there too"):
+        data.load_dataset("ml-1m", tmp_path)
+    assert os.listdir(tmp_path / "ml-1m") == ["ratings.dat"]
+
+
+def test_downloads_try_the_authors_zip_first_and_never_overwrite(tmp_path, monkeypatch):
+    fetched = []
+
+    def fake_fetch(url, f, desc):  # the authors' zip is unreachable; GroupLens serves its zip
+        fetched.append(url)
+        if url == data.AUTHORS_ZIP_URL:
+            raise OSError("unreachable")
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for n in ("ratings.dat", "movies.dat"):
+                zf.writestr(f"ml-1m/{n}", (write_raw(tmp_path / "src") / n).read_bytes())
+        f.write(buf.getvalue())
+    monkeypatch.setattr(data, "_fetch", fake_fetch)
+    d = data.load_dataset("ml-1m", tmp_path / "root")
+    assert fetched == [data.AUTHORS_ZIP_URL, data.GROUPLENS_URL]
+    assert sorted(os.listdir(tmp_path / "root")) == ["ml-1m"]  # no zip, no temporary file left behind
+    assert len(d.splits["test"]) == 4 and "build_ml1m_split" in d.source
+
+    # when the authors' zip comes, it is the split, read in place; a file already at the target stays
+    (tmp_path / "rel" / "ml-1m").mkdir(parents=True)
+    frames = {s: pd.read_pickle(p) for s, p in _rebuilt(tmp_path).items()}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for s, df in frames.items():
+            zf.writestr(f"ml-1m/{s}_ood2.pkl", _pickle_bytes(df))
+    monkeypatch.setattr(data, "_fetch", lambda url, f, desc: f.write(buf.getvalue()))
+    d = data.load_dataset("ml-1m", tmp_path / "rel")
+    assert d.source.startswith("the four pickles in " + str(tmp_path / "rel" / "ml-1m.zip")) and "downloaded" in d.source
+    target = tmp_path / "busy.zip"
+    target.write_bytes(b"the user's own file")
+    with pytest.raises(FileExistsError):
+        data._download(data.AUTHORS_ZIP_URL, str(target))
+    assert target.read_bytes() == b"the user's own file" and os.listdir(tmp_path).count("busy.zip") == 1
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".download-")]
+
+
+def _pickle_bytes(df):
+    buf = io.BytesIO()
+    df.to_pickle(buf)
+    return buf.getvalue()
+
+
+def _rebuilt(tmp_path):
+    out = tmp_path / "built"
+    if not out.exists():
+        data.build_ml1m_split(write_raw(tmp_path / "src"), out)
+    return {s: out / f"{s}_ood2.pkl" for s in data.SPLITS}
+
+
+def test_cache_follows_the_raw_files_and_a_read_only_folder_works(tmp_path, monkeypatch):
+    raw = write_raw(tmp_path / "ml-1m")
+    first = data.load_dataset("ml-1m", tmp_path)
+    assert data.load_dataset("ml-1m", tmp_path).source == first.source  # built once, then read
+    # change ratings.dat: drop the last row (user 4's test row); the cache key changes, the split follows
+    text = "".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in RATINGS[:-1])
+    write_raw(raw, ratings_text=text)
+    second = data.load_dataset("ml-1m", tmp_path)
+    assert second.source != first.source and len(second.splits["test"]) == len(first.splits["test"]) - 1
+    assert len(os.listdir(data.cache_dir())) == 2
+    # a read-only data folder (as root, chmod does not stop writes: the listing below is the check)
+    os.chmod(raw, 0o555)
+    os.chmod(tmp_path, 0o555)
+    try:
+        monkeypatch.setenv("COLLM_CACHE", os.path.join(data.cache_dir(), "elsewhere"))
+        assert len(data.load_dataset("ml-1m", tmp_path).splits["test"]) == len(second.splits["test"])
+    finally:
+        os.chmod(tmp_path, 0o755)
+        os.chmod(raw, 0o755)
+    assert sorted(os.listdir(raw)) == ["movies.dat", "ratings.dat"]
+    data.build_ml1m_split(raw, raw)  # pickles beside the raw files, as earlier versions left them: read, and said
+    assert data.load_dataset("ml-1m", tmp_path).source.endswith("(ratings.dat + movies.dat there unused)")
+
+
+def release_as_raw(frames, folder, seed=0):
+    """GroupLens-format ratings.dat + movies.dat from which the authors' rules give back the release.
+
+    The release fixes everything but what its rows do not show: raw ids (users get any increasing
+    raw id, movies a shuffled one), star counts (4-5 for a positive, 1-3 for a negative), ratings
+    outside the 14-33 month window (none, apart from one April-2000 line that sets month 0) and the
+    order of lines. The only constraint on the order: rows of one user in one second come out in
+    the order of their movies' first lines, so movies must first appear in an order consistent with
+    every such group of the release (a topological order, ties broken at random); every other line
+    goes anywhere after its movie's first line."""
+    import heapq
+    rng = np.random.default_rng(seed)
+    listing = pd.concat([frames[s] for s in ("train", "valid", "test")]).sort_index()
+    assert (listing.index == np.arange(len(listing))).all()  # the release's index is the listing position
+    movies = np.unique(listing.iid)
+    raw_movie = dict(zip(movies.tolist(), (rng.permutation(len(movies)) + 100).tolist()))
+    after, blockers = {}, {i: 0 for i in movies.tolist()}
+    for items in listing.groupby(["uid", "timestamp"], sort=False).iid.agg(list):
+        for a, b in zip(items, items[1:]):
+            if b not in after.setdefault(a, set()):
+                after[a].add(b)
+                blockers[b] += 1
+    ready = [(rng.random(), i) for i, n in blockers.items() if n == 0]
+    heapq.heapify(ready)
+    rank = {}
+    while ready:
+        _, a = heapq.heappop(ready)
+        rank[a] = len(rank)
+        for b in after.get(a, ()):
+            blockers[b] -= 1
+            if blockers[b] == 0:
+                heapq.heappush(ready, (rng.random(), b))
+    assert len(rank) == len(movies), "the release's same-second rows admit no single movie order"
+    stars = np.where(listing.label == 1, rng.integers(4, 6, len(listing)), rng.integers(1, 4, len(listing)))
+    lines = [f"{u * 7 + 3}::{raw_movie[i]}::{r}::{t}\n" for u, i, r, t in
+             zip(listing.uid.tolist(), listing.iid.tolist(), stars.tolist(), listing.timestamp.tolist())]
+    # each movie's first line at its rank; every other line at a random place after it
+    first = {}
+    for k in rng.permutation(len(lines)).tolist():
+        first.setdefault(listing.iid.iat[k], k)
+    key = [rank[i] + (0 if first[i] == k else rng.uniform(0.001, len(movies) - rank[i]))
+           for k, i in enumerate(listing.iid.tolist())]
+    order = np.argsort(key, kind="stable")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "ratings.dat"), "wb") as f:
+        f.write("".join(lines[k] for k in order).encode("latin-1"))
+        f.write(f"999999::{raw_movie[movies[0]]}::3::{ts(2000, 4, 25)}\n".encode("latin-1"))  # month 0
+        f.write(f"999999::7::3::{ts(2002, 1, 1)}\n".encode("latin-1"))  # a movie not in movies.dat
+    titles = dict(zip(listing.iid.tolist(), listing.title.tolist()))
+    with open(os.path.join(folder, "movies.dat"), "wb") as f:
+        f.write("".join(f"{raw_movie[i]}::{titles[i]}::Drama\n" for i in rng.permutation(movies).tolist()).encode("latin-1"))
+    return folder
+
+
+def test_raw_files_made_from_the_release_rebuild_it_row_for_row(real_root, tmp_path):
+    release = {s: data._read_pickle(*src) for s, src in data._find_split_files("ml-1m", real_root)[0].items()}
+    data.build_ml1m_split(release_as_raw(release, tmp_path / "raw"), tmp_path / "out")
+    for s in data.SPLITS:
+        got, want = pd.read_pickle(tmp_path / "out" / f"{s}_ood2.pkl"), release[s]
+        assert list(got.columns) == list(want.columns) and len(got) == len(want), s
+        assert (got.index == want.index).all(), s  # valid_small: the same rows of valid
+        for col in ("uid", "iid", "label", "timestamp", "title", "flag", "not_cold"):
+            assert got[col].tolist() == want[col].tolist(), (s, col)
+        for col in ("his", "his_title"):
+            assert [list(h) for h in got[col]] == [list(h) for h in want[col]], (s, col)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +388,7 @@ def test_released_split_sizes_and_shares(ml1m):
 
 def test_released_split_obeys_the_build_rules(real_root):
     """The authors' pickles are what build_ml1m_split's rules produce: histories, ids, months, sample."""
-    frames = {s: data._read_pickle(*src) for s, src in data._find_split_files("ml-1m", real_root).items()}
+    frames = {s: data._read_pickle(*src) for s, src in data._find_split_files("ml-1m", real_root)[0].items()}
     for split, (first, last) in (("train", ("2001-06", "2002-03")), ("valid", ("2002-04", "2002-08")),
                                  ("test", ("2002-09", "2003-01"))):
         months = pd.to_datetime(frames[split].timestamp, unit="s").dt.strftime("%Y-%m")
@@ -241,7 +408,8 @@ def test_released_split_obeys_the_build_rules(real_root):
 def test_stats_cli_prints_row_counts(real_root):
     res = run_cli("--data", "ml-1m", "--stats", root=real_root)
     assert res.returncode == 0, res.stderr
-    rows = {line.split()[0]: line.split()[1] for line in res.stdout.splitlines()[2:]}
+    rows = {line.split()[0]: line.split()[1] for line in res.stdout.splitlines()[2:6]}
+    assert res.stdout.splitlines()[6].startswith("source: the four pickles in ")
     assert rows == {"train": "33,891", "valid": "10,401", "test": "7,331", "valid_small": "5,200"}
 
 
