@@ -50,7 +50,7 @@ import eval as metrics  # our eval.py (named so that it does not shadow the buil
 import train
 from data import UsageError
 
-CHILDREN = ("baseline", "ours-train", "ours-eval", "ref-train", "ref-eval")
+CHILDREN = ("baseline", "ours-train", "whole-train", "ours-eval", "whole-eval", "ref-train", "ref-eval")
 FIXED_LEN = 190  # tokens per row of the fixed-shape baseline: the mean ML-1M prompt in LLaMA tokens
 
 
@@ -72,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch-size", type=int, default=0,
                    help="scoring rows per batch (0 = twice --batch-size, as train.py scores)")
     p.add_argument("--steps", type=int, default=5, help="timed batches per pass (default 5)")
+    p.add_argument("--eval-rows", type=int, default=256,
+                   help="scoring paths score the first N test rows in split order (default 256)")
     p.add_argument("--warmup", type=int, default=1, help="untimed batches first (kernel choice, page faults; default 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes; the fastest counts (default 3)")
     p.add_argument("--matmul-size", type=int, default=4096, help="n of the n x n x n peak matmul (default 4096)")
@@ -86,7 +88,8 @@ def parse_args(argv=None):
                         "parent runs in each child process; useful alone to profile one path)")
     a = p.parse_args(argv)
     problems = [f"--{k.replace('_', '-')} must be >= 1 (got {v})" for k, v in
-                dict(batch_size=a.batch_size, steps=a.steps, repeats=a.repeats, matmul_size=a.matmul_size).items()
+                dict(batch_size=a.batch_size, steps=a.steps, repeats=a.repeats, matmul_size=a.matmul_size,
+                     eval_rows=a.eval_rows).items()
                 if v < 1]
     problems += [f"--{k.replace('_', '-')} must be >= 0 (got {v})" for k, v in
                  dict(eval_batch_size=a.eval_batch_size, warmup=a.warmup).items() if v < 0]
@@ -274,8 +277,11 @@ def pick(batches, k, rng):
 # Our path: prompts tokenised once (data.encode_split), length-bucketed batches, one LM-head row
 
 
-def ours_train(a, ds, device, dtype):
+def ours_train(a, ds, device, dtype, prefix_cache=True):
+    """prefix_cache=False: the same steps with the whole prompt in one decoder call ("whole-train";
+    stage 2 only, as stage 1 always runs in one call)."""
     model, tok, cfg = build(a, ds, dtype, device, with_rec=a.stage == "cie")
+    model.prefix_cache = prefix_cache
     enc = train.encode(cfg, ds, tok, "train", model)
     split, pad = ds.splits["train"], data.SegmentTokenizer(tok).pad_id
     epoch = data.train_batches(enc.lengths, a.batch_size, np.random.default_rng(a.seed), bucket=True)
@@ -298,20 +304,26 @@ def ours_train(a, ds, device, dtype):
                 ref_padding_epoch=share(random_epoch), mean_len=float(enc.lengths.mean()))
 
 
-def ours_eval(a, ds, device, dtype):
-    """eval.score_rows itself, on --steps batches drawn from valid_small's longest-first order."""
+def eval_rows(a, ds):
+    """The rows every scoring path scores: the first --eval-rows rows of the test split, in the
+    split's order (one user's rows side by side, as a split is stored), the same for all paths."""
+    return np.arange(min(a.eval_rows, len(ds.splits["test"])))
+
+
+def ours_eval(a, ds, device, dtype, prefix_cache=True):
+    """eval.score_rows itself over eval_rows(); prefix_cache=False ("whole-eval") scores every row's
+    whole prompt in one decoder call, in length order, as before shared prefixes."""
     model, tok, cfg = build(a, ds, dtype, device, with_rec=a.stage == "cie")
-    enc = train.encode(cfg, ds, tok, "valid_small", model)
-    split, pad, ebs = ds.splits["valid_small"], data.SegmentTokenizer(tok).pad_id, a.eval_batch_size
-    every = data.eval_batches(enc.lengths, ebs)
-    batches = pick(every, a.warmup + a.steps, np.random.default_rng(a.seed))
-    # score_rows sorts the rows it is given by length again; whole batches of the full order, given
-    # in that order, come back out as the same batches.
-    score = lambda bs: metrics.score_rows(model, enc, split, np.concatenate(bs), ebs, pad, device, dtype) if bs else None
-    m = measure(device, a, lambda: score(batches[:a.warmup]), lambda: score(batches[a.warmup:]))
-    real, total = padded_tokens(enc.lengths, batches[a.warmup:])
-    return dict(**m, samples=a.steps * ebs, tokens=real, padded=total,
-                padding_epoch=1 - np.divide(*padded_tokens(enc.lengths, every)), mean_len=float(enc.lengths.mean()))
+    model.prefix_cache = prefix_cache
+    enc = train.encode(cfg, ds, tok, "test", model)
+    split, pad, ebs, rows = ds.splits["test"], data.SegmentTokenizer(tok).pad_id, a.eval_batch_size, eval_rows(a, ds)
+    score = lambda rs: metrics.score_rows(model, enc, split, rs, ebs, pad, device, dtype)
+    m = measure(device, a, lambda: score(rows[:ebs]), lambda: score(rows))
+    groups = data.prefix_groups(enc, rows) if prefix_cache else None
+    batches = data.eval_batches(enc.lengths[rows], ebs, enc.shared[rows], groups)
+    real, total = padded_tokens(enc.lengths[rows], batches)
+    return dict(**m, samples=len(rows), tokens=real, padded=total, mean_len=float(enc.lengths[rows].mean()),
+                prefixes=len(set(data.prefix_groups(enc, rows))), shared_share=float(enc.shared[rows].sum() / real))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,22 +400,23 @@ def ref_train(a, ds, device, dtype):
 def ref_eval(a, ds, device, dtype):
     """The reference scores a split in its stored order (a sequential sampler), padded to the longest."""
     model, tok, cfg = build(a, ds, dtype, device, with_rec=True, ours=False)
-    prompts, split, ebs = ReferencePrompts(ds, tok, a.stage), ds.splits["valid_small"], a.eval_batch_size
-    every = [np.arange(k, min(k + ebs, len(split))) for k in range(0, len(split), ebs)]
-    batches = pick(every, a.warmup + a.steps, np.random.default_rng(a.seed))
+    prompts, split, ebs = ReferencePrompts(ds, tok, a.stage), ds.splits["test"], a.eval_batch_size
+    rows = eval_rows(a, ds)
+    batches = [rows[k:k + ebs] for k in range(0, len(rows), ebs)]
     model.eval()
     counts = []
 
     def run(rows_list):
+        counts.clear()
         with torch.no_grad(), train.autocast(device, dtype):
-            for rows in rows_list:
-                batch = {k: v.to(device) for k, v in prompts(split, rows).items()}
+            for rs in rows_list:
+                batch = {k: v.to(device) for k, v in prompts(split, rs).items()}
                 counts.append((int(batch["attention_mask"].sum()), batch["attention_mask"].numel()))
                 reference_scores(model, batch, a.stage, prompts.slot_id).cpu()
 
-    m = measure(device, a, lambda: run(batches[:a.warmup]), lambda: run(batches[a.warmup:]))
-    real, total = np.sum(counts[-a.steps:], 0).tolist()
-    return dict(**m, samples=a.steps * ebs, tokens=real, padded=total)
+    m = measure(device, a, lambda: run(batches[:1]), lambda: run(batches))
+    real, total = np.sum(counts, 0).tolist()
+    return dict(**m, samples=len(rows), tokens=real, padded=total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +458,8 @@ def baseline(a, ds, device, dtype):
 
 
 MEASURE = {"baseline": baseline, "ours-train": ours_train, "ours-eval": ours_eval, "ref-train": ref_train,
-           "ref-eval": ref_eval}
+           "ref-eval": ref_eval, "whole-train": lambda *args: ours_train(*args, prefix_cache=False),
+           "whole-eval": lambda *args: ours_eval(*args, prefix_cache=False)}
 
 
 def run_child(a, device, dtype):
@@ -507,8 +521,11 @@ def main(argv=None):
     print(f"=> bench {a.llm} | stage {a.stage} | {device.type} {dtype_name} ({dtype_reason}) | batch {a.batch_size}, eval batch "
           f"{a.eval_batch_size} | {a.steps} steps after {a.warmup} warm-up, best of {a.repeats} "
           f"| compile {'on' if a.compile else 'off'} | load average {load}", flush=True)
-    res = {name: spawn(argv, name) for name in CHILDREN}
-    base, ot, oe, rt, re_ = (res[k] for k in CHILDREN)
+    # stage 1 always runs the whole prompt in one call (LoRA trains everywhere): no "whole-train" to time
+    children = [c for c in CHILDREN if not (c == "whole-train" and a.stage == "lora")]
+    res = {name: spawn(argv, name) for name in children}
+    base, ot, oe, rt, re_ = (res[k] for k in ("baseline", "ours-train", "ours-eval", "ref-train", "ref-eval"))
+    wt, we = res.get("whole-train"), res["whole-eval"]
     peak, N = base["peak_flops"], base["n_params"]
     f_train, f_eval = 4 * N, 2 * N  # matmul FLOPs per real token (see the module docstring)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
@@ -518,19 +535,24 @@ def main(argv=None):
           f"  Not counted: the {ot['n_embed'] / 1e6:.1f}M embedding / LM-head parameters (we compute one LM-head row; "
           f"counting them would multiply every share by {(N + ot['n_embed']) / N:.2f}),\n"
           f"  attention scores (about {attention_extra(base, ot['mean_len']):.0%} more at this data's mean "
-          f"{ot['mean_len']:.0f} tokens) and LoRA's rank-r matrices.")
+          f"{ot['mean_len']:.0f} tokens) and LoRA's rank-r matrices. A shared prefix computed once, or run\n"
+          f"  without its backward, still counts as if computed in full: what it saves shows as a higher share.")
     # the fixed batch's rows are FIXED_LEN tokens long: its samples/s too is counted at the mean length
     fixed = lambda b, sec, mean_len: dict(samples=b * FIXED_LEN / sec / mean_len, tokens=b * FIXED_LEN / sec, padding=0.0)
+    train_rate = lambda r: rates(r, f_train, peak, ot["mean_len"])
+    eval_rate = lambda r: rates(r, f_eval, peak, oe["mean_len"])
     rows = [("train  fixed {}x{}".format(a.batch_size, FIXED_LEN),
              {**fixed(a.batch_size, base["train_seconds"], ot["mean_len"]),
               "flops": f_train * a.batch_size * FIXED_LEN / base["train_seconds"]}, None),
-            ("train  ours", rates(ot, f_train, peak, ot["mean_len"]), ot),
-            ("train  reference", rates(rt, f_train, peak, ot["mean_len"]), rt),
-            ("eval   fixed {}x{}".format(a.eval_batch_size, FIXED_LEN),
-             {**fixed(a.eval_batch_size, base["eval_seconds"], oe["mean_len"]),
-              "flops": f_eval * a.eval_batch_size * FIXED_LEN / base["eval_seconds"]}, None),
-            ("eval   ours", rates(oe, f_eval, peak, oe["mean_len"]), oe),
-            ("eval   reference", rates(re_, f_eval, peak, oe["mean_len"]), re_)]
+            ("train  ours", train_rate(ot), ot)]
+    rows += [("train  whole prompt", train_rate(wt), wt)] if wt else []
+    rows += [("train  reference", train_rate(rt), rt),
+             ("eval   fixed {}x{}".format(a.eval_batch_size, FIXED_LEN),
+              {**fixed(a.eval_batch_size, base["eval_seconds"], oe["mean_len"]),
+               "flops": f_eval * a.eval_batch_size * FIXED_LEN / base["eval_seconds"]}, None),
+             ("eval   ours", eval_rate(oe), oe),
+             ("eval   whole prompt", eval_rate(we), we),
+             ("eval   reference", eval_rate(re_), re_)]
     mem_kind = "peak alloc" if device.type == "cuda" else "peak RSS"
     print(f"\n{'':<22}{'samples/s':>10}{'tokens/s':>10}{'GFLOP/s':>9}{'of peak':>8}{'padding':>9}"
           f"{mem_kind:>12}{'over base':>11}")
@@ -538,27 +560,34 @@ def main(argv=None):
         mem = f"{gb(raw['mem_peak']):>12}{gb(raw['mem_peak'] - raw['mem_base']):>11}" if raw else f"{'':>12}{'':>11}"
         print(f"{label:<22}{r['samples']:>10.2f}{r['tokens']:>10.0f}{r['flops'] / 1e9:>9.1f}"
               f"{r['flops'] / peak:>8.2f}{r['padding']:>9.1%}{mem}")
-    tr, te = rates(ot, f_train, peak, ot["mean_len"]), rates(oe, f_eval, peak, oe["mean_len"])
-    speedup_train = tr["samples"] / rates(rt, f_train, peak, ot["mean_len"])["samples"]
-    speedup_eval = te["samples"] / rates(re_, f_eval, peak, oe["mean_len"])["samples"]
+    tr, te = train_rate(ot), eval_rate(oe)
+    speedup_train = tr["samples"] / train_rate(rt)["samples"]
+    speedup_eval = te["samples"] / eval_rate(re_)["samples"]
+    prefix_train = tr["samples"] / train_rate(wt)["samples"] if wt else None
+    prefix_eval = te["samples"] / eval_rate(we)["samples"]
     mem_train = ot["mem_peak"] / rt["mem_peak"]
     mem_over = (ot["mem_peak"] - ot["mem_base"]) / max(1, rt["mem_peak"] - rt["mem_base"])
     print(f"\nours / reference: train {speedup_train:.2f}x samples/s, eval {speedup_eval:.2f}x samples/s; "
           f"train {mem_kind} {mem_train:.2f}x (over the post-load base: {mem_over:.2f}x), "
           f"eval {mem_kind} {oe['mem_peak'] / re_['mem_peak']:.2f}x")
-    print(f"samples/s: real tokens/s over the split's mean prompt, {ot['mean_len']:.0f} tokens (train) and "
-          f"{oe['mean_len']:.0f} (valid_small): an epoch's rate, whatever rows the timed batches drew")
+    print(f"shared prefixes / whole prompt: train " + (f"{prefix_train:.2f}x" if wt else "- (stage 1 trains every position)")
+          + f", eval {prefix_eval:.2f}x ({oe['samples']} test rows in split order, {oe['prefixes']} distinct "
+          f"prefixes, {oe['shared_share']:.0%} of their tokens before the target title); peak memory "
+          + (f"train {ot['mem_peak'] / wt['mem_peak']:.2f}x, " if wt else "") + f"eval {oe['mem_peak'] / we['mem_peak']:.2f}x")
+    print(f"samples/s: real tokens/s over the mean prompt, {ot['mean_len']:.0f} tokens (train split) and "
+          f"{oe['mean_len']:.0f} (the scored test rows): an epoch's rate, whatever rows the timed batches drew")
     print(f"padding over a whole epoch: ours {ot['padding_epoch']:.1%} of train tokens (length-bucketed), "
-          f"{oe['padding_epoch']:.1%} of valid_small (length order); reference {ot['ref_padding_epoch']:.1%} "
-          f"(random batches)")
+          f"reference {ot['ref_padding_epoch']:.1%} (random batches); scoring ours {te['padding']:.1%}, "
+          f"reference {eval_rate(re_)['padding']:.1%}")
     summary = dict(train_samples_per_s=round(tr["samples"], 3), eval_samples_per_s=round(te["samples"], 3),
                    train_peak_share=round(tr["share"], 4), eval_peak_share=round(te["share"], 4),
                    padding_share=round(ot["padding_epoch"], 4), ref_padding_share=round(ot["ref_padding_epoch"], 4),
                    speedup_train=round(speedup_train, 3), speedup_eval=round(speedup_eval, 3),
+                   prefix_speedup_train=round(prefix_train, 3) if wt else None, prefix_speedup_eval=round(prefix_eval, 3),
                    mem_ratio_train=round(mem_train, 3), device=device.type, dtype=dtype_name,
                    cpu_capability=torch.backends.cpu.get_cpu_capability(),
                    cpu_bf16_units=train.cpu_has_bf16_units(), llm=a.llm, stage=a.stage,
-                   compile=a.compile, peak_flops=peak, n_params=N, eval_padding_share=round(oe["padding_epoch"], 4),
+                   compile=a.compile, peak_flops=peak, n_params=N, eval_padding_share=round(te["padding"], 4),
                    fixed_train_peak_share=round(f_train * a.batch_size * FIXED_LEN / base["train_seconds"] / peak, 4),
                    fixed_eval_peak_share=round(f_eval * a.eval_batch_size * FIXED_LEN / base["eval_seconds"] / peak, 4),
                    mem_ratio_train_over_base=round(mem_over, 3), load_average=load)

@@ -457,7 +457,7 @@ def train(cfg):
     valid_block = {k: best[k] for k in ("auc", "uauc", "uauc_users", "rows")}
     result = {"valid": valid_block, "test": test["all"], "test_warm": test["warm"], "test_cold": test["cold"],
               "stage": cfg.stage, "llm": cfg.llm, "rec": cfg.rec if cfg.stage == "cie" else None,
-              "dtype": dtype_name, "dtype_reason": dtype_reason,
+              "dtype": dtype_name, "dtype_reason": dtype_reason, "data_source": ds.source,
               "best_step": best["step"], "samples_seen": step * cfg.batch_size * cfg.grad_accum * world,
               "seconds": round(time.time() - t0, 1), "rank_digests": digests, "config": asdict(cfg),
               "history": history}

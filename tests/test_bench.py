@@ -10,7 +10,8 @@ import pytest
 from conftest import ROOT
 
 KEYS = ("train_samples_per_s", "eval_samples_per_s", "train_peak_share", "eval_peak_share", "padding_share",
-        "ref_padding_share", "speedup_train", "speedup_eval", "mem_ratio_train", "device", "dtype", "cpu_capability", "cpu_bf16_units", "llm")
+        "ref_padding_share", "speedup_train", "speedup_eval", "mem_ratio_train", "prefix_speedup_eval", "device", "dtype", "cpu_capability",
+        "cpu_bf16_units", "llm")
 
 
 def bench(*args):
@@ -19,25 +20,27 @@ def bench(*args):
 
 
 TINY = ["--llm", "tiny", "--dtype", "fp32", "--device", "cpu", "--batch-size", 2, "--steps", 1, "--warmup", 0,
-        "--repeats", 1, "--matmul-size", 128, "--data", "toy"]
+        "--repeats", 1, "--matmul-size", 128, "--data", "toy", "--eval-rows", 12]
 
 
-def test_one_tiny_step_per_path_ends_with_the_json_line(toy_root):
-    res = bench(*TINY, "--data-root", toy_root)
+@pytest.mark.parametrize("stage", ["lora", "cie"])
+def test_one_tiny_step_per_path_ends_with_the_json_line(toy_root, stage):
+    res = bench(*TINY, "--data-root", toy_root, "--stage", stage)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
     out = json.loads(lines[-1])
     assert set(KEYS) <= set(out), set(KEYS) - set(out)
     assert (out["device"], out["dtype"], out["llm"]) == ("cpu", "fp32", "tiny")
-    for k in KEYS[:9]:
+    for k in KEYS[:10]:
         assert out[k] > 0, (k, out[k])
+    assert (out["prefix_speedup_train"] is None) is (stage == "lora")  # stage 1 has no prefix to skip
     for k in ("padding_share", "ref_padding_share"):
         assert 0 <= out[k] <= 1, (k, out[k])
-    for label in ("train  ours", "train  reference", "eval   ours", "eval   reference"):  # the table, a row per path
+    for label in ("train  ours", "train  reference", "eval   ours", "eval   whole prompt", "eval   reference"):  # the table, a row per path
         assert any(line.startswith(label) for line in lines), label
 
 
-@pytest.mark.parametrize("path", ["ours-train", "ref-train"])
+@pytest.mark.parametrize("path", ["ours-train", "whole-train", "ref-train"])
 def test_stage_two_paths_run_alone(toy_root, path):
     """--only runs one measurement (what each child process does); stage 2 splices the collaborative
     tokens into slots (ours: known positions; the reference's way: searched for)."""

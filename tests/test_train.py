@@ -304,6 +304,7 @@ def test_both_stages_and_eval_end_to_end(toy_root, lora_run, mf_ckpt, tmp_path):
     m2 = json.load(open(out2 / "metrics.json"))
     assert m2["stage"] == "cie" and m2["rec"] == "mf"
     assert (m2["dtype"], m2["dtype_reason"]) == ("fp32", "set by --dtype")  # recorded beside the numbers
+    assert "toy" in m2["data_source"]  # which files the split came from
     assert os.path.getsize(out2 / "best.pt") < 5e6  # the LLM is never saved
     res3 = run("eval.py", "--ckpt", out2 / "best.pt", "--out", tmp_path / "ev")
     assert res3.returncode == 0, res3.stderr[-3000:]
