@@ -77,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed batches first (kernel choice, page faults; default 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes; the fastest counts (default 3)")
     p.add_argument("--matmul-size", type=int, default=4096, help="n of the n x n x n peak matmul (default 4096)")
+    p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
+                   help="our path with activation checkpointing (train.py --grad-checkpoint): run with and "
+                        "without to see what it costs in samples/s and saves in peak memory; default off")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="our path with torch.compile'd decoder layers (collm.compile_decoder); default off")
     p.add_argument("--data", default="ml-1m", help="dataset name under the data root, or a folder (default ml-1m)")
@@ -221,7 +224,7 @@ def build(a, ds, dtype, device, with_rec, ours=True):
     weights cost the same time, and this way the bench needs no checkpoints. `--compile` applies to
     our path (and its fixed-batch baseline) only: the reference ran eager."""
     cfg = train.Config(stage=a.stage, llm=a.llm, data=a.data, data_root=a.data_root, cache_dir=a.cache_dir,
-                       dtype=a.dtype, seed=a.seed, batch_size=a.batch_size)
+                       dtype=a.dtype, seed=a.seed, batch_size=a.batch_size, grad_checkpoint=a.grad_checkpoint and ours)
     torch.manual_seed(a.seed)
     model, tok = train.build_model(replace(cfg, stage="lora"), ds, dtype)  # lora: needs no --ckpt
     if with_rec:
@@ -520,7 +523,8 @@ def main(argv=None):
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     print(f"=> bench {a.llm} | stage {a.stage} | {device.type} {dtype_name} ({dtype_reason}) | batch {a.batch_size}, eval batch "
           f"{a.eval_batch_size} | {a.steps} steps after {a.warmup} warm-up, best of {a.repeats} "
-          f"| compile {'on' if a.compile else 'off'} | load average {load}", flush=True)
+          f"| compile {'on' if a.compile else 'off'} | grad checkpoint {'on' if a.grad_checkpoint else 'off'} "
+          f"| load average {load}", flush=True)
     # stage 1 always runs the whole prompt in one call (LoRA trains everywhere): no "whole-train" to time
     children = [c for c in CHILDREN if not (c == "whole-train" and a.stage == "lora")]
     res = {name: spawn(argv, name) for name in children}
@@ -587,7 +591,7 @@ def main(argv=None):
                    mem_ratio_train=round(mem_train, 3), device=device.type, dtype=dtype_name,
                    cpu_capability=torch.backends.cpu.get_cpu_capability(),
                    cpu_bf16_units=train.cpu_has_bf16_units(), llm=a.llm, stage=a.stage,
-                   compile=a.compile, peak_flops=peak, n_params=N, eval_padding_share=round(te["padding"], 4),
+                   compile=a.compile, grad_checkpoint=a.grad_checkpoint, peak_flops=peak, n_params=N, eval_padding_share=round(te["padding"], 4),
                    fixed_train_peak_share=round(f_train * a.batch_size * FIXED_LEN / base["train_seconds"] / peak, 4),
                    fixed_eval_peak_share=round(f_eval * a.eval_batch_size * FIXED_LEN / base["eval_seconds"] / peak, 4),
                    mem_ratio_train_over_base=round(mem_over, 3), load_average=load)

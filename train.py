@@ -49,7 +49,9 @@ def opt(default, help, **kw):
 class Config:
     stage: str = opt("lora", "lora: stage 1, LoRA on text-only prompts (TALLRec); cie: stage 2, the projector",
                      choices=("lora", "cie"))
-    llm: str = opt("smollm2-135m", "tiny | smollm2-135m | a model folder | a hub id (e.g. lmsys/vicuna-7b-v1.3)")
+    llm: str = opt("smollm2-135m", "tiny | smollm2-135m | a model folder | a hub id (e.g. lmsys/vicuna-7b-v1.3) | "
+                                   "random:vicuna-7b, random:qwen2-1.5b, random:smollm2-135m (the real shapes with "
+                                   "random weights: speed and memory only)")
     ckpt: str = opt(None, "stage 2: the stage-1 checkpoint (its best.pt) whose LoRA is loaded and frozen")
     rec: str = opt("mf", "stage 2: the collaborative model", choices=tuple(collab.MODELS))
     rec_ckpt: str = opt(None, "stage 2: a collab.py model.pt (frozen unless --tune-rec)")
@@ -80,6 +82,9 @@ class Config:
     patience: int = opt(20, "stop after this many evaluations without a better valid AUC")
     seed: int = opt(2023, "seed for initialisation, batch order and dropout")
     bucket: bool = opt(True, "group rows of similar length into batches (under 5%% padding)")
+    grad_checkpoint: bool = opt(False, "activation checkpointing of the decoder layers: each layer's activations are "
+                                       "recomputed in the backward instead of kept (about 1/3 more compute, far less "
+                                       "memory: for GPUs too small for a batch)")
     compile: bool = opt(False, "torch.compile each decoder layer (collm.compile_decoder): on CPU ~15%% faster "
                                "steps and about half the activation memory, after tens of seconds of compiling")
     log_every: int = opt(10, "print a log line every N steps")
@@ -258,6 +263,8 @@ def build_model(cfg, data_set, dtype, state=None):
     else:
         lora_cfg = asdict(cfg)
     llm, tok = collm.load_llm(cfg.llm, cfg.cache_dir, dtype or torch.float32)
+    if cfg.grad_checkpoint:  # non-reentrant: works although the input embeddings need no gradient
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     yes = collm.yes_token_id(tok)
     llm = collm.add_lora(llm, lora_cfg["lora_r"], lora_cfg["lora_alpha"], lora_cfg["lora_dropout"],
                          lora_cfg["lora_targets"].split(","), lora_cfg.get("lora_layers", 0))
@@ -458,6 +465,7 @@ def train(cfg):
     result = {"valid": valid_block, "test": test["all"], "test_warm": test["warm"], "test_cold": test["cold"],
               "stage": cfg.stage, "llm": cfg.llm, "rec": cfg.rec if cfg.stage == "cie" else None,
               "dtype": dtype_name, "dtype_reason": dtype_reason, "data_source": ds.source,
+              "random_weights": cfg.llm.startswith("random:"),
               "best_step": best["step"], "samples_seen": step * cfg.batch_size * cfg.grad_accum * world,
               "seconds": round(time.time() - t0, 1), "rank_digests": digests, "config": asdict(cfg),
               "history": history}
@@ -465,6 +473,8 @@ def train(cfg):
         with open(os.path.join(out, "metrics.json.tmp"), "w") as f:
             json.dump(result, f, indent=1)
         os.replace(os.path.join(out, "metrics.json.tmp"), os.path.join(out, "metrics.json"))
+        if result["random_weights"]:
+            print(f"warning: --llm {cfg.llm} has random weights: the AUCs below mean nothing (speed and memory only)")
         print(f"{cfg.stage} {cfg.llm}: best step {best['step']}, {cfg.eval_split} AUC {best['auc']:.4f}, "
               f"test AUC {test['all']['auc']:.4f} UAUC {test['all']['uauc']:.4f} (warm {test['warm']['auc']:.4f}, "
               f"cold {test['cold']['auc']:.4f}), {result['seconds']:.0f}s -> {os.path.join(out, 'best.pt')}")

@@ -276,6 +276,90 @@ def test_stage1_training_runs_the_whole_prompt_in_one_call(toy_root):
 
 
 # ---------------------------------------------------------------------------------------------
+# The paper's backbones without their weights, and activation checkpointing
+
+
+def test_random_backbones_have_the_published_sizes():
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    published = {"vicuna-7b": 6_738_415_616, "qwen2-1.5b": 1_543_714_304, "smollm2-135m": 134_515_008}
+    for name, (arch, shape) in collm.RANDOM_SHAPES.items():
+        with torch.device("meta"):  # shapes only: no memory, no time
+            llm = AutoModelForCausalLM.from_config({"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**shape))
+        assert sum(p.numel() for p in llm.parameters()) == published[name], name
+    with pytest.raises(data.UsageError, match="random:vicuna-7b"):
+        collm.load_llm("random:gpt-5")
+
+
+def test_a_random_backbone_runs_and_says_its_numbers_mean_nothing(toy_root, tmp_path):
+    res = run("train.py", "--stage", "lora", "--llm", "random:smollm2-135m", "--dtype", "fp32", "--data", "toy",
+              "--data-root", toy_root, "--batch-size", 2, "--max-steps", 2, "--eval-every", 2, "--eval-rows", 4,
+              "--test-rows", 4, "--out", tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "RANDOM weights" in res.stdout and "mean nothing" in res.stdout.strip().splitlines()[-2]
+    assert json.load(open(tmp_path / "metrics.json"))["random_weights"] is True
+
+
+@pytest.mark.parametrize("stage", ["lora", "cie"])
+def test_grad_checkpoint_recomputes_layers_and_gives_the_same_gradients(toy_root, lora_run, mf_ckpt, stage):
+    ds = data.load_dataset("toy", toy_root)
+    extra = dict(ckpt=str(lora_run[0] / "best.pt"), rec_ckpt=mf_ckpt) if stage == "cie" else {}
+    batch = one_batch(ds, collm.tiny_tokenizer(), "text" if stage == "lora" else "collm", n=4)
+    results, calls = [], []
+    for on in (False, True):
+        model, _ = train.build_model(cfg_for(toy_root, stage=stage, grad_checkpoint=on, **extra), ds, None)
+        model.train()  # checkpointing acts in training mode only (as train.py runs its steps)
+        for m in model.modules():  # ... with the LoRA dropout drawing nothing
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        n = []  # hooks on the layer itself sit outside the checkpoint: count calls of its first op
+        model.llm.get_base_model().get_decoder().layers[0].input_layernorm.register_forward_pre_hook(lambda *a: n.append(1))
+        score = model(**batch)
+        F.binary_cross_entropy_with_logits(score, batch["label"]).backward()
+        results.append((score.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+        calls.append(len(n))
+    # stage 1: one call, then a replay in the backward. Stage 2 without checkpointing runs each layer
+    # twice (the prefix, then the rest); with it, in one call (a checkpointed layer keeps no cache) + a replay.
+    assert calls == ([1, 2] if stage == "lora" else [2, 2])
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: the same loop on a GPU (skipped without one; these CPUs have none)
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+
+
+@CUDA
+@pytest.mark.parametrize("dtype, compiled", [("bf16", False), ("bf16", True), ("fp16", False)])
+def test_both_stages_on_cuda(toy_root, mf_ckpt, tmp_path, dtype, compiled):
+    """bf16 autocast; fp16 with its GradScaler (loss scaling); compiled decoder layers."""
+    common = ["--llm", "tiny", "--device", "cuda", "--dtype", dtype, "--batch-size", 4, "--max-steps", 4,
+              "--eval-every", 2, "--data", "toy", "--data-root", toy_root, *(["--compile"] if compiled else [])]
+    r1 = run("train.py", "--stage", "lora", *common, "--out", tmp_path / "lora")
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = run("train.py", "--stage", "cie", *common, "--out", tmp_path / "cie", "--ckpt", tmp_path / "lora" / "best.pt",
+             "--rec-ckpt", mf_ckpt, "--grad-checkpoint")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    m = json.load(open(tmp_path / "cie" / "metrics.json"))
+    assert m["dtype"] == dtype and m["test"]["rows"] == 93 and 0 <= m["test"]["auc"] <= 1
+
+
+@CUDA
+def test_shared_prefix_scores_equal_one_call_on_cuda(toy_root):
+    ds = data.load_dataset("toy", toy_root)
+    cfg = cfg_for(toy_root, stage="lora", device="cuda")
+    model, tok = train.build_model(cfg, ds, None)
+    model.cuda()
+    enc, split = train.encode(cfg, ds, tok, "test", model), ds.splits["test"]
+    rows, pad, cuda = np.arange(len(split)), data.SegmentTokenizer(tok).pad_id, torch.device("cuda")
+    shared = metrics.score_rows(model, enc, split, rows, 8, pad, cuda)
+    model.prefix_cache = False
+    np.testing.assert_allclose(shared, metrics.score_rows(model, enc, split, rows, 8, pad, cuda), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
 # The loop, through the real command line
 
 
