@@ -23,7 +23,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -90,7 +90,7 @@ class Config:
     log_every: int = opt(10, "print a log line every N steps")
     pause_at: int = opt(0, "end this sitting after N steps with last.pt saved; --resume continues (0 = off)")
     resume: str = opt(None, "continue the run saved in this folder (its last.pt and settings)")
-    lora_r: int = opt(8, "LoRA rank")
+    lora_r: int = opt(8, "LoRA rank (stage 2 takes this and the other --lora-* settings from --ckpt)")
     lora_alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA input")
     lora_targets: str = opt("q_proj,v_proj", "comma-separated module names that get LoRA")
@@ -114,7 +114,15 @@ def parse_config(argv=None):
     if cfg.resume:
         cfg = resume_config(cfg)
     check_config(cfg)
+    if cfg.stage == "cie" and not cfg.resume:
+        # Stage 2 loads stage 1's adapters, so their shape is stage 1's whatever this command says;
+        # recorded in this run's settings, so that resuming and eval.py rebuild the same shape.
+        saved = load_checkpoint(cfg.ckpt).get("config", {})
+        cfg = replace(cfg, **{k: saved[k] for k in LORA_SHAPE if k in saved})
     return cfg
+
+
+LORA_SHAPE = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_layers")
 
 
 def check_config(cfg):

@@ -1,5 +1,6 @@
 """The CoLLM model and the two-stage loop: trainable sets, overfitting, the CLI end to end, DDP on
 two CPU processes, resume, and every bad input. Tiny models from a config in code; seconds each."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -134,6 +135,21 @@ def test_lora_in_the_top_layers_only_trains_nothing_below_them(toy_root):
         layer.register_full_backward_hook(lambda m, gi, go, i=i: seen.append(i))
     F.binary_cross_entropy_with_logits(model(**batch), batch["label"]).backward()
     assert seen == [1]  # layer 0 ran forward only
+
+
+def test_stage2_takes_stage1s_lora_shape_and_rebuilds_from_its_own_checkpoint(toy_root, mf_ckpt, tmp_path):
+    ds = data.load_dataset("toy", toy_root)
+    cfg1 = cfg_for(toy_root, stage="lora", lora_r=4, lora_layers=1)
+    model1, _ = train.build_model(cfg1, ds, None)
+    torch.save({"config": dataclasses.asdict(cfg1), **train.model_tensors(model1)}, tmp_path / "s1.pt")
+    cfg2 = train.parse_config(["--stage", "cie", "--llm", "tiny", "--dtype", "fp32", "--data", "toy", "--data-root",
+                               str(toy_root), "--ckpt", str(tmp_path / "s1.pt"), "--rec-ckpt", mf_ckpt])
+    assert (cfg2.lora_r, cfg2.lora_layers) == (4, 1)  # not this command line's defaults (8, 0)
+    model2, _ = train.build_model(cfg2, ds, None)
+    state2 = {"config": dataclasses.asdict(cfg2), **train.model_tensors(model2)}  # what train.py saves
+    rebuilt, _ = train.build_model(train.Config(**state2["config"]), ds, None, state=state2)  # resume, eval.py
+    assert sum(p.numel() for n, p in rebuilt.named_parameters() if "lora_" in n) == \
+        sum(p.numel() for n, p in model1.named_parameters() if "lora_" in n)
 
 
 def test_calibrate_shifts_the_scores_to_the_positive_rate_and_is_kept(toy_root):
