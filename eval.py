@@ -6,6 +6,11 @@ gives one number per (user, item) row can be evaluated here, a collaborative mod
   - UAUC: the AUC inside each user's own rows, averaged over users that have both a positive and a
     negative row (a user with one row or one class has no AUC and is skipped, and counted).
 Warm rows: user and item each have more than 3 train rows. Cold rows: not_cold == 0.
+
+    python eval.py --ckpt runs/cie-mf/best.pt --split test          # AUC / UAUC of a checkpoint
+    python eval.py --table runs/mf runs/lora runs/cie-mf            # the results table of finished runs
+    python eval.py --ckpt runs/cie-mf/best.pt --export out/cie-mf   # LoRA for peft, the rest as safetensors
+    python eval.py --ckpt runs/cie-mf/best.pt --user 17 --show-prompt   # rank one user's candidate items
 """
 import numpy as np
 from tqdm import tqdm

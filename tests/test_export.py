@@ -197,3 +197,24 @@ def test_rank_refuses_unknown_ids(runs, monkeypatch, capsys):
                  "21,0", "1..20")
     assert_error(*cli(monkeypatch, capsys, "--ckpt", ckpt, "--user", 3, "--items", "2,x")[::2], "--items 2,x")
     assert_error(*cli(monkeypatch, capsys, "--ckpt", ckpt, "--items", "2")[::2], "--user")
+
+
+def test_candidates_without_test_rows_are_unrated_items_with_the_current_history(toy_root):
+    import dataclasses
+    ds = data.load_dataset("toy", str(toy_root))
+    te, user = ds.splits["test"], int(ds.splits["test"].uid[0])
+    keep = np.flatnonzero(te.uid != user)  # the same data, this user's test rows taken out
+    hist = [te.history(r) for r in keep]
+    te = data.Split(uid=te.uid[keep], iid=te.iid[keep], label=te.label[keep], not_cold=te.not_cold[keep],
+                    his_ptr=np.concatenate([[0], np.cumsum([len(h) for h in hist])]).astype(np.int64),
+                    his_items=np.concatenate(hist).astype(np.int64))
+    ds = dataclasses.replace(ds, splits={**ds.splits, "test": te})
+    split, labels, note = metrics.candidates(ds, user, None, k=3)
+    rated = {int(i) for s in ("train", "valid") for i in ds.splits[s].iid[ds.splits[s].uid == user]}
+    assert len(split) == 3 and not set(split.iid.tolist()) & rated and np.isnan(labels).all()
+    # the current history: every item the user liked in the rows that remain, and (the toy splits are
+    # not in time order) the liked items of the rows taken out that came earlier than some of them
+    liked = lambda splits: {int(i) for s in ("train", "valid", "test")
+                            for i in splits[s].iid[(splits[s].uid == user) & (splits[s].label > 0.5)]}
+    assert liked(ds.splits) <= set(split.history(0).tolist()) <= liked(data.load_dataset("toy", str(toy_root)).splits)
+    assert "never rated" in note
