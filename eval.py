@@ -106,9 +106,10 @@ def score_rows(model, enc, split, rows, batch_size, pad_id, device, dtype=None, 
 
 # ---------------------------------------------------------------------------------------------
 # Using a trained model outside the loop: export it in formats other tools read, reload an export,
-# and rank one user's candidate items. These work on a model that `main` below has rebuilt from a
-# checkpoint (train.build_model), so they live beside the scoring CLI; the model-building modules are
-# handed in or imported inside functions, as `main` does.
+# and rank one user's candidate items. Each starts from a model that `main` below has rebuilt from a
+# checkpoint (train.build_model), as scoring does, so they live beside the scoring CLI. None of them
+# imports a later chapter: export_model is handed the model, and load_export returns a dict shaped
+# like a checkpoint, which train.build_model rebuilds exactly as it rebuilds a checkpoint.
 
 EXPORT_JSON = "collm_export.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what peft's save_pretrained writes
@@ -152,10 +153,9 @@ def export_model(model, tok, state, template, folder, with_base=False):
         collm_export.json                                what each file and tensor is, the prompt, the score
 
     Written into a temporary sibling folder and renamed at the end: a crash leaves no half export."""
-    import json
     import os
+    import shutil
     import tempfile
-    from safetensors.torch import save_file
     check_export_folder(folder)
     cfg = state["config"]
     parent = os.path.dirname(os.path.abspath(folder))
@@ -173,7 +173,8 @@ def export_model(model, tok, state, template, folder, with_base=False):
         "lora": {"files": list(ADAPTER_FILES), "format": "peft LoRA adapter",
                  "load": "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), this folder)"},
         "score": ("s = h_last . W_lm[yes_token_id] (+ the LM head's bias there, if it has one): the logit of the "
-                  "token 'Yes' at the LAST prompt position, i.e. model(input_ids).logits[0, -1, yes_token_id]. "
+                  "token 'Yes' at the LAST prompt position: for one unpadded prompt, model(input_ids=ids).logits[0, -1, "
+                  "yes_token_id] (stage 2: model(inputs_embeds=...), the embeddings with both slots replaced). "
                   "It was trained with binary cross-entropy, so sigmoid(s) is P(the user likes the item)."),
         "yes_token_id": model.yes_id,
         "prompt": {"template": template, "bos_token_id": seg.prefix[0] if seg.prefix else None,
@@ -181,6 +182,23 @@ def export_model(model, tok, state, template, folder, with_base=False):
                             "quotes, joined by ', ' ('none' if there are none); <TargetItemTitle>: the title "
                             "in double quotes; the BOS token first (data.py prompt_segments, SegmentTokenizer)"},
     }
+    try:
+        write_export(model, tok, state, info, tmp, with_base)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(folder):
+        os.rmdir(folder)  # empty (checked above); a rename cannot replace it everywhere
+    os.replace(tmp, folder)
+    return info
+
+
+def write_export(model, tok, state, info, tmp, with_base):
+    """The files of export_model, into the folder `tmp`; adds the stage-2 parts to `info`."""
+    import json
+    import os
+    from safetensors.torch import save_file
+    seg = data.SegmentTokenizer(tok)
     model.llm.save_pretrained(tmp)  # peft writes exactly the adapter tensors and their LoraConfig
     if state.get("proj") is not None:
         rec = state["rec"]
@@ -193,7 +211,7 @@ def export_model(model, tok, state, template, folder, with_base=False):
         info["prompt"]["slots"] = ("<UserID> and <TargetItemID> are one token each (slot_token_id); their input "
                                    "embeddings are replaced by proj(user embedding) and proj(item embedding) "
                                    "before the LLM runs")
-        info["projector"] = {"file": "projector.safetensors", "dtype": "float32 (applied in float32)",
+        info["projector"] = {"file": "projector.safetensors", "applied": "in float32, outside any autocast",
                              "architecture": "Linear(d, 10d) -> ReLU -> Linear(10d, H), one MLP for users and items",
                              "tensors": describe(state["proj"], PROJ_TENSOR_NOTES, "the projector")}
         info["rec"] = {"file": "rec.safetensors", "model": rec["model"], "config": rec["config"],
@@ -209,10 +227,6 @@ def export_model(model, tok, state, template, folder, with_base=False):
         tok.save_pretrained(os.path.join(tmp, "base"))
     with open(os.path.join(tmp, EXPORT_JSON), "w") as f:
         json.dump(info, f, indent=1)
-    if os.path.isdir(folder):
-        os.rmdir(folder)  # empty (checked above); a rename cannot replace it everywhere
-    os.replace(tmp, folder)
-    return info
 
 
 def load_export(folder):
