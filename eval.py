@@ -155,12 +155,11 @@ def export_model(model, tok, state, template, folder, with_base=False):
     Written into a temporary sibling folder and renamed at the end: a crash leaves no half export."""
     import os
     import shutil
-    import tempfile
     check_export_folder(folder)
     cfg = state["config"]
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(folder) + ".tmp-")
+    tmp = f"{os.path.abspath(folder)}.tmp-{os.getpid()}"  # one per process; a killed export's is replaced
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     base = model.llm.get_base_model()
     name = base.config._name_or_path  # what transformers loaded: a hub id, a folder, '' when built in code
     with_base = with_base or not name
