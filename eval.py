@@ -226,6 +226,12 @@ def write_export(model, tok, state, info, tmp, with_base):
         tok.save_pretrained(os.path.join(tmp, "base"))
     with open(os.path.join(tmp, EXPORT_JSON), "w") as f:
         json.dump(info, f, indent=1)
+    # safetensors writes its files readable by their owner only; an export is made to be shared
+    umask = os.umask(0)
+    os.umask(umask)
+    for dirpath, _, files in os.walk(tmp):
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~umask)
 
 
 def load_export(folder):
