@@ -288,6 +288,7 @@ def candidates(ds, user, items=None, k=10, seed=0):
         raise data.UsageError(f"--user {user}: no rows in {ds.name}; valid users are 1..{ds.user_num - 1}")
     has_title = np.array([bool(t) for t in ds.titles])  # ids that occur in the data
     if items:
+        items = list(dict.fromkeys(items))  # each item once, in the order given
         bad = [i for i in items if not (1 <= i < ds.item_num and has_title[i])]
         if bad:
             raise data.UsageError(f"--items: unknown item id(s) {','.join(map(str, bad))}; valid items are "
