@@ -6,6 +6,11 @@ gives one number per (user, item) row can be evaluated here, a collaborative mod
   - UAUC: the AUC inside each user's own rows, averaged over users that have both a positive and a
     negative row (a user with one row or one class has no AUC and is skipped, and counted).
 Warm rows: user and item each have more than 3 train rows. Cold rows: not_cold == 0.
+
+    python eval.py --ckpt runs/cie-mf/best.pt --split test          # AUC / UAUC of a checkpoint
+    python eval.py --table runs/mf runs/lora runs/cie-mf            # the results table of finished runs
+    python eval.py --ckpt runs/cie-mf/best.pt --export out/cie-mf   # LoRA for peft, the rest as safetensors
+    python eval.py --ckpt runs/cie-mf/best.pt --user 17 --show-prompt   # rank one user's candidate items
 """
 import numpy as np
 from tqdm import tqdm
@@ -101,6 +106,235 @@ def score_rows(model, enc, split, rows, batch_size, pad_id, device, dtype=None, 
 
 
 # ---------------------------------------------------------------------------------------------
+# Using a trained model outside the loop: export it in formats other tools read, reload an export,
+# and rank one user's candidate items. Each starts from a model that `main` below has rebuilt from a
+# checkpoint (train.build_model), as scoring does, so they live beside the scoring CLI. None of them
+# imports a later chapter: export_model is handed the model, and load_export returns a dict shaped
+# like a checkpoint, which train.build_model rebuilds exactly as it rebuilds a checkpoint.
+
+EXPORT_JSON = "collm_export.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what peft's save_pretrained writes
+# What each collaborative tensor is, for the export's JSON. Any other name (a model added later)
+# is still exported, described by its shape and dtype and as part of that model's state_dict.
+REC_TENSOR_NOTES = {
+    "user.weight": "user embedding table, row = user id (row 0 unused)",
+    "item.weight": "item embedding table, row = item id (row 0 unused)",
+    "user_seen": "True where the user has train rows; the other rows are scored as the mean of the seen rows",
+    "item_seen": "True where the item has train rows; the other rows are scored as the mean of the seen rows",
+    "edges": "(user id, item id) pairs of the train positives: the graph LightGCN propagates over",
+}
+PROJ_TENSOR_NOTES = {
+    "0.weight": "first Linear of the projector, (10d, d)", "0.bias": "its bias, (10d,)",
+    "2.weight": "second Linear of the projector (after a ReLU), (H, 10d), H = the LLM's hidden size",
+    "2.bias": "its bias, (H,)",
+}
+
+
+def check_export_folder(folder):
+    """An export never mixes with other files: the folder must not exist, or be empty."""
+    import os
+    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+        raise data.UsageError(f"--export {folder}: exists and is not an empty folder; give a new folder")
+
+
+def describe(tensors, notes, owner):
+    return {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""),
+                "is": notes.get(k, f"a tensor of {owner}'s state_dict")} for k, v in tensors.items()}
+
+
+def export_model(model, tok, state, template, folder, with_base=False):
+    """Write a rebuilt CoLLM (train.build_model) and its checkpoint `state` to `folder`, nothing pickled:
+
+        adapter_config.json, adapter_model.safetensors   the LoRA, in peft's own format:
+                                                          PeftModel.from_pretrained(base_llm, folder)
+        base/                                            the base LLM + tokenizer (save_pretrained), when
+                                                          with_base or when the LLM is built in code (tiny)
+        projector.safetensors, rec.safetensors           stage 2: the projector and the collaborative
+                                                          model's whole state_dict (any model of collab.py)
+        collm_export.json                                what each file and tensor is, the prompt, the score
+
+    Written into a temporary sibling folder and renamed at the end: a crash leaves no half export."""
+    import os
+    import shutil
+    check_export_folder(folder)
+    cfg = state["config"]
+    tmp = f"{os.path.abspath(folder)}.tmp-{os.getpid()}"  # one per process; a killed export's is replaced
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    base = model.llm.get_base_model()
+    name = base.config._name_or_path  # what transformers loaded: a hub id, a folder, '' when built in code
+    with_base = with_base or not name
+    seg = data.SegmentTokenizer(tok)
+    info = {
+        "what": "a CoLLM checkpoint exported by eval.py --export (arXiv 2310.19488)",
+        "stage": cfg["stage"], "llm": cfg["llm"], "step": state.get("step"), "config": cfg,
+        "base_model": "base (in this folder)" if with_base else
+                      (os.path.abspath(name) if os.path.isdir(name) else name),
+        "lora": {"files": list(ADAPTER_FILES), "format": "peft LoRA adapter",
+                 "load": "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), this folder)"},
+        "score": ("s = h_last . W_lm[yes_token_id] (+ the LM head's bias there, if it has one): the logit of the "
+                  "token 'Yes' at the LAST prompt position: for one unpadded prompt, model(input_ids=ids).logits[0, -1, "
+                  "yes_token_id] (stage 2: model(inputs_embeds=...), the embeddings with both slots replaced). "
+                  "It was trained with binary cross-entropy, so sigmoid(s) is P(the user likes the item)."),
+        "yes_token_id": model.yes_id,
+        "prompt": {"template": template, "bos_token_id": seg.prefix[0] if seg.prefix else None,
+                   "rules": "<ItemTitleList>: the user's last 10 liked titles, oldest first, each in double "
+                            "quotes, joined by ', ' ('none' if there are none); <TargetItemTitle>: the title "
+                            "in double quotes; the BOS token first (data.py prompt_segments, SegmentTokenizer)"},
+    }
+    try:
+        write_export(model, tok, state, info, tmp, with_base)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(folder):
+        os.rmdir(folder)  # empty (checked above); a rename cannot replace it everywhere
+    os.replace(tmp, folder)
+    return info
+
+
+def write_export(model, tok, state, info, tmp, with_base):
+    """The files of export_model, into the folder `tmp`; adds the stage-2 parts to `info`."""
+    import json
+    import os
+    from safetensors.torch import save_file
+    seg = data.SegmentTokenizer(tok)
+    model.llm.save_pretrained(tmp)  # peft writes exactly the adapter tensors and their LoraConfig
+    if state.get("proj") is not None:
+        rec = state["rec"]
+        # contiguous copies: safetensors refuses views and tensors that share memory
+        save_file({k: v.detach().cpu().contiguous() for k, v in state["proj"].items()},
+                  os.path.join(tmp, "projector.safetensors"))
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in rec["state_dict"].items()},
+                  os.path.join(tmp, "rec.safetensors"))
+        info["prompt"]["slot_token_id"] = seg.slot_id
+        info["prompt"]["slots"] = ("<UserID> and <TargetItemID> are one token each (slot_token_id); their input "
+                                   "embeddings are replaced by proj(user embedding) and proj(item embedding) "
+                                   "before the LLM runs")
+        info["projector"] = {"file": "projector.safetensors", "applied": "in float32, outside any autocast",
+                             "architecture": "Linear(d, 10d) -> ReLU -> Linear(10d, H), one MLP for users and items",
+                             "tensors": describe(state["proj"], PROJ_TENSOR_NOTES, "the projector")}
+        info["rec"] = {"file": "rec.safetensors", "model": rec["model"], "config": rec["config"],
+                       "embeddings": f"the user and item embeddings of collab.py's {rec['model']} model "
+                                     f"rebuilt from this state_dict and config",
+                       "tensors": describe(rec["state_dict"], REC_TENSOR_NOTES, rec["model"])}
+    if with_base:
+        # peft's unload() takes the LoRA layers back out WITHOUT merging them: the base as it was loaded.
+        # The model is spent after this; the adapters were saved above.
+        plain = model.llm.unload()
+        plain.config.use_cache = True  # our loop turns the KV cache off; generation elsewhere wants it
+        plain.save_pretrained(os.path.join(tmp, "base"))
+        tok.save_pretrained(os.path.join(tmp, "base"))
+    with open(os.path.join(tmp, EXPORT_JSON), "w") as f:
+        json.dump(info, f, indent=1)
+    # safetensors writes its files readable by their owner only; an export is made to be shared
+    umask = os.umask(0)
+    os.umask(umask)
+    for dirpath, _, files in os.walk(tmp):
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~umask)
+
+
+def load_export(folder):
+    """An export folder -> a dict shaped like a train.py checkpoint (config, step, lora, proj, rec),
+    which train.build_model turns back into the same CoLLM. The LLM is the export's base/ when it
+    has one, else the LLM the run was trained with."""
+    import json
+    import os
+    from safetensors.torch import load_file
+    path = os.path.join(folder, EXPORT_JSON)
+    if not os.path.isfile(path):
+        raise data.UsageError(f"{folder}: no {EXPORT_JSON} there (not an eval.py --export folder)")
+    with open(path) as f:
+        info = json.load(f)
+    with open(os.path.join(folder, ADAPTER_FILES[0])) as f:
+        lora = json.load(f)
+    config = dict(info["config"])
+    # the adapters are rebuilt with the shape peft recorded, whatever the run's own flags said
+    config.update(lora_r=lora["r"], lora_alpha=lora["lora_alpha"], lora_dropout=lora["lora_dropout"],
+                  lora_targets=",".join(sorted(lora["target_modules"])))
+    if os.path.isdir(os.path.join(folder, "base")):
+        config["llm"] = os.path.join(folder, "base")
+    state = {"config": config, "step": info.get("step"), "lora": load_file(os.path.join(folder, ADAPTER_FILES[1]))}
+    if "rec" in info:
+        state["proj"] = load_file(os.path.join(folder, info["projector"]["file"]))
+        state["rec"] = {"model": info["rec"]["model"], "config": info["rec"]["config"],
+                        "state_dict": load_file(os.path.join(folder, info["rec"]["file"]))}
+    return state
+
+
+def parse_ids(text, flag):
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise data.UsageError(f"{flag} {text}: not a comma-separated list of integer ids")
+
+
+def user_rows(ds, user):
+    """{split name: row indices of `user`} over train, valid, test (valid_small repeats valid)."""
+    return {s: np.flatnonzero(ds.splits[s].uid == user) for s in ("train", "valid", "test")}
+
+
+def candidates(ds, user, items=None, k=10, seed=0):
+    """-> (Split of the rows to score, labels (nan = unknown), a line saying what they are).
+
+    Default: the user's test rows, each with the history it had (exactly what evaluation scores; a
+    later history would list a liked test item as already liked). --items: those items with the
+    user's CURRENT history (every liked item in the data); without test rows, k items the user has
+    never rated, drawn with `seed`, with that current history."""
+    if not 1 <= user < ds.user_num:
+        raise data.UsageError(f"--user {user}: unknown user id; valid users are 1..{ds.user_num - 1}")
+    rows = user_rows(ds, user)
+    if not any(len(r) for r in rows.values()):
+        raise data.UsageError(f"--user {user}: no rows in {ds.name}; valid users are 1..{ds.user_num - 1}")
+    has_title = np.array([bool(t) for t in ds.titles])  # ids that occur in the data
+    if items:
+        items = list(dict.fromkeys(items))  # each item once, in the order given
+        bad = [i for i in items if not (1 <= i < ds.item_num and has_title[i])]
+        if bad:
+            raise data.UsageError(f"--items: unknown item id(s) {','.join(map(str, bad))}; valid items are "
+                                  f"1..{ds.item_num - 1}")
+    te = ds.splits["test"]
+    if not items and len(rows["test"]):
+        r = rows["test"]
+        hist = [te.history(x) for x in r]
+        split = data.Split(uid=te.uid[r], iid=te.iid[r], label=te.label[r], not_cold=te.not_cold[r],
+                           his_ptr=np.concatenate([[0], np.cumsum([len(h) for h in hist])]).astype(np.int64),
+                           his_items=np.concatenate(hist).astype(np.int64))
+        return split, te.label[r].astype(float), f"its {len(r)} test rows, each with the history it had then"
+    # The current history: histories are prefixes of one list that grows by each liked item, so the
+    # longest "history + the row's item if liked" over all the user's rows is the whole list.
+    label_of, current = {}, np.zeros(0, np.int64)
+    for s, r in rows.items():
+        sp = ds.splits[s]
+        for x in r:
+            label_of[int(sp.iid[x])] = float(sp.label[x])  # the later split wins (a re-rating)
+            h = np.append(sp.history(x), sp.iid[x]) if sp.label[x] > 0.5 else sp.history(x)
+            current = h if len(h) > len(current) else current
+    note = "the given items"
+    if not items:
+        pool = np.flatnonzero(has_title & ~np.isin(np.arange(ds.item_num), list(label_of)))
+        items = np.random.default_rng(seed).choice(pool, size=min(k, len(pool)), replace=False).tolist()
+        note = f"{len(items)} items it never rated (no test rows; drawn with seed {seed})"
+    n = len(items)
+    labels = np.array([label_of.get(i, np.nan) for i in items])
+    split = data.Split(uid=np.full(n, user, np.int64), iid=np.asarray(items, np.int64),
+                       label=np.nan_to_num(labels).astype(np.float32), not_cold=np.zeros(n, bool),
+                       his_ptr=np.arange(n + 1, dtype=np.int64) * len(current), his_items=np.tile(current, n))
+    return split, labels, f"{note}, with its current history of {len(current)} liked items"
+
+
+def rank_table(ds, split, scores, labels, top=None):
+    """The ranking as printed lines: best score first."""
+    order = np.argsort(-scores, kind="stable")[:top]
+    lines = [f"{'rank':>4} {'item':>6} {'score':>8} {'label':>5}  title"]
+    for k, r in enumerate(order, 1):
+        label = "-" if np.isnan(labels[r]) else str(int(labels[r]))
+        lines.append(f"{k:>4} {split.iid[r]:>6} {scores[r]:>8.3f} {label:>5}  {ds.titles[split.iid[r]]}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI: score a train.py checkpoint on a whole split
 
 
@@ -156,8 +390,11 @@ def main(argv=None):
     import train
     p = argparse.ArgumentParser(description="Score a train.py checkpoint on every row of a split: AUC and "
                                             "UAUC overall, on warm rows and on cold rows. Or, with --table, "
-                                            "tabulate finished runs.")
-    p.add_argument("--ckpt", help="a train.py checkpoint (best.pt or last.pt)")
+                                            "tabulate finished runs. Or use the trained model: --export it "
+                                            "for transformers + peft, or rank one --user's candidate items. "
+                                            "(Those two are here, not in train.py, because they start as "
+                                            "scoring does: from a model rebuilt out of a checkpoint.)")
+    p.add_argument("--ckpt", help="a train.py checkpoint (best.pt or last.pt), or a folder written by --export")
     p.add_argument("--table", nargs="+", metavar="RUN_DIR",
                    help="instead of scoring: print a Markdown results table of these train.py / collab.py "
                         "output folders (their metrics.json), with the paper's ML-1M numbers beside them")
@@ -170,6 +407,18 @@ def main(argv=None):
                    help="compute dtype (default: the run's own --dtype; its default, auto, picks what THIS "
                         "machine computes natively, e.g. fp32 on a CPU without bf16 units)")
     p.add_argument("--out", default=None, help="write metrics.json here instead of beside the checkpoint")
+    p.add_argument("--export", metavar="DIR", help="instead of scoring: write the model to DIR (a new or empty "
+                   "folder): the LoRA in peft's format (adapter_config.json, adapter_model.safetensors), and for "
+                   "stage 2 the projector and collaborative model as safetensors; collm_export.json says what is what")
+    p.add_argument("--with-base", action="store_true", help="--export: save the base LLM and tokenizer in DIR/base "
+                   "too (always done for --llm tiny, which is built in code)")
+    p.add_argument("--user", type=int, help="instead of scoring: rank candidate items for this user id")
+    p.add_argument("--items", help="--user: comma-separated item ids to rank, with the user's current history "
+                   "(default: the user's test rows, each with the history it had; without test rows, --top items "
+                   "the user never rated)")
+    p.add_argument("--top", type=int, default=0, help="--user: print only the best K (0 = all; 10 items are drawn "
+                   "when the user has no test rows)")
+    p.add_argument("--show-prompt", action="store_true", help="--user: print the first candidate's prompt")
     a = p.parse_args(argv)
     if a.table:
         print(results_table(a.table))
@@ -178,9 +427,23 @@ def main(argv=None):
         raise data.UsageError("give --ckpt CHECKPOINT to score, or --table RUN_DIR [RUN_DIR ...] to tabulate")
     if a.batch_size < 1 or a.rows < 0:
         raise data.UsageError("--batch-size must be >= 1 and --rows >= 0")
-    if not os.path.isfile(a.ckpt):
+    problems = []  # every bad use flag at once
+    if a.export and a.user is not None:
+        problems.append("--export and --user: one at a time")
+    if a.top < 0:
+        problems.append(f"--top must be >= 0 (got {a.top})")
+    if a.user is None and (a.items or a.top or a.show_prompt):
+        problems.append("--items, --top and --show-prompt go with --user")
+    if a.with_base and not a.export:
+        problems.append("--with-base goes with --export")
+    if problems:
+        raise data.UsageError("; ".join(problems))
+    if a.export:
+        check_export_folder(a.export)  # before anything slow
+    items = parse_ids(a.items, "--items") if a.items else None
+    if not os.path.exists(a.ckpt):
         raise data.UsageError(f"--ckpt {a.ckpt}: file not found")
-    state = train.load_checkpoint(a.ckpt)
+    state = load_export(a.ckpt) if os.path.isdir(a.ckpt) else train.load_checkpoint(a.ckpt)
     if "lora" not in state or "config" not in state:
         raise data.UsageError(f"--ckpt {a.ckpt}: not a train.py checkpoint (a collab.py model.pt? those are "
                               f"evaluated by collab.py itself)")
@@ -190,10 +453,31 @@ def main(argv=None):
     dtype, dtype_name, dtype_reason = train.compute_dtype(cfg.dtype, device)
     print(f"=> scoring on {device} in {dtype_name} ({dtype_reason})")
     ds = data.load_dataset(cfg.data, cfg.data_root)
+    if a.user is not None:  # unknown ids are reported before the model is built
+        split, labels, note = candidates(ds, a.user, items, a.top or 10)
     model, tok = train.build_model(cfg, ds, dtype, state)
     model.to(device)
+    template = data.load_template(ds.domain, "text" if cfg.stage == "lora" else "collm", cfg.template)
+    if a.export:
+        export_model(model, tok, state, template, a.export, a.with_base)
+        print(f"exported {a.ckpt} ({cfg.stage}, {cfg.llm}, step {state['step']}) -> {a.export}")
+        return
     if cfg.compile:  # scored as the run was trained (train.py --compile)
         train.collm.compile_decoder(model)
+    if a.user is not None:
+        import dataclasses
+        # the candidates as one more split, so that prompts, batches and scores take the usual path
+        ds = dataclasses.replace(ds, splits={**ds.splits, "rank": split})
+        enc = train.encode(cfg, ds, tok, "rank", model)
+        pad = data.SegmentTokenizer(tok).pad_id
+        scores = score_rows(model, enc, split, np.arange(len(split)), a.batch_size, pad, device, dtype)
+        print(f"user {a.user} of {cfg.data}: {note}\n{a.ckpt} ({cfg.stage}, {cfg.llm}, step {state['step']}); "
+              f"score = the 'Yes' logit, label = 1 liked / 0 not / - unknown")
+        if a.show_prompt:
+            segs = data.prompt_segments(template, [ds.titles[i] for i in split.history(0)], ds.titles[split.iid[0]])
+            print(f"prompt of item {split.iid[0]}:\n{data.render_prompt(segs)}")
+        print("\n".join(rank_table(ds, split, scores, labels, a.top or None)))
+        return
     enc = train.encode(cfg, ds, tok, a.split, model)
     rows = np.arange(len(ds.splits[a.split]))[:a.rows or None]
     pad = data.SegmentTokenizer(tok).pad_id

@@ -1,0 +1,220 @@
+"""Using a trained model (eval.py --export, --user): the LoRA in peft's own format, loaded by plain
+transformers + peft with no code of ours; a stage-2 export reloaded through eval.load_export; nothing
+pickled; refusals; one user's ranking. Tiny LLaMA in fp32 on the toy dataset, runs of a few steps."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import collab
+import data
+import eval as metrics  # our eval.py
+import train
+
+TINY = ["--llm", "tiny", "--dtype", "fp32", "--batch-size", "4", "--warmup-steps", "1", "--log-every", "1",
+        "--max-steps", "6", "--eval-every", "6", "--eval-rows", "16", "--test-rows", "16", "--lr", "1e-2"]
+
+# Loading a stage-1 export the way a user of transformers + peft would. It runs in `python -I`
+# (isolated: neither the working directory nor PYTHONPATH is on sys.path), so no module of ours can
+# be imported, and nothing of ours (our attention function, our tokenizer code) is registered.
+# For --llm tiny the export carries the base model and tokenizer in base/: the tiny LLaMA is built
+# in code, so that folder is the only way plain transformers can have it.
+PLAIN_PEFT = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+folder, batch = sys.argv[1], json.load(sys.stdin)
+tok = AutoTokenizer.from_pretrained(folder + "/base")
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder + "/base"), folder).eval()
+yes = tok.encode("Yes", add_special_tokens=False)[0]
+ids, mask = torch.tensor(batch["input_ids"]), torch.tensor(batch["attention_mask"])
+rows, last = torch.arange(len(ids)), mask.sum(1) - 1
+with torch.no_grad():
+    lora = model(input_ids=ids, attention_mask=mask).logits[rows, last, yes]
+    with model.disable_adapter():
+        base = model(input_ids=ids, attention_mask=mask).logits[rows, last, yes]
+print(json.dumps({"yes_id": yes, "lora": lora.tolist(), "base": base.tolist()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def runs(toy_root, tmp_path_factory):
+    """An MF model, a stage-1 run and a stage-2 run on it (in this process: no start-up costs)."""
+    root = tmp_path_factory.mktemp("runs")
+    common = [*TINY, "--data", "toy", "--data-root", str(toy_root)]
+    collab.main(["--model", "mf", "--data", "toy", "--data-root", str(toy_root), "--out", str(root / "mf"),
+                 "--epochs", "5"])
+    train.main(["--stage", "lora", *common, "--out", str(root / "lora")])
+    train.main(["--stage", "cie", *common, "--ckpt", str(root / "lora" / "best.pt"), "--rec", "mf",
+                "--rec-ckpt", str(root / "mf" / "model.pt"), "--out", str(root / "cie")])
+    return root
+
+
+def rebuilt(state, toy_root):
+    """Our CoLLM from a checkpoint-shaped dict, as eval.py rebuilds it; plus the toy dataset, tokenizer."""
+    cfg = train.Config(**{**state["config"], "data_root": str(toy_root)})
+    ds = data.load_dataset("toy", str(toy_root))
+    model, tok = train.build_model(cfg, ds, None, state)
+    return model.eval(), tok, cfg, ds
+
+
+def a_batch(model, tok, cfg, ds, n=8):
+    enc = train.encode(cfg, ds, tok, "test", model)
+    return data.collate(enc, ds.splits["test"], np.arange(n), data.SegmentTokenizer(tok).pad_id)
+
+
+def our_scores(model, batch):
+    with torch.no_grad():
+        return model(**batch).numpy()
+
+
+def no_pickles(folder):
+    """Every file of an export is JSON, safetensors or a tokenizer/README text; none starts like a pickle."""
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            assert not f.endswith((".pt", ".bin", ".pkl", ".pth")), f
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                assert fh.read(1) != b"\x80", f"{f} is a pickle"
+
+
+def test_stage1_export_loads_with_plain_transformers_and_peft(runs, toy_root, tmp_path):
+    out = tmp_path / "export"
+    metrics.main(["--export", str(out), "--ckpt", str(runs / "lora" / "best.pt")])
+    assert {"adapter_config.json", "adapter_model.safetensors", "collm_export.json", "base"} <= set(os.listdir(out))
+    assert not (out / "projector.safetensors").exists()  # stage 1 has no projector
+    no_pickles(out)
+    model, tok, cfg, ds = rebuilt(train.load_checkpoint(str(runs / "lora" / "best.pt")), toy_root)
+    batch = a_batch(model, tok, cfg, ds)
+    res = subprocess.run([sys.executable, "-I", "-c", PLAIN_PEFT, str(out)], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120, input=json.dumps({k: batch[k].tolist() for k in
+                                                                       ("input_ids", "attention_mask")}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    plain = json.loads(res.stdout.strip().splitlines()[-1])
+    assert plain["yes_id"] == model.yes_id == json.loads((out / "collm_export.json").read_text())["yes_token_id"]
+    np.testing.assert_allclose(plain["lora"], our_scores(model, batch), atol=1e-4)
+    # the adapters were loaded and change the answer (a LoRA left at B = 0 would pass the line above)
+    assert np.abs(np.array(plain["lora"]) - plain["base"]).max() > 1e-3
+
+
+def test_stage2_export_reloads_to_the_same_scores(runs, toy_root, tmp_path):
+    out = tmp_path / "export"
+    ckpt = train.load_checkpoint(str(runs / "cie" / "best.pt"))
+    metrics.main(["--export", str(out), "--ckpt", str(runs / "cie" / "best.pt")])
+    no_pickles(out)
+    info = json.loads((out / "collm_export.json").read_text())
+    from safetensors.torch import load_file
+    # the collaborative model goes out whole and generically: its full state_dict and config
+    rec = load_file(out / "rec.safetensors")
+    assert set(rec) == set(ckpt["rec"]["state_dict"]) == set(info["rec"]["tensors"])
+    assert info["rec"]["model"] == "mf" and info["rec"]["config"] == ckpt["rec"]["config"]
+    assert set(load_file(out / "projector.safetensors")) == set(ckpt["proj"]) == set(info["projector"]["tensors"])
+    assert "<UserID>" in info["prompt"]["template"] and "slot_token_id" in info["prompt"]
+    original, tok, cfg, ds = rebuilt(ckpt, toy_root)
+    batch = a_batch(original, tok, cfg, ds)
+    reloaded, *_ = rebuilt(metrics.load_export(str(out)), toy_root)
+    np.testing.assert_allclose(our_scores(reloaded, batch), our_scores(original, batch), atol=1e-5)
+
+
+def cli(monkeypatch, capsys, *args):
+    """eval.py as a user runs it (data.cli_main: a UsageError becomes one `error:` line, exit 2)."""
+    monkeypatch.setattr(sys, "argv", ["eval.py", *map(str, args)])
+    try:
+        data.cli_main(metrics.main)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_error(code, err, *words):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_export_refuses_a_non_empty_folder(runs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, _, err = cli(monkeypatch, capsys, "--export", out, "--ckpt", runs / "lora" / "best.pt")
+    assert_error(code, err, str(out), "not an empty folder")
+    assert os.listdir(out) == ["notes.txt"] and not [p for p in os.listdir(tmp_path) if "tmp" in p]
+
+
+def table_rows(out):
+    lines = out.splitlines()
+    start = next(k for k, line in enumerate(lines) if line.split()[:2] == ["rank", "item"]) + 1
+    return [(int(r), int(i), float(s), lab) for r, i, s, lab, *_ in (line.split() for line in lines[start:])]
+
+
+def test_rank_a_users_test_rows(runs, toy_root, monkeypatch, capsys):
+    ckpt = runs / "cie" / "best.pt"
+    ds = data.load_dataset("toy", str(toy_root))
+    te = ds.splits["test"]
+    user = int(te.uid[0])
+    code, out, err = cli(monkeypatch, capsys, "--ckpt", ckpt, "--user", user, "--show-prompt")
+    assert code == 0, err
+    rows = table_rows(out)
+    mine = np.flatnonzero(te.uid == user)
+    assert [r[0] for r in rows] == list(range(1, len(mine) + 1))
+    assert sorted(r[1] for r in rows) == sorted(te.iid[mine].tolist())
+    assert [r[2] for r in rows] == sorted((r[2] for r in rows), reverse=True)
+    for _, item, _, label in rows:
+        assert label == str(int(te.label[mine][te.iid[mine] == item][0]))
+    assert "prompt of item" in out and "<UserID>" in out and f'"Item {te.iid[mine[0]]}"' in out
+    # each test row is scored with the history it had: the same scores as evaluation gives those rows
+    model, tok, cfg, ds = rebuilt(train.load_checkpoint(str(ckpt)), toy_root)
+    enc = train.encode(cfg, ds, tok, "test", model)
+    want = metrics.score_rows(model, enc, te, mine, 4, data.SegmentTokenizer(tok).pad_id, torch.device("cpu"))
+    got = {item: score for _, item, score, _ in rows}
+    np.testing.assert_allclose([got[i] for i in te.iid[mine]], want, atol=2e-3)  # printed to 3 decimals
+
+
+def test_rank_given_items_and_from_an_export(runs, toy_root, tmp_path, monkeypatch, capsys):
+    ckpt = runs / "cie" / "best.pt"
+    code, out, err = cli(monkeypatch, capsys, "--ckpt", ckpt, "--user", 3, "--items", "5,2,7", "--top", 2)
+    assert code == 0, err
+    rows = table_rows(out)
+    assert len(rows) == 2 and {r[1] for r in rows} <= {5, 2, 7} and "current history" in out
+    metrics.main(["--export", str(tmp_path / "export"), "--ckpt", str(ckpt)])
+    capsys.readouterr()
+    code, out2, err = cli(monkeypatch, capsys, "--ckpt", tmp_path / "export", "--user", 3, "--items", "5,2,7",
+                          "--top", 2)
+    assert code == 0, err
+    assert table_rows(out2) == rows
+
+
+def test_rank_refuses_unknown_ids(runs, monkeypatch, capsys):
+    ckpt = runs / "lora" / "best.pt"
+    assert_error(*cli(monkeypatch, capsys, "--ckpt", ckpt, "--user", 99)[::2], "--user 99", "1..24")
+    assert_error(*cli(monkeypatch, capsys, "--ckpt", ckpt, "--user", 0)[::2], "1..24")
+    assert_error(*cli(monkeypatch, capsys, "--ckpt", ckpt, "--user", 3, "--items", "2,21,0")[::2],
+                 "21,0", "1..20")
+    assert_error(*cli(monkeypatch, capsys, "--ckpt", ckpt, "--user", 3, "--items", "2,x")[::2], "--items 2,x")
+    assert_error(*cli(monkeypatch, capsys, "--ckpt", ckpt, "--items", "2")[::2], "--user")
+
+
+def test_candidates_without_test_rows_are_unrated_items_with_the_current_history(toy_root):
+    import dataclasses
+    ds = data.load_dataset("toy", str(toy_root))
+    te, user = ds.splits["test"], int(ds.splits["test"].uid[0])
+    keep = np.flatnonzero(te.uid != user)  # the same data, this user's test rows taken out
+    hist = [te.history(r) for r in keep]
+    te = data.Split(uid=te.uid[keep], iid=te.iid[keep], label=te.label[keep], not_cold=te.not_cold[keep],
+                    his_ptr=np.concatenate([[0], np.cumsum([len(h) for h in hist])]).astype(np.int64),
+                    his_items=np.concatenate(hist).astype(np.int64))
+    ds = dataclasses.replace(ds, splits={**ds.splits, "test": te})
+    split, labels, note = metrics.candidates(ds, user, None, k=3)
+    rated = {int(i) for s in ("train", "valid") for i in ds.splits[s].iid[ds.splits[s].uid == user]}
+    assert len(split) == 3 and not set(split.iid.tolist()) & rated and np.isnan(labels).all()
+    # the current history: every item the user liked in the rows that remain, and (the toy splits are
+    # not in time order) the liked items of the rows taken out that came earlier than some of them
+    liked = lambda splits: {int(i) for s in ("train", "valid", "test")
+                            for i in splits[s].iid[(splits[s].uid == user) & (splits[s].label > 0.5)]}
+    assert liked(ds.splits) <= set(split.history(0).tolist()) <= liked(data.load_dataset("toy", str(toy_root)).splits)
+    assert "never rated" in note
