@@ -175,7 +175,10 @@ def export_model(model, tok, state, template, folder, with_base=False):
         "score": ("s = h_last . W_lm[yes_token_id] (+ the LM head's bias there, if it has one): the logit of the "
                   "token 'Yes' at the LAST prompt position: for one unpadded prompt, model(input_ids=ids).logits[0, -1, "
                   "yes_token_id] (stage 2: model(inputs_embeds=...), the embeddings with both slots replaced). "
-                  "It was trained with binary cross-entropy, so sigmoid(s) is P(the user likes the item)."),
+                  "Then score_bias is added (0 unless the run used train.py --calibrate: a constant, so it "
+                  "changes no ranking). It was trained with binary cross-entropy, so sigmoid(s) is P(the user "
+                  "likes the item)."),
+        "score_bias": float(state.get("score_bias", 0.0)),
         "yes_token_id": model.yes_id,
         "prompt": {"template": template, "bos_token_id": seg.prefix[0] if seg.prefix else None,
                    "rules": "<ItemTitleList>: the user's last 10 liked titles, oldest first, each in double "
@@ -255,7 +258,8 @@ def load_export(folder):
                   lora_targets=",".join(sorted(lora["target_modules"])))
     if os.path.isdir(os.path.join(folder, "base")):
         config["llm"] = os.path.join(folder, "base")
-    state = {"config": config, "step": info.get("step"), "lora": load_file(os.path.join(folder, ADAPTER_FILES[1]))}
+    state = {"config": config, "step": info.get("step"), "lora": load_file(os.path.join(folder, ADAPTER_FILES[1])),
+             "score_bias": info.get("score_bias", 0.0)}
     if "rec" in info:
         state["proj"] = load_file(os.path.join(folder, info["projector"]["file"]))
         state["rec"] = {"model": info["rec"]["model"], "config": info["rec"]["config"],

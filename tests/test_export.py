@@ -48,7 +48,7 @@ def runs(toy_root, tmp_path_factory):
     common = [*TINY, "--data", "toy", "--data-root", str(toy_root)]
     collab.main(["--model", "mf", "--data", "toy", "--data-root", str(toy_root), "--out", str(root / "mf"),
                  "--epochs", "5"])
-    train.main(["--stage", "lora", *common, "--out", str(root / "lora")])
+    train.main(["--stage", "lora", *common, "--calibrate", "--out", str(root / "lora")])  # a score_bias to carry
     train.main(["--stage", "cie", *common, "--ckpt", str(root / "lora" / "best.pt"), "--rec", "mf",
                 "--rec-ckpt", str(root / "mf" / "model.pt"), "--out", str(root / "cie")])
     return root
@@ -94,8 +94,10 @@ def test_stage1_export_loads_with_plain_transformers_and_peft(runs, toy_root, tm
                                                                        ("input_ids", "attention_mask")}))
     assert res.returncode == 0, res.stderr[-3000:]
     plain = json.loads(res.stdout.strip().splitlines()[-1])
-    assert plain["yes_id"] == model.yes_id == json.loads((out / "collm_export.json").read_text())["yes_token_id"]
-    np.testing.assert_allclose(plain["lora"], our_scores(model, batch), atol=1e-4)
+    info = json.loads((out / "collm_export.json").read_text())
+    assert plain["yes_id"] == model.yes_id == info["yes_token_id"]
+    assert info["score_bias"] == pytest.approx(float(model.score_bias)) != 0  # --calibrate's constant, written down
+    np.testing.assert_allclose(np.array(plain["lora"]) + info["score_bias"], our_scores(model, batch), atol=1e-4)
     # the adapters were loaded and change the answer (a LoRA left at B = 0 would pass the line above)
     assert np.abs(np.array(plain["lora"]) - plain["base"]).max() > 1e-3
 
