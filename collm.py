@@ -158,7 +158,7 @@ def compile_decoder(model):
 # alone, so a GPU's fit and speed can be measured before downloading 13 GB of weights. What such a
 # model scores means nothing. The tokenizer is the tiny in-code one (no file needed anywhere): its
 # ids fit every vocabulary, but it cuts titles into more pieces than the real tokenizers, so prompts
-# are longer (the run prints the mean length) and a measured samples/s is on the slow side.
+# are longer and a measured samples/s is on the slow side.
 RANDOM_SHAPES = {
     "vicuna-7b": ("llama", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
