@@ -126,7 +126,7 @@ def test_mf_tables_and_padding():
     U, I = model.tables()
     assert U.shape == (7, 6) and I.shape == (9, 6) and model.dim == 6
     assert torch.all(U[0] == 0) and torch.all(I[0] == 0)
-    assert set(collab.MODELS) == {"mf", "lightgcn"}
+    assert set(collab.MODELS) == {"mf", "lightgcn", "sasrec", "din", "pop"}
 
 
 # ---------------------------------------------------------------------------------------------
