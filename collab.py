@@ -186,23 +186,29 @@ class LightGCN(nn.Module):
 
 class CausalBlock(nn.Module):
     """One pre-norm transformer block, one head: x + Attn(LN x), then x + FFN(LN x). `allowed` (B, L, L)
-    says which key each query may read; pre-norm (as GPT-2) where SASRec's code normalises only the
-    query, an ordering detail that trains the same and keeps the residual stream plain."""
+    says which key each query may read. Pre-norm (as GPT-2) where SASRec's code normalises only the
+    query: an ordering detail that keeps the residual stream plain. Dropout where SASRec has it: on
+    the attention weights and inside and after the feed-forward."""
 
     def __init__(self, dim, dropout):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim))
+        self.ffn = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim),
+                                 nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, allowed):
+    def forward(self, x, allowed, last_only=False):
+        """x (B, L, d) -> (B, L, d); last_only: only the last position's output, (B, 1, d). The last
+        block of SASRec needs no other (only the last position scores), which saves a quarter of the work."""
         q, k, v = self.qkv(self.norm1(x)).chunk(3, -1)                # (B, L, d) each
-        att = (q @ k.transpose(1, 2)) / x.shape[-1] ** 0.5            # (B, L, L)
+        if last_only:
+            q, x, allowed = q[:, -1:], x[:, -1:], allowed[:, -1:]
+        att = (q @ k.transpose(1, 2)) / x.shape[-1] ** 0.5            # (B, L or 1, L)
         att = att.masked_fill(~allowed, float("-inf")).softmax(-1)
-        x = x + self.drop(self.out(self.drop(att) @ v))
-        return x + self.drop(self.ffn(self.norm2(x)))
+        x = x + self.out(self.drop(att) @ v)
+        return x + self.ffn(self.norm2(x))
 
 
 class SASRec(nn.Module):
@@ -233,20 +239,21 @@ class SASRec(nn.Module):
     def items(self):
         return mean_for_unseen(self.item.weight, self.item_seen)  # (n_items, d)
 
-    def encode(self, his):
-        """(B, L) history ids -> (B, L, d): position t has read items 0..t only (causal)."""
+    def encode(self, his, last_only=False):
+        """(B, L) history ids -> (B, L, d): position t has read items 0..t only (causal).
+        last_only: just the last position, (B, 1, d), what scoring and CoLLM read."""
         L = his.shape[1]
         pad = his == 0                                                  # (B, L)
         x = self.items()[his] * self.dim ** 0.5 + self.pos.weight[-L:]  # (B, L, d)
         x = self.drop(x).masked_fill(pad[..., None], 0.0)               # padding carries nothing
         causal = torch.ones(L, L, dtype=torch.bool, device=his.device).tril()
         allowed = (causal & ~pad[:, None, :]) | torch.eye(L, dtype=torch.bool, device=his.device)  # (B, L, L)
-        for block in self.blocks:
-            x = block(x, allowed)
+        for k, block in enumerate(self.blocks):
+            x = block(x, allowed, last_only and k == len(self.blocks) - 1)
         return self.norm(x)
 
     def embed(self, uid, iid, his):
-        return self.encode(his)[:, -1], self.items()[iid]  # (B, d) each
+        return self.encode(his, last_only=True)[:, -1], self.items()[iid]  # (B, d) each
 
     def forward(self, uid, iid, his):
         u, i = self.embed(uid, iid, his)
@@ -425,7 +432,13 @@ def load_rec(path, user_num=None, item_num=None):
 
 def history(split, model, rows=None):
     """(N, his_len) padded history ids of a split's rows for a model that reads them, else None."""
-    return torch.from_numpy(data.padded_history(split, model.his_len, rows)) if model.his_len else None
+    if not model.his_len:
+        return None
+    his = data.padded_history(split, model.his_len, rows)
+    n_items = model.item_seen.numel()
+    if his.size and his.max() >= n_items:  # an embedding lookup would fail with an IndexError traceback
+        raise data.UsageError(f"history item id {his.max()} is beyond the model's item table ({n_items} items)")
+    return torch.from_numpy(his)
 
 
 @torch.no_grad()
