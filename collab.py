@@ -253,7 +253,10 @@ class SASRec(nn.Module):
         return self.norm(x)
 
     def embed(self, uid, iid, his):
-        return self.encode(his, last_only=True)[:, -1], self.items()[iid]  # (B, d) each
+        # A dislike does not extend the history, so about half of the rows repeat an earlier row's
+        # history (ML-1M train: 18,515 distinct of 33,891): encode each distinct one once, then copy.
+        distinct, row = torch.unique(his, dim=0, return_inverse=True)  # (G, L), (B,)
+        return self.encode(distinct, last_only=True)[row, -1], self.items()[iid]  # (B, d) each
 
     def forward(self, uid, iid, his):
         u, i = self.embed(uid, iid, his)
@@ -484,6 +487,9 @@ def train_rec(ds, model_name, dim=None, lr=None, wd=None, batch_size=1024, epoch
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["wd"], fused=True)
     uid, iid, label = (torch.tensor(a) for a in (tr.uid, tr.iid, tr.label))  # copies: may be read-only arrays
     his = history(tr, model)  # (N, his_len) or None, padded once for the whole run
+    # SASRec encodes each distinct history of a batch once: batches made of whole groups of rows
+    # that share a history (shuffled groups, not rows) make that about 1.8x less work on ML-1M.
+    group = np.unique(his.numpy(), axis=0, return_inverse=True)[1].ravel() if model_name == "sasrec" else None
     steps = -(-len(tr) // batch_size)
     print(f"=> {model_name}: {ds.user_num} x {ds.item_num} tables, dim {model.dim}, {len(tr):,} train rows, "
           f"{steps} steps/epoch" + (f", {len(model.edges):,} graph edges" if model_name == "lightgcn" else "")
@@ -493,7 +499,9 @@ def train_rec(ds, model_name, dim=None, lr=None, wd=None, batch_size=1024, epoch
     for epoch in bar:
         model.train()
         losses = []
-        for rows in np.array_split(rng.permutation(len(tr)), steps):  # near-equal batches, none tiny
+        order = rng.permutation(len(tr)) if group is None else \
+            np.argsort(rng.permutation(group.max() + 1)[group], kind="stable")  # groups in random order
+        for rows in np.array_split(order, steps):  # near-equal batches, none tiny
             rows = torch.from_numpy(rows)
             logits = model(uid[rows], iid[rows], his[rows] if his is not None else None)
             loss = F.binary_cross_entropy_with_logits(logits, label[rows])
