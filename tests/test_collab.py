@@ -378,3 +378,32 @@ def test_history_id_beyond_the_item_table_is_one_error(toy_his):
         collab.score(model, toy_his.splits["valid"])
     r = run_cli("--model", "pop", "--out", "x", "--dropout", "0.5", "--lr", "1e-3")
     assert r.returncode == 2 and "--dropout is for" in r.stderr and "--lr is for" in r.stderr
+
+
+def test_frozen_tables_are_computed_once_until_the_weights_change():
+    """CoLLM's frozen MF / LightGCN: one propagation for the whole run, not one per step."""
+    model = collab.LightGCN(4, 4, [(1, 1), (1, 2), (2, 2), (3, 3)], dim=5, layers=2)
+    assert model.tables()[0] is not model.tables()[0]          # training: recomputed (gradients must flow)
+    model.requires_grad_(False)
+    first = model.tables()
+    assert model.tables() is first                             # frozen: the same tensors
+    with torch.no_grad():
+        model.user.weight[1] += 1.0                            # an in-place change (load_state_dict is one)
+    again = model.tables()
+    assert again is not first and not torch.equal(again[0], first[0])
+    torch.testing.assert_close(again[0], model.propagate()[0])
+
+
+def test_results_table_knows_the_new_models(tmp_path):
+    """eval.py --table: SASRec and DIN beside the paper's ML-1M numbers; pop has none ("-")."""
+    block = {"auc": 0.7, "uauc": 0.6, "uauc_users": 3, "rows": 10}
+    for name in ("sasrec", "din", "pop"):
+        os.makedirs(tmp_path / name)
+        m = {"valid": block, "test": block, "test_warm": block, "test_cold": block, "samples_seen": 5,
+             "config": {"model": name, "data": "ml-1m"}}
+        (tmp_path / name / "metrics.json").write_text(json.dumps(m))
+    lines = eval.results_table([tmp_path / n for n in ("sasrec", "din", "pop")]).splitlines()
+    assert lines[2].startswith("| sasrec | SASRec |") and lines[2].endswith("| 0.7078 / 0.6884 |")
+    assert lines[3].startswith("| din | DIN |") and lines[3].endswith("| 0.7166 / 0.6459 |")
+    assert lines[4].startswith("| pop | Pop |") and lines[4].endswith("| - |")
+    assert eval.PAPER_ML1M["CoLLM-SASRec"] == (0.7235, 0.6990) and eval.PAPER_ML1M["CoLLM-DIN"] == (0.7243, 0.6897)
