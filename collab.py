@@ -47,7 +47,7 @@ import eval  # our eval.py (it shadows the builtin eval(), which nothing here us
 # wd is the knob that matters: 1e-3 stops learning (valid AUC 0.55); for MF 1e-5 and below overfits.
 DEFAULTS = {"mf": dict(dim=256, lr=1e-3, wd=1e-4),
             "lightgcn": dict(dim=64, lr=3e-3, wd=1e-5, layers=2),
-            "sasrec": dict(dim=64, lr=1e-3, wd=1e-4, dropout=0.2, patience=10),
+            "sasrec": dict(dim=64, lr=3e-3, wd=1e-2, dropout=0.2, patience=10),
             "din": dict(dim=64, lr=1e-3, wd=1e-4, dropout=0.0, patience=10),
             "pop": dict(prior=3.0)}
 # SASRec and DIN peak on valid within 2-8 epochs and then only overfit (an epoch of SASRec costs
