@@ -192,15 +192,18 @@ class LightGCN(nn.Module):
 
 
 class CausalBlock(nn.Module):
-    """One pre-norm transformer block, one head: x + Attn(LN x), then x + FFN(LN x). `allowed` (B, L, L)
-    says which key each query may read. Pre-norm (as GPT-2) where SASRec's code normalises only the
-    query: an ordering detail that keeps the residual stream plain. Dropout where SASRec has it: on
-    the attention weights and inside and after the feed-forward."""
+    """One SASRec block, one head, in the order of Kang & McAuley's code (which the reference copies):
+    the query is the layer-normed input, keys and values the input itself, and the attention output is
+    added to the normed query; then a second LayerNorm and the feed-forward with its own residual.
+    (A GPT-2 style pre-norm block scored 0.0007-0.0008 lower valid AUC on two seeds.) `allowed`
+    (B, L, L) says which key each query may read. Dropout where SASRec has it: on the attention
+    weights and inside and after the feed-forward."""
 
     def __init__(self, dim, dropout):
         super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-8), nn.LayerNorm(dim, eps=1e-8)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
         self.ffn = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim),
                                  nn.Dropout(dropout))
@@ -209,13 +212,14 @@ class CausalBlock(nn.Module):
     def forward(self, x, allowed, last_only=False):
         """x (B, L, d) -> (B, L, d); last_only: only the last position's output, (B, 1, d). The last
         block of SASRec needs no other (only the last position scores), which saves a quarter of the work."""
-        q, k, v = self.qkv(self.norm1(x)).chunk(3, -1)                # (B, L, d) each
+        k, v = self.kv(x).chunk(2, -1)                                # (B, L, d) each
         if last_only:
-            q, x, allowed = q[:, -1:], x[:, -1:], allowed[:, -1:]
-        att = (q @ k.transpose(1, 2)) / x.shape[-1] ** 0.5            # (B, L or 1, L)
+            x, allowed = x[:, -1:], allowed[:, -1:]
+        h = self.norm1(x)                                             # (B, L or 1, d)
+        att = (self.q(h) @ k.transpose(1, 2)) / x.shape[-1] ** 0.5    # (B, L or 1, L)
         att = att.masked_fill(~allowed, float("-inf")).softmax(-1)
-        x = x + self.out(self.drop(att) @ v)
-        return x + self.ffn(self.norm2(x))
+        x = self.norm2(h + self.out(self.drop(att) @ v))
+        return x + self.ffn(x)
 
 
 class SASRec(nn.Module):
