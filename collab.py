@@ -50,8 +50,8 @@ DEFAULTS = {"mf": dict(dim=256, lr=1e-3, wd=1e-4),
             "sasrec": dict(dim=64, lr=3e-3, wd=1e-2, dropout=0.2, patience=10),
             "din": dict(dim=64, lr=1e-3, wd=1e-4, dropout=0.0, patience=10),
             "pop": dict(prior=3.0)}
-# SASRec, DIN, pop: the best full-valid AUC (seed 0) of a handful of settings each (README). SASRec:
-# lr 3e-3 / wd 1e-2 0.6914; 1e-2 / 1e-2 0.6864; 1e-2 / 3e-3 0.6898; 3e-3 / 5e-3 0.6908; 3e-3 / 3e-3 0.6864;
+# SASRec, DIN, pop: the best full-valid AUC (seed 0) of a handful of settings each (README). SASRec
+# (searched with a GPT-2 style block, see CausalBlock): lr 3e-3 / wd 1e-2 0.6914; 1e-2 / 1e-2 0.6864; 1e-2 / 3e-3 0.6898; 3e-3 / 5e-3 0.6908; 3e-3 / 3e-3 0.6864;
 # 1e-3 / 1e-3 0.6702 (weaker L2 overfits within 2-7 epochs); dropout 0.5 0.6919, within noise of the
 # paper's 0.2, which we keep. DIN: lr 1e-3 / wd 1e-4 with head dropout 0 0.7238, 0.2 0.7225, 0.5
 # 0.7188; wd 1e-3 0.7219, 1e-5 0.7185; lr 1e-2 0.7217, 1e-4 0.6972. pop: prior 3 0.6907 (1: 0.6894,
