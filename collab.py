@@ -570,7 +570,7 @@ def main(argv=None):
     p.add_argument("--data", default="ml-1m", help="dataset name under the data root, or a folder (default ml-1m)")
     p.add_argument("--data-root", default=None, help="folder holding datasets (default $COLLM_DATA, else ./data)")
     p.add_argument("--out", required=True, help="output folder for model.pt and metrics.json")
-    p.add_argument("--dim", type=int, default=None, help=f"embedding size (default: {per_model('dim')})")
+    p.add_argument("--dim", type=int, default=None, help=f"embedding size, for DIN of each of its three tables (default: {per_model('dim')})")
     p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default: {per_model('lr')})")
     p.add_argument("--wd", type=float, default=None, help=f"Adam L2 weight decay (default: {per_model('wd')})")
     p.add_argument("--batch-size", type=int, default=1024, help="train rows per step (default 1024)")
