@@ -1,18 +1,29 @@
 """collab.py: the collaborative models CoLLM borrows its user/item embeddings from (paper section 4.2).
 
-Chapter three. Two classic recommenders, each trained alone on the same pointwise task as the LLM
-(label = liked or not, binary cross-entropy on a dot-product logit), with Adam + L2 weight decay and
-early stopping on the FULL valid AUC (SPEC sections 4 and 5):
+Chapter three. Four recommenders of the paper's Table II and a popularity anchor, each trained alone
+on the same pointwise task as the LLM (label = liked or not, binary cross-entropy on one logit per
+row), with Adam + L2 weight decay and early stopping on the FULL valid AUC:
   - MF: one learned vector per user and per item; score = their dot product.
   - LightGCN (He et al. 2020): the same vectors, smoothed over the graph of train positives before
     the dot product, so a user's vector also carries the items their neighbours liked.
-Neither model has anything to say about an id that never occurs in train (on ML-1M, 42% of the
-test rows come from users who are new in the test period): see `UNSEEN` below for what we do instead.
-CoLLM (collm.py) only needs `model.tables()` -> (U, I) and `model.dim`; `load_rec` rebuilds a model
-from the checkpoint this script writes, without the dataset.
+  - SASRec (Kang & McAuley 2018): no user table; the user is the row's history (earlier liked items,
+    oldest first) read by a small causal transformer; score = <output at the last position, item>.
+  - DIN (Zhou et al. 2018, the reference's `RecEncoder_DIN`): user, target and history tables; the
+    history is pooled with weights that depend on the target; an MLP scores [target, pooled, user].
+  - pop: each item's positive rate in train, nothing personal: what "no collaborative signal" scores.
+MF, LightGCN and DIN's user table know nothing about an id that never occurs in train (on ML-1M, 42%
+of the test rows come from users who are new in the test period): see `UNSEEN` below.
+
+What CoLLM (collm.py) asks of a model: `dim` (the width of its vectors), `his_len` (how many history
+items a batch must carry; 0 = none) and one per-row call, `embed(uid, iid, his)` -> (user vector,
+item vector), (B, dim) each, which the projector maps into the prompt's two slots. `load_rec` rebuilds
+a model from the checkpoint this script writes, without the dataset.
 
     python collab.py --model mf --data ml-1m --out runs/mf               # about 30 s on 2 CPU cores
     python collab.py --model lightgcn --data ml-1m --out runs/lightgcn   # about 22 s
+    python collab.py --model sasrec --data ml-1m --out runs/sasrec
+    python collab.py --model din --data ml-1m --out runs/din
+    python collab.py --model pop --data ml-1m --out runs/pop             # a second: no training loop
 """
 import argparse
 import json
@@ -35,7 +46,17 @@ import eval  # our eval.py (it shadows the builtin eval(), which nothing here us
 # 0.7108; d=64 gives 0.7098 in a third of the time). LightGCN's lr 1e-2 wd 1e-4 came within 0.004.
 # wd is the knob that matters: 1e-3 stops learning (valid AUC 0.55); for MF 1e-5 and below overfits.
 DEFAULTS = {"mf": dict(dim=256, lr=1e-3, wd=1e-4),
-            "lightgcn": dict(dim=64, lr=3e-3, wd=1e-5, layers=2)}
+            "lightgcn": dict(dim=64, lr=3e-3, wd=1e-5, layers=2),
+            "sasrec": dict(dim=64, lr=3e-3, wd=1e-2, dropout=0.2, patience=10),
+            "din": dict(dim=64, lr=1e-3, wd=1e-4, dropout=0.0, patience=10),
+            "pop": dict(prior=3.0)}
+# SASRec, DIN, pop: the best full-valid AUC (seed 0) of a handful of settings each (README). SASRec
+# (searched with a GPT-2 style block, see CausalBlock): lr 3e-3 / wd 1e-2 0.6914; 1e-2 / 1e-2 0.6864; 1e-2 / 3e-3 0.6898; 3e-3 / 5e-3 0.6908; 3e-3 / 3e-3 0.6864;
+# 1e-3 / 1e-3 0.6702 (weaker L2 overfits within 2-7 epochs); dropout 0.5 0.6919, within noise of the
+# paper's 0.2, which we keep. DIN: lr 1e-3 / wd 1e-4 with head dropout 0 0.7238, 0.2 0.7225, 0.5
+# 0.7188; wd 1e-3 0.7219, 1e-5 0.7185; lr 1e-2 0.7217, 1e-4 0.6972. pop: prior 3 0.6907 (1: 0.6894,
+# 5: 0.6901, 10: 0.6888, 30: 0.6849). DIN peaks at epoch 2 and SASRec by epoch 10-40, then they only
+# overfit; an epoch of SASRec costs ~30x one of MF, so patience 10 instead of 50 keeps runs short.
 INIT_STD = 0.1  # N(0, 0.1) init (LightGCN's); nn.Embedding's N(0, 1) makes d=256 dot products ~16 at step 0
 
 # An id with no train rows never gets a gradient from the data, only from the weight decay, which
@@ -61,16 +82,36 @@ def register_seen(model, user_num, item_num, seen):
 
 
 # ---------------------------------------------------------------------------------------------
-# Models. Both expose `dim`, `tables()` -> (U (user_num, d), I (item_num, d)) and forward(uid, iid).
+# Models. Each exposes `dim`, `his_len`, `settings` (its constructor's arguments, for checkpoints),
+# embed(uid, iid, his) -> (user (B, dim), item (B, dim)) for CoLLM's slots, and forward(uid, iid, his)
+# -> (B,) logits. MF and LightGCN ignore `his` (his_len 0: their batches carry none).
+
+
+def frozen_once(model, compute):
+    """compute() -> (U, I), the whole tables of MF or LightGCN. While the weights train, every call
+    recomputes them (gradients must flow); while they are frozen (requires_grad False, CoLLM's stage
+    2) the first result is kept and reused, so LightGCN propagates once, not once per step. The key is
+    each weight's storage and in-place version counter: load_state_dict, an in-place edit or .to(device)
+    changes it, and the next call recomputes."""
+    weights = (model.user.weight, model.item.weight)
+    if any(w.requires_grad for w in weights):
+        return compute()
+    key = tuple((w.data_ptr(), w._version) for w in weights)
+    if getattr(model, "_frozen_key", None) != key:
+        with torch.no_grad():
+            model._frozen_tables = compute()
+        model._frozen_key = key
+    return model._frozen_tables
 
 
 class MF(nn.Module):
     """Matrix factorisation: logit(u, i) = <U[u], I[i]>. CoLLM uses the tables as they are
     (bar the unseen rows)."""
+    his_len = 0
 
     def __init__(self, user_num, item_num, dim=256, seen=None):
         super().__init__()
-        self.dim = dim
+        self.dim, self.settings = dim, dict(dim=dim)
         self.user = nn.Embedding(user_num, dim, padding_idx=0)  # row 0 = padding, stays zero
         self.item = nn.Embedding(item_num, dim, padding_idx=0)
         for table in (self.user, self.item):
@@ -79,11 +120,16 @@ class MF(nn.Module):
         register_seen(self, user_num, item_num, seen)
 
     def tables(self):
-        return mean_for_unseen(self.user.weight, self.user_seen), mean_for_unseen(self.item.weight, self.item_seen)
+        return frozen_once(self, lambda: (mean_for_unseen(self.user.weight, self.user_seen),
+                                          mean_for_unseen(self.item.weight, self.item_seen)))
 
-    def forward(self, uid, iid):
+    def embed(self, uid, iid, his=None):
         U, I = self.tables()
-        return (U[uid] * I[iid]).sum(-1)  # (B,)
+        return U[uid], I[iid]  # (B, d) each
+
+    def forward(self, uid, iid, his=None):
+        u, i = self.embed(uid, iid)
+        return (u * i).sum(-1)  # (B,)
 
 
 def normalized_adjacency(edges, user_num, item_num):
@@ -105,10 +151,12 @@ class LightGCN(nn.Module):
 
     No weights or nonlinearities between layers: propagation only averages neighbours, so E0 are the
     only parameters. The train edges are a buffer, so the checkpoint carries the graph with it."""
+    his_len = 0
 
     def __init__(self, user_num, item_num, edges, dim=64, layers=2, seen=None):
         super().__init__()
         self.dim, self.layers, self.user_num, self.item_num = dim, layers, user_num, item_num
+        self.settings = dict(dim=dim, layers=layers)
         self.user = nn.Embedding(user_num, dim)
         self.item = nn.Embedding(item_num, dim)
         nn.init.normal_(self.user.weight, std=INIT_STD)
@@ -122,7 +170,7 @@ class LightGCN(nn.Module):
         self.register_buffer("adj", adj, persistent=False)
         register_seen(self, user_num, item_num, seen)
 
-    def tables(self):
+    def propagate(self):
         E = torch.cat([self.user.weight, self.item.weight])  # (n, d), users then items
         layers = [E]
         for _ in range(self.layers):
@@ -131,18 +179,204 @@ class LightGCN(nn.Module):
         U, I = E.split([self.user_num, self.item_num])
         return mean_for_unseen(U, self.user_seen), mean_for_unseen(I, self.item_seen)
 
-    def forward(self, uid, iid):
-        U, I = self.tables()  # a full propagation per call (~3 ms on ML-1M): every step moves E0
-        return (U[uid] * I[iid]).sum(-1)  # (B,)
+    def tables(self):
+        return frozen_once(self, self.propagate)  # training: a full propagation per call (~3 ms on ML-1M)
+
+    def embed(self, uid, iid, his=None):
+        U, I = self.tables()
+        return U[uid], I[iid]  # (B, d) each
+
+    def forward(self, uid, iid, his=None):
+        u, i = self.embed(uid, iid)
+        return (u * i).sum(-1)  # (B,)
 
 
-MODELS = {"mf": MF, "lightgcn": LightGCN}
+class CausalBlock(nn.Module):
+    """One SASRec block, one head, in the order of Kang & McAuley's code (which the reference copies):
+    the query is the layer-normed input, keys and values the input itself, and the attention output is
+    added to the normed query; then a second LayerNorm and the feed-forward with its own residual.
+    (A GPT-2 style pre-norm block scored 0.0007-0.0008 lower valid AUC on two seeds.) `allowed`
+    (B, L, L) says which key each query may read. Dropout where SASRec has it: on the attention
+    weights and inside and after the feed-forward."""
+
+    def __init__(self, dim, dropout):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-8), nn.LayerNorm(dim, eps=1e-8)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim),
+                                 nn.Dropout(dropout))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, allowed, last_only=False):
+        """x (B, L, d) -> (B, L, d); last_only: only the last position's output, (B, 1, d). The last
+        block of SASRec needs no other (only the last position scores), which saves a quarter of the work."""
+        k, v = self.kv(x).chunk(2, -1)                                # (B, L, d) each
+        if last_only:
+            x, allowed = x[:, -1:], allowed[:, -1:]
+        h = self.norm1(x)                                             # (B, L or 1, d)
+        att = (self.q(h) @ k.transpose(1, 2)) / x.shape[-1] ** 0.5    # (B, L or 1, L)
+        att = att.masked_fill(~allowed, float("-inf")).softmax(-1)
+        x = self.norm2(h + self.out(self.drop(att) @ v))
+        return x + self.ffn(x)
 
 
-def build_model(name, user_num, item_num, dim, layers, edges, seen=None):
-    """The one place that knows each constructor's arguments (train_rec and load_rec share it)."""
+class SASRec(nn.Module):
+    """SASRec: the user is their history. Input = the last his_len liked items (right-aligned, 0 =
+    padding), item embedding * sqrt(d) + a learned position embedding, then `blocks` causal blocks;
+    the output at the LAST position (the most recent item, having read all earlier ones) is the user
+    vector; logit = <user vector, target's item embedding>. Input and target share one item table,
+    as in SASRec. No user table: a user new in the test period is read from their history like any other.
+
+    Empty history (a user's first rows): every position is padding; each position may always read
+    itself, so the last one still has an output: the blocks applied to a zero input, one learned
+    "no history yet" vector shared by all such rows (no NaN from a softmax over nothing)."""
+
+    def __init__(self, user_num, item_num, dim=64, his_len=25, blocks=2, dropout=0.2, seen=None):
+        super().__init__()
+        self.dim, self.his_len = dim, his_len
+        self.settings = dict(dim=dim, his_len=his_len, blocks=blocks, dropout=dropout)
+        self.item = nn.Embedding(item_num, dim, padding_idx=0)
+        nn.init.normal_(self.item.weight, std=INIT_STD)
+        self.item.weight.data[0] = 0
+        self.pos = nn.Embedding(his_len, dim)
+        nn.init.normal_(self.pos.weight, std=INIT_STD)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(CausalBlock(dim, dropout) for _ in range(blocks))
+        self.norm = nn.LayerNorm(dim)
+        register_seen(self, user_num, item_num, seen)  # only item_seen is read: there is no user table
+
+    def items(self):
+        return mean_for_unseen(self.item.weight, self.item_seen)  # (n_items, d)
+
+    def encode(self, his, last_only=False):
+        """(B, L) history ids -> (B, L, d): position t has read items 0..t only (causal).
+        last_only: just the last position, (B, 1, d), what scoring and CoLLM read."""
+        L = his.shape[1]
+        pad = his == 0                                                  # (B, L)
+        x = self.items()[his] * self.dim ** 0.5 + self.pos.weight[-L:]  # (B, L, d)
+        x = self.drop(x).masked_fill(pad[..., None], 0.0)               # padding carries nothing
+        causal = torch.ones(L, L, dtype=torch.bool, device=his.device).tril()
+        allowed = (causal & ~pad[:, None, :]) | torch.eye(L, dtype=torch.bool, device=his.device)  # (B, L, L)
+        for k, block in enumerate(self.blocks):
+            x = block(x, allowed, last_only and k == len(self.blocks) - 1)
+        return self.norm(x)
+
+    def embed(self, uid, iid, his):
+        # A dislike does not extend the history, so about half of the rows repeat an earlier row's
+        # history (ML-1M train: 18,515 distinct of 33,891): encode each distinct one once, then copy.
+        distinct, row = torch.unique(his, dim=0, return_inverse=True)  # (G, L), (B,)
+        return self.encode(distinct, last_only=True)[row, -1], self.items()[iid]  # (B, d) each
+
+    def forward(self, uid, iid, his):
+        u, i = self.embed(uid, iid, his)
+        return (u * i).sum(-1)  # (B,)
+
+
+class Dice(nn.Module):
+    """DIN's activation: p = sigmoid(BatchNorm(x)), out = p * x + (1 - p) * alpha * x, a PReLU whose
+    kink follows the batch's own mean and spread. x (..., n); the statistics are over all leading dims.
+    A one-row training batch (a CoLLM batch's last, say) uses the running statistics instead of failing."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(n, eps=1e-8)
+        self.alpha = nn.Parameter(torch.zeros(n))
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        bn = self.bn
+        p = torch.sigmoid(F.batch_norm(flat, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                       self.training and len(flat) > 1, bn.momentum, bn.eps)).view_as(x)
+        return p * x + (1 - p) * self.alpha * x
+
+
+class DIN(nn.Module):
+    """DIN: logit = MLP([target item, attention-pooled history, user]), three dim-wide tables (user,
+    target item, history item: the reference's embedding_size 192 split in three).
+
+    Attention is a "local activation unit": the weight of history item k for target q is a small MLP
+    of [q, k, q-k, q*k] (hidden 64, 16, Dice after each, as in the DIN paper; the reference's copy has
+    no activation after 16). The weights are NOT softmax-normalised (DIN keeps the sum's size as a
+    signal of how much of the history matches); padding gets weight 0. An empty history pools to zero.
+    For CoLLM: user slot = the merged vector [q, pooled, u] (3 * dim), item slot = [q, q, q], so one
+    projector of width 3 * dim serves both (the reference's `all_encode` / `item_encoder`)."""
+
+    def __init__(self, user_num, item_num, dim=64, his_len=10, dropout=0.2, seen=None):
+        super().__init__()
+        self.dim, self.his_len = 3 * dim, his_len  # `dim` = what CoLLM's projector receives
+        self.settings = dict(dim=dim, his_len=his_len, dropout=dropout)
+        self.user = nn.Embedding(user_num, dim)
+        self.item = nn.Embedding(item_num, dim)
+        self.his = nn.Embedding(item_num, dim, padding_idx=0)
+        self.att = nn.Sequential(nn.Linear(4 * dim, 64), Dice(64), nn.Linear(64, 16), Dice(16), nn.Linear(16, 1))
+        self.head = nn.Sequential(nn.Linear(3 * dim, 200), Dice(200), nn.Dropout(dropout),
+                                  nn.Linear(200, 80), Dice(80), nn.Dropout(dropout), nn.Linear(80, 1))
+        for m in self.modules():  # the reference's init: xavier-normal weights and tables, zero biases
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.xavier_normal_(m.weight)
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+        register_seen(self, user_num, item_num, seen)
+
+    def embed(self, uid, iid, his):
+        u = mean_for_unseen(self.user.weight, self.user_seen)[uid]           # (B, d)
+        q = mean_for_unseen(self.item.weight, self.item_seen)[iid]           # (B, d)
+        k = mean_for_unseen(self.his.weight, self.item_seen)[his]            # (B, L, d)
+        q_ = q[:, None, :].expand_as(k)
+        w = self.att(torch.cat([q_, k, q_ - k, q_ * k], -1)).squeeze(-1)     # (B, L) unnormalised
+        pooled = (w.masked_fill(his == 0, 0.0)[..., None] * k).sum(1)       # (B, d)
+        return torch.cat([q, pooled, u], -1), torch.cat([q, q, q], -1)       # (B, 3d) each
+
+    def forward(self, uid, iid, his):
+        return self.head(self.embed(uid, iid, his)[0]).squeeze(-1)  # (B,)
+
+
+class Pop(nn.Module):
+    """logit(u, i) = logit of item i's positive rate in train, shrunk towards the global rate:
+    (positives_i + prior * global) / (rows_i + prior). An item with no train rows gets the global
+    rate. The same score for every user: UAUC still ranks a user's items by how liked they are in
+    general, the bar any personalised model has to clear. No embeddings, so CoLLM cannot use it."""
+    his_len, dim = 0, 0
+
+    def __init__(self, user_num, item_num, prior=10.0):
+        super().__init__()
+        self.settings = dict(prior=prior)
+        self.user_num, self.prior = user_num, prior
+        self.register_buffer("logit", torch.zeros(item_num))  # (n_items,) filled by fit()
+
+    def fit(self, iid, label):
+        pos = np.bincount(iid, weights=label, minlength=len(self.logit))
+        rows = np.bincount(iid, minlength=len(self.logit))
+        rate = label.mean()
+        p = (pos + self.prior * rate) / (rows + self.prior)
+        self.logit.copy_(torch.as_tensor(np.log(p / (1 - p)), dtype=torch.float32))
+        return self
+
+    def forward(self, uid, iid, his=None):
+        return self.logit[iid]  # (B,)
+
+
+MODELS = {"mf": MF, "lightgcn": LightGCN, "sasrec": SASRec, "din": DIN, "pop": Pop}
+HIS_LEN = {"sasrec": {"movie": 25, "book": 20}, "din": {"movie": 10, "book": 10}}  # reference settings
+
+
+def build_model(name, user_num, item_num, dim, layers, edges, seen=None, **settings):
+    """The one place that knows each constructor's arguments (train_rec and load_rec share it).
+    `settings`: his_len, blocks, dropout (SASRec, DIN), prior (pop); None means the default."""
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if name == "pop":
+        return Pop(user_num, item_num, **{k: v for k, v in settings.items() if k == "prior"})
     extra = dict(edges=edges, layers=layers) if name == "lightgcn" else {}
+    keys = {"sasrec": ("his_len", "blocks", "dropout"), "din": ("his_len", "dropout")}.get(name, ())
+    extra.update({k: v for k, v in settings.items() if k in keys})
     return MODELS[name](user_num, item_num, dim=dim, seen=seen, **extra)
+
+
+def model_name(model):
+    """"mf", "lightgcn", ... for a model instance (the MODELS key of its class)."""
+    return next(k for k, cls in MODELS.items() if type(model) is cls)
 
 
 def train_graph(ds):
@@ -162,17 +396,19 @@ def seen_in_train(ds, unseen="mean"):
 
 def new_rec(name, ds):
     """A freshly initialised model with the default settings (CoLLM's --tune-rec from scratch)."""
-    cfg = DEFAULTS[name]
-    return build_model(name, ds.user_num, ds.item_num, cfg["dim"], cfg.get("layers"), train_graph(ds),
-                       seen_in_train(ds))
+    cfg = dict(DEFAULTS[name])
+    if name in HIS_LEN:
+        cfg["his_len"] = HIS_LEN[name][ds.domain]
+    return build_model(name, ds.user_num, ds.item_num, cfg.pop("dim", None), cfg.pop("layers", None),
+                       train_graph(ds), seen_in_train(ds), **{k: v for k, v in cfg.items() if k not in ("lr", "wd")})
 
 
 def rec_checkpoint(model):
     """The checkpoint dict this script saves (train.py embeds it in CoLLM checkpoints too)."""
-    name = "lightgcn" if isinstance(model, LightGCN) else "mf"
-    cfg = dict(user_num=model.user.num_embeddings, item_num=model.item.num_embeddings, dim=model.dim,
-               layers=getattr(model, "layers", None))
-    return {"model": name, "config": cfg, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}
+    cfg = dict(user_num=model.user_num if isinstance(model, Pop) else model.user_seen.numel(),
+               item_num=len(model.logit) if isinstance(model, Pop) else model.item_seen.numel(), **model.settings)
+    return {"model": model_name(model), "config": cfg,
+            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}
 
 
 def rec_from_checkpoint(ckpt, user_num=None, item_num=None, where="checkpoint"):
@@ -180,10 +416,12 @@ def rec_from_checkpoint(ckpt, user_num=None, item_num=None, where="checkpoint"):
     try:
         name, cfg, state = ckpt["model"], ckpt["config"], ckpt["state_dict"]
         have = (cfg["user_num"], cfg["item_num"])
-        model = build_model(name, *have, cfg["dim"], cfg.get("layers"), state.get("edges"))
+        settings = {k: cfg.get(k) for k in ("his_len", "blocks", "dropout", "prior")}
+        model = build_model(name, *have, cfg.get("dim"), cfg.get("layers"), state.get("edges"), **settings)
         model.load_state_dict(state)
-    except Exception as e:  # a foreign checkpoint, a missing key: all mean "not ours"
-        raise data.UsageError(f"{where}: not a collab.py checkpoint ({type(e).__name__}: {e})")
+    except Exception as e:  # a foreign checkpoint, a missing key, tables of other sizes: all mean "not ours"
+        raise data.UsageError(f"{where}: not a collab.py checkpoint that fits its own settings "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     want = (user_num or have[0], item_num or have[1])
     if have != want:  # ids would index the wrong rows (or past the end) without a word
         raise data.UsageError(f"{where}: tables are {have[0]} users x {have[1]} items, expected "
@@ -206,40 +444,78 @@ def load_rec(path, user_num=None, item_num=None):
 # Training: pointwise BCE, one shuffled pass over the train rows per epoch, keep the best valid AUC
 
 
+def history(split, model, rows=None):
+    """(N, his_len) padded history ids of a split's rows for a model that reads them, else None."""
+    if not model.his_len:
+        return None
+    his = data.padded_history(split, model.his_len, rows)
+    n_items = model.item_seen.numel()
+    if his.size and his.max() >= n_items:  # an embedding lookup would fail with an IndexError traceback
+        raise data.UsageError(f"history item id {his.max()} is beyond the model's item table ({n_items} items)")
+    return torch.from_numpy(his)
+
+
 @torch.no_grad()
-def score(model, split):
-    """(N,) numpy logits of every row of a split (one propagation, then a lookup per row)."""
-    U, I = model.tables()
-    return (U[torch.tensor(split.uid)] * I[torch.tensor(split.iid)]).sum(-1).numpy()
+def score(model, split, chunk=4096):
+    """(N,) numpy logits of every row of a split, in chunks (SASRec's attention is (chunk, L, L))."""
+    out = []
+    for rows in np.array_split(np.arange(len(split)), max(1, -(-len(split) // chunk))):
+        out.append(model(torch.from_numpy(split.uid[rows]), torch.from_numpy(split.iid[rows]),
+                         history(split, model, rows)))
+    return torch.cat(out).numpy()
 
 
-def train_rec(ds, model_name, dim=None, lr=None, wd=None, batch_size=1024, epochs=300, patience=50,
-              seed=0, layers=None, unseen="mean", progress=True):
-    """Train one model on ds (a data.Dataset) -> (model with the best-valid-AUC weights, metrics dict)."""
+def settings_for(model_name, ds, dim=None, lr=None, wd=None, layers=None, dropout=None, prior=None):
+    """DEFAULTS[model] with the given overrides, and the history length the dataset's domain calls for."""
     cfg = dict(DEFAULTS[model_name])
-    cfg.update({k: v for k, v in dict(dim=dim, lr=lr, wd=wd, layers=layers).items() if v is not None})
-    cfg.update(model=model_name, batch_size=batch_size, epochs=epochs, patience=patience, seed=seed,
-               unseen=unseen, user_num=ds.user_num, item_num=ds.item_num)
+    cfg.update({k: v for k, v in dict(dim=dim, lr=lr, wd=wd, layers=layers, dropout=dropout, prior=prior).items()
+                if v is not None})
+    if model_name in HIS_LEN:
+        cfg["his_len"] = HIS_LEN[model_name].get(ds.domain, 10)
+    return cfg
+
+
+def train_rec(ds, model_name, dim=None, lr=None, wd=None, batch_size=1024, epochs=300, patience=None,
+              seed=0, layers=None, unseen="mean", progress=True, dropout=None, prior=None):
+    """Train one model on ds (a data.Dataset) -> (model with the best-valid-AUC weights, metrics dict)."""
+    cfg = settings_for(model_name, ds, dim, lr, wd, layers, dropout, prior)
+    cfg.update(model=model_name, batch_size=batch_size, epochs=epochs, patience=patience or cfg.get("patience", 50),
+               seed=seed, unseen=unseen, user_num=ds.user_num, item_num=ds.item_num)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)  # the epoch shuffles; torch's generator only draws the init
     tr, va, te = ds.splits["train"], ds.splits["valid"], ds.splits["test"]
-    model = build_model(model_name, ds.user_num, ds.item_num, cfg["dim"], cfg.get("layers"), train_graph(ds),
-                        seen_in_train(ds, unseen))
+    settings = {k: cfg.get(k) for k in ("his_len", "dropout", "prior")}
+    model = build_model(model_name, ds.user_num, ds.item_num, cfg.get("dim"), cfg.get("layers"), train_graph(ds),
+                        seen_in_train(ds, unseen), **settings)
+    start = time.time()
+    if model_name == "pop":  # counted, not trained: one pass, nothing to stop early
+        model.fit(tr.iid, tr.label).eval()
+        metrics = eval.metrics_block(eval.report(va, score(model, va)), eval.report(te, score(model, te)))
+        metrics.update(best_epoch=1, samples_seen=len(tr), seconds=round(time.time() - start, 2), config=cfg)
+        return model, metrics
     # Adam's weight_decay adds wd * w to the gradient: classic L2, as the paper's baselines use.
     # fused=True: one kernel for the whole update, ~20x faster than the default on CPU here.
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["wd"], fused=True)
     uid, iid, label = (torch.tensor(a) for a in (tr.uid, tr.iid, tr.label))  # copies: may be read-only arrays
+    his = history(tr, model)  # (N, his_len) or None, padded once for the whole run
+    # SASRec encodes each distinct history of a batch once: batches made of whole groups of rows
+    # that share a history (shuffled groups, not rows) make that about 1.8x less work on ML-1M.
+    group = np.unique(his.numpy(), axis=0, return_inverse=True)[1].ravel() if model_name == "sasrec" else None
     steps = -(-len(tr) // batch_size)
-    print(f"=> {model_name}: {ds.user_num} x {ds.item_num} tables, d={cfg['dim']}, {len(tr):,} train rows, "
-          f"{steps} steps/epoch" + (f", {len(model.edges):,} graph edges" if model_name == "lightgcn" else ""))
-    start, best_auc, best_epoch, best_state = time.time(), -1.0, 0, None
+    print(f"=> {model_name}: {ds.user_num} x {ds.item_num} tables, dim {model.dim}, {len(tr):,} train rows, "
+          f"{steps} steps/epoch" + (f", {len(model.edges):,} graph edges" if model_name == "lightgcn" else "")
+          + (f", last {model.his_len} history items" if model.his_len else ""))
+    best_auc, best_epoch, best_state = -1.0, 0, None
     bar = tqdm(range(1, epochs + 1), desc=model_name, disable=not progress)
     for epoch in bar:
         model.train()
         losses = []
-        for rows in np.array_split(rng.permutation(len(tr)), steps):  # near-equal batches, none tiny
+        order = rng.permutation(len(tr)) if group is None else \
+            np.argsort(rng.permutation(group.max() + 1)[group], kind="stable")  # groups in random order
+        for rows in np.array_split(order, steps):  # near-equal batches, none tiny
             rows = torch.from_numpy(rows)
-            loss = F.binary_cross_entropy_with_logits(model(uid[rows], iid[rows]), label[rows])
+            logits = model(uid[rows], iid[rows], his[rows] if his is not None else None)
+            loss = F.binary_cross_entropy_with_logits(logits, label[rows])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -249,7 +525,7 @@ def train_rec(ds, model_name, dim=None, lr=None, wd=None, batch_size=1024, epoch
             best_auc, best_epoch = valid_auc, epoch
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
         bar.set_postfix(loss=f"{np.mean(losses):.4f}", valid_auc=f"{valid_auc:.4f}", best=best_epoch)
-        if epoch - best_epoch >= patience:  # no better valid AUC for `patience` epochs: stop
+        if epoch - best_epoch >= cfg["patience"]:  # no better valid AUC for `patience` epochs: stop
             break
     bar.close()
     model.load_state_dict(best_state)
@@ -285,24 +561,29 @@ def write_json(obj, path):
 
 
 def main(argv=None):
-    def per_model(key):  # "256 mf, 64 lightgcn": the help text follows DEFAULTS
-        return ", ".join(f"{v[key]:g} {name}" for name, v in DEFAULTS.items())
+    def per_model(key):  # "256 mf, 64 lightgcn, ...": the help text follows DEFAULTS
+        return ", ".join(f"{v[key]:g} {name}" for name, v in DEFAULTS.items() if key in v)
 
-    p = argparse.ArgumentParser(description="Train MF or LightGCN on a CoLLM dataset (BCE, early stop on valid AUC).")
+    p = argparse.ArgumentParser(description="Train a collaborative model (MF, LightGCN, SASRec, DIN) or count the "
+                                            "popularity baseline on a CoLLM dataset (BCE, early stop on valid AUC).")
     p.add_argument("--model", required=True, choices=sorted(MODELS), help="which collaborative model")
     p.add_argument("--data", default="ml-1m", help="dataset name under the data root, or a folder (default ml-1m)")
     p.add_argument("--data-root", default=None, help="folder holding datasets (default $COLLM_DATA, else ./data)")
     p.add_argument("--out", required=True, help="output folder for model.pt and metrics.json")
-    p.add_argument("--dim", type=int, default=None, help=f"embedding size (default: {per_model('dim')})")
+    p.add_argument("--dim", type=int, default=None, help=f"embedding size, for DIN of each of its three tables (default: {per_model('dim')})")
     p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default: {per_model('lr')})")
     p.add_argument("--wd", type=float, default=None, help=f"Adam L2 weight decay (default: {per_model('wd')})")
     p.add_argument("--batch-size", type=int, default=1024, help="train rows per step (default 1024)")
     p.add_argument("--epochs", type=int, default=300, help="most epochs to train (default 300)")
-    p.add_argument("--patience", type=int, default=50,
-                   help="stop after this many epochs without a better valid AUC (default 50)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop after this many epochs without a better valid AUC (default 50; 10 sasrec, din)")
     p.add_argument("--seed", type=int, default=0, help="seeds the init (torch) and the shuffles (numpy)")
     p.add_argument("--layers", type=int, default=None,
                    help=f"LightGCN propagation layers (default {DEFAULTS['lightgcn']['layers']})")
+    p.add_argument("--dropout", type=float, default=None,
+                   help=f"SASRec / DIN dropout (default: {per_model('dropout')})")
+    p.add_argument("--prior", type=float, default=None,
+                   help=f"pop: pseudo-rows of the global rate added to each item's counts (default {DEFAULTS['pop']['prior']:g})")
     p.add_argument("--unseen", default="mean", choices=UNSEEN,
                    help="how to score a user or item with no train rows: 'mean' (default) uses the mean of the "
                         "trained rows (the average user); 'untouched' keeps its never-trained row, as the reference")
@@ -313,10 +594,15 @@ def main(argv=None):
                 dict(dim=a.dim, lr=a.lr, batch_size=a.batch_size, epochs=a.epochs, patience=a.patience,
                      threads=a.threads).items()
                 if v is not None and v <= 0]
-    problems += [f"--{k} {v} must be >= 0" for k, v in dict(wd=a.wd, layers=a.layers).items()
+    problems += [f"--{k} {v} must be >= 0" for k, v in dict(wd=a.wd, layers=a.layers, prior=a.prior).items()
                  if v is not None and v < 0]
-    if a.layers is not None and a.model != "lightgcn":
-        problems.append(f"--layers is for lightgcn only, not {a.model}")
+    if a.dropout is not None and not 0 <= a.dropout < 1:
+        problems.append(f"--dropout {a.dropout} must be in [0, 1)")
+    for flag, models in (("layers", ("lightgcn",)), ("dropout", ("sasrec", "din")), ("prior", ("pop",)),
+                         ("dim", ("mf", "lightgcn", "sasrec", "din")), ("lr", ("mf", "lightgcn", "sasrec", "din")),
+                         ("wd", ("mf", "lightgcn", "sasrec", "din"))):
+        if getattr(a, flag) is not None and a.model not in models:
+            problems.append(f"--{flag} is for {' / '.join(models)} only, not {a.model}")
     if problems:  # report every bad flag at once
         raise data.UsageError("; ".join(problems))
     ds = data.load_dataset(a.data, a.data_root)
@@ -328,13 +614,13 @@ def main(argv=None):
     try:
         model, metrics = train_rec(ds, a.model, dim=a.dim, lr=a.lr, wd=a.wd, batch_size=a.batch_size,
                                    epochs=a.epochs, patience=a.patience, seed=a.seed, layers=a.layers,
-                                   unseen=a.unseen)
+                                   unseen=a.unseen, dropout=a.dropout, prior=a.prior)
     finally:  # main() also runs inside other programs (tests): leave their thread count as it was
         torch.set_num_threads(threads)
     metrics["config"]["data"] = ds.name
     os.makedirs(a.out, exist_ok=True)
     ckpt_path = os.path.join(a.out, "model.pt")
-    ckpt = {"model": a.model, "state_dict": model.state_dict(), "config": metrics["config"]}
+    ckpt = {"model": a.model, "state_dict": model.state_dict(), "config": metrics["config"]}  # config: every setting
     write_atomic(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
     write_atomic(os.path.join(a.out, "metrics.json"), lambda tmp: write_json(metrics, tmp))
     m = metrics

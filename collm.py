@@ -8,8 +8,9 @@ is the language-model head's row for the token "Yes". Stage 1 (TALLRec) trains L
 text-only prompts; stage 2 feeds the collaborative embeddings of the user and the item, mapped by a
 small MLP into the LLM's token-embedding space, in place of two slot tokens of the prompt.
 
-This file imports nothing of ours: it is handed a collaborative model (anything with `.dim` and
-`.tables() -> (user table, item table)`, see collab.py) and token batches (see data.py).
+This file imports nothing of ours: it is handed a collaborative model (anything with `.dim`, `.his_len`
+and one per-row call `.embed(uid, iid, his) -> (user vectors, item vectors)`, see collab.py) and token
+batches (see data.py).
 
 The LLMs it loads (`--llm`):
   tiny           a 2-layer LLaMA with a small byte-level BPE tokenizer, both built in code (tests)
@@ -243,10 +244,13 @@ class CoLLM(nn.Module):
     """LLM (+LoRA) scoring Yes, optionally with collaborative embeddings in two prompt slots.
 
     rec=None is stage 1 (TALLRec): no projector exists, nothing collaborative runs.
-    With a rec model, `proj` maps its d-dim embeddings to the LLM's hidden size H:
+    With a rec model, `proj` maps its d-dim vectors to the LLM's hidden size H:
         Linear(d, 10d) -> ReLU -> Linear(10d, H), one MLP shared by users and items, kept in fp32.
-    A frozen rec model's tables are computed once and cached (for LightGCN that is the whole graph
-    propagation); with tune_rec=True they are recomputed every step so gradients reach the rec model."""
+    The rec model answers one call per batch, rec.embed(uid, iid, his) -> (user (B, d), item (B, d)):
+    MF / LightGCN look the ids up (a frozen one computes its tables once, see collab.frozen_once);
+    SASRec and DIN read the row's history `his` too, so their vectors are computed per row, every step
+    (the reference's `all_encode`). Frozen (tune_rec=False), the rec model stays in eval mode even while
+    CoLLM trains: no dropout, and DIN's BatchNorm keeps the statistics it was trained with."""
 
     def __init__(self, llm, yes_id, rec=None, tune_rec=False):
         super().__init__()
@@ -258,30 +262,37 @@ class CoLLM(nn.Module):
         # A shift changes no ranking, so AUC ignores it; it only moves where the loss starts.
         self.register_buffer("score_bias", torch.zeros(()))
         self.prefix_cache = True  # run shared / constant prompt prefixes once (see prefix_split); bench.py turns it off
+        self.his_len = rec.his_len if rec is not None else 0  # history ids a batch must carry (data.collate)
         if rec is not None:
+            if not rec.dim:
+                raise UsageError(f"{type(rec).__name__} has no embeddings to put in CoLLM's slots")
             H = llm.get_input_embeddings().weight.shape[1]
             self.proj = nn.Sequential(nn.Linear(rec.dim, 10 * rec.dim), nn.ReLU(), nn.Linear(10 * rec.dim, H))
             rec.requires_grad_(tune_rec)
-            if not tune_rec:
-                with torch.no_grad():
-                    U, I = rec.tables()
-                self.register_buffer("user_table", U.detach().float(), persistent=False)  # (n_users, d)
-                self.register_buffer("item_table", I.detach().float(), persistent=False)  # (n_items, d)
+            rec.train(tune_rec)
 
-    def collab_tokens(self, uid, iid):
-        """(B,) ids -> the projected user and item embeddings, (B, H) each, in fp32."""
-        U, I = (self.rec.tables() if self.tune_rec else (self.user_table, self.item_table))
-        with torch.autocast(uid.device.type, enabled=False):  # the projector stays fp32
-            return self.proj(U[uid].float()), self.proj(I[iid].float())
+    def train(self, mode=True):
+        super().train(mode)
+        if self.rec is not None and not self.tune_rec:
+            self.rec.eval()  # frozen means frozen: dropout off, BatchNorm statistics untouched
+        return self
 
-    def forward(self, input_ids, last, slots=None, uid=None, iid=None, shared=None, **unused):
+    def collab_tokens(self, uid, iid, his=None):
+        """(B,) ids (+ (B, L) history ids for SASRec / DIN) -> the projected user and item vectors,
+        (B, H) each, in fp32."""
+        with torch.autocast(uid.device.type, enabled=False):  # the rec model and the projector stay fp32
+            u, i = self.rec.embed(uid, iid, his)
+            return self.proj(u.float()), self.proj(i.float())
+
+    def forward(self, input_ids, last, slots=None, uid=None, iid=None, his=None, shared=None, **unused):
         """-> (B,) fp32 Yes-logits. input_ids (B, T) right-padded, last (B,) index of the last real
-        token, slots (B, 2) positions of <UserID> and <TargetItemID> (stage 2), shared (B,) how many
-        leading tokens of each row do not depend on the target item (data.encode_split)."""
+        token, slots (B, 2) positions of <UserID> and <TargetItemID> (stage 2), his (B, L) the
+        history ids a SASRec / DIN rec model reads, shared (B,) how many leading tokens of each row
+        do not depend on the target item (data.encode_split)."""
         embed = self.llm.get_input_embeddings()(input_ids)  # (B, T, H)
         rows = torch.arange(len(input_ids), device=input_ids.device)
         if self.rec is not None:
-            u, i = self.collab_tokens(uid, iid)
+            u, i = self.collab_tokens(uid, iid, his)
             embed = embed.index_put((rows, slots[:, 0]), u.to(embed.dtype))  # out of place: autograd-safe
             embed = embed.index_put((rows, slots[:, 1]), i.to(embed.dtype))
         # Right padding + causal attention: no real token ever attends to a pad (pads come after it),

@@ -806,20 +806,39 @@ def prefix_groups(enc, rows):
     return np.array([ids.setdefault(enc.tokens[a:a + n].tobytes(), len(ids)) for a, n in zip(starts, enc.shared[rows])])
 
 
-def collate(enc, split, rows, pad_id):
+def padded_history(split, length, rows=None):
+    """(len(rows), length) int64: each row's last `length` history items, oldest first, RIGHT-aligned
+    and left-padded with 0 (the padding id), so the most recent item is always in the last column
+    (SASRec reads its user vector there). An empty history is a row of zeros."""
+    rows = np.arange(len(split)) if rows is None else np.asarray(rows)
+    end = split.his_ptr[rows + 1]
+    keep = np.minimum(end - split.his_ptr[rows], length)      # (N,) how many items fit
+    cols = np.arange(length)
+    real = cols[None, :] >= (length - keep)[:, None]          # (N, L) True where an item goes
+    out = np.zeros((len(rows), length), np.int64)
+    out[real] = split.his_items[(end[:, None] - length + cols[None, :])[real]]
+    return out
+
+
+def collate(enc, split, rows, pad_id, his_len=0):
     """Rows -> a right-padded batch of numpy arrays. Right padding keeps every real token at its
-    natural position, so the causal mask alone is enough and `last` indexes the answer position."""
+    natural position, so the causal mask alone is enough and `last` indexes the answer position.
+    his_len > 0 (a collaborative model that reads the history: SASRec, DIN) adds "his", the last
+    his_len liked item ids of each row (padded_history); MF and LightGCN batches go without."""
     import torch
     lens = enc.lengths[rows]
     ids = np.full((len(rows), int(lens.max())), pad_id, np.int64)
     for b, r in enumerate(rows):
         ids[b, :lens[b]] = enc.tokens[enc.offsets[r]:enc.offsets[r + 1]]
     mask = np.arange(ids.shape[1])[None, :] < lens[:, None]
-    return dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask.astype(np.int64)),
-                last=torch.from_numpy(lens - 1), slots=torch.from_numpy(enc.slots[rows]),
-                shared=torch.from_numpy(enc.shared[rows]),
-                uid=torch.from_numpy(split.uid[rows]), iid=torch.from_numpy(split.iid[rows]),
-                label=torch.from_numpy(split.label[rows]))
+    batch = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                 last=torch.from_numpy(lens - 1), slots=torch.from_numpy(enc.slots[rows]),
+                 shared=torch.from_numpy(enc.shared[rows]),
+                 uid=torch.from_numpy(split.uid[rows]), iid=torch.from_numpy(split.iid[rows]),
+                 label=torch.from_numpy(split.label[rows]))
+    if his_len:
+        batch["his"] = torch.from_numpy(padded_history(split, his_len, rows))
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------

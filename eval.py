@@ -92,7 +92,7 @@ def score_rows(model, enc, split, rows, batch_size, pad_id, device, dtype=None, 
     with torch.no_grad(), amp:
         # a bar on rank 0 only; leave=False: it disappears when done, the caller prints the result
         for b in tqdm(mine, desc=f"scoring {len(rows):,} rows", disable=rank != 0, leave=False):
-            batch = data.collate(enc, split, rows[b], pad_id)
+            batch = data.collate(enc, split, rows[b], pad_id, model.his_len)  # + history ids for SASRec / DIN
             scores[b] = model(**{k: v.to(device) for k, v in batch.items()}).float().cpu().numpy()
     model.train(was_training)
     if world > 1:
@@ -350,9 +350,11 @@ def print_table(title, rep):
 
 
 # The paper's ML-1M test numbers (SPEC section 7; the LLM rows with Vicuna-7B), printed beside ours.
-PAPER_ML1M = {"MF": (0.6482, 0.6361), "LightGCN": (0.5959, 0.6499), "TALLRec": (0.7097, 0.6818),
-              "CoLLM-MF": (0.7295, 0.6875), "CoLLM-LightGCN": (0.7100, 0.6967)}
-REC_NAMES = {"mf": "MF", "lightgcn": "LightGCN"}
+PAPER_ML1M = {"MF": (0.6482, 0.6361), "LightGCN": (0.5959, 0.6499), "SASRec": (0.7078, 0.6884),
+              "DIN": (0.7166, 0.6459), "TALLRec": (0.7097, 0.6818), "CoLLM-MF": (0.7295, 0.6875),
+              "CoLLM-LightGCN": (0.7100, 0.6967), "CoLLM-SASRec": (0.7235, 0.6990), "CoLLM-DIN": (0.7243, 0.6897)}
+# pop (the popularity anchor) is not in the paper: its rows show "-" in the paper column
+REC_NAMES = {"mf": "MF", "lightgcn": "LightGCN", "sasrec": "SASRec", "din": "DIN", "pop": "Pop"}
 
 
 def results_table(run_dirs):

@@ -138,6 +138,9 @@ def check_config(cfg):
             problems.append(f"--{name.replace('_', '-')} must be > 0 (got {getattr(cfg, name)})")
     if cfg.stage == "cie" and not cfg.ckpt:
         problems.append("--stage cie needs --ckpt, the stage-1 checkpoint (e.g. runs/lora/best.pt)")
+    if cfg.stage == "cie" and cfg.rec == "pop":
+        problems.append("--rec pop: the popularity baseline has no user or item embeddings to put in CoLLM's "
+                        "slots; use mf, lightgcn, sasrec or din")
     if cfg.stage == "cie" and not cfg.rec_ckpt and not cfg.tune_rec:
         problems.append("--stage cie needs --rec-ckpt (a collab.py model.pt), or --tune-rec to train one from scratch")
     for name in ("ckpt", "rec_ckpt"):
@@ -264,6 +267,11 @@ def build_model(cfg, data_set, dtype, state=None):
     stage1 = None
     if cfg.stage == "cie" and state is None:
         stage1 = load_checkpoint(cfg.ckpt)
+        if "lora" not in stage1 or "llm" not in stage1.get("config", {}):  # e.g. a collab.py model.pt
+            what = f"a collab.py {stage1['model']} model.pt" if "state_dict" in stage1 and "model" in stage1 else \
+                "not a train.py checkpoint"
+            raise UsageError(f"--ckpt {cfg.ckpt}: {what}; --ckpt takes stage 1's best.pt (train.py --stage lora), "
+                             f"the collaborative model goes to --rec-ckpt")
         if stage1["config"].get("stage") != "lora" or stage1["config"]["llm"] != cfg.llm:
             raise UsageError(f"--ckpt {cfg.ckpt}: a stage-{stage1['config'].get('stage')} checkpoint of "
                              f"--llm {stage1['config']['llm']}; expected a stage-lora checkpoint of --llm {cfg.llm}")
@@ -289,6 +297,9 @@ def build_model(cfg, data_set, dtype, state=None):
             rec = collab.load_rec(cfg.rec_ckpt, data_set.user_num, data_set.item_num)
         else:  # --tune-rec from scratch
             rec = collab.new_rec(cfg.rec, data_set)
+        if collab.model_name(rec) != cfg.rec:  # a DIN checkpoint would fill the slots of a run that says MF
+            raise UsageError(f"--rec-ckpt {cfg.rec_ckpt or cfg.resume}: a {collab.model_name(rec)} model, but "
+                             f"--rec is {cfg.rec}")
     model = collm.CoLLM(llm, yes, rec, tune_rec=cfg.tune_rec)
     model.score_bias.fill_((state or stage1 or {}).get("score_bias", 0.0))  # stage 2 starts from stage 1's
     if state is not None and rec is not None:
@@ -385,7 +396,8 @@ def train(cfg):
             rng = np.random.default_rng([cfg.seed, epoch])
             epoch_cache[epoch] = data.train_batches(lengths, cfg.batch_size, rng, cfg.bucket)[rank::world]
         rows = epoch_cache[epoch][k]
-        return {key: v.to(device) for key, v in data.collate(enc_train, ds.splits["train"], rows, pad).items()}
+        return {key: v.to(device) for key, v in data.collate(enc_train, ds.splits["train"], rows, pad,
+                                                                     model.his_len).items()}
 
     def evaluate():
         scores = metrics.score_rows(model, enc_eval, ds.splits[cfg.eval_split], eval_rows, ebs, pad, device,

@@ -126,7 +126,7 @@ def test_mf_tables_and_padding():
     U, I = model.tables()
     assert U.shape == (7, 6) and I.shape == (9, 6) and model.dim == 6
     assert torch.all(U[0] == 0) and torch.all(I[0] == 0)
-    assert set(collab.MODELS) == {"mf", "lightgcn"}
+    assert set(collab.MODELS) == {"mf", "lightgcn", "sasrec", "din", "pop"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,3 +273,145 @@ def test_real_data_unseen_users(ml1m):
     assert 1 - user_seen[te.uid].mean() == pytest.approx(0.424, abs=0.005)
     assert 1 - user_seen[va.uid].mean() == pytest.approx(0.354, abs=0.005)
     assert item_seen[te.iid].mean() > 0.98
+
+
+# ---------------------------------------------------------------------------------------------
+# SASRec, DIN, pop: the models that read the history (and the one that reads nothing personal).
+# These run on the toy data loaded from its pickles, which carry the authors' histories: a user's
+# earlier liked items, whose taste angles give the user's own away.
+
+
+@pytest.fixture(scope="module")
+def toy_his(toy_root):
+    return data.load_dataset("toy", str(toy_root))
+
+
+@pytest.mark.parametrize("name", ["sasrec", "din"])
+def test_history_models_learn_planted_pattern(toy_his, name):
+    tr = toy_his.splits["train"]
+    torch.manual_seed(0)
+    start = collab.build_model(name, toy_his.user_num, toy_his.item_num, 16, None, None, his_len=8, dropout=0.0)
+    model, m = collab.train_rec(toy_his, name, dim=16, lr=1e-2, wd=0.0, dropout=0.0, batch_size=64, epochs=40,
+                                patience=40, progress=False)
+    loss = lambda mod: F.binary_cross_entropy_with_logits(torch.tensor(collab.score(mod.eval(), tr)),
+                                                          torch.tensor(tr.label)).item()
+    assert loss(model) < 0.7 * loss(start)
+    assert m["valid"]["auc"] > 0.75 and m["test"]["auc"] > 0.75, (m["valid"], m["test"])
+    assert m["config"]["his_len"] == collab.HIS_LEN[name]["movie"]
+
+
+def test_pop_is_the_smoothed_positive_rate(toy_his):
+    tr = toy_his.splits["train"]
+    model, m = collab.train_rec(toy_his, "pop", prior=4.0, progress=False)
+    g = tr.label.mean()
+    i = tr.iid[0]
+    rate = (tr.label[tr.iid == i].sum() + 4.0 * g) / ((tr.iid == i).sum() + 4.0)
+    assert float(torch.sigmoid(model.logit[i])) == pytest.approx(rate, rel=1e-5)
+    s = collab.score(model, toy_his.splits["test"])
+    assert len(np.unique(s[toy_his.splits["test"].iid == i])) == 1  # the same score for every user
+    assert m["valid"]["auc"] > 0.5 and m["samples_seen"] == len(tr) and model.dim == 0
+
+
+def test_sasrec_is_causal_and_defined_on_empty_history():
+    torch.manual_seed(0)
+    model = collab.SASRec(5, 30, dim=8, his_len=6, dropout=0.0).eval()
+    his = torch.tensor([[0, 0, 3, 7, 2, 9], [0, 0, 3, 7, 2, 9]])
+    his[1, 4] = 11  # a later item changed: positions 0-3 must not notice, 4 and 5 must
+    with torch.no_grad():
+        out = model.encode(his)
+    torch.testing.assert_close(out[0, :4], out[1, :4])
+    assert not torch.allclose(out[0, 4], out[1, 4]) and not torch.allclose(out[0, 5], out[1, 5])
+    with torch.no_grad():  # the last-position shortcut of scoring equals the full encoding
+        torch.testing.assert_close(model.encode(his, last_only=True)[:, -1], out[:, -1])
+        empty = model(torch.tensor([1, 2]), torch.tensor([3, 3]), torch.zeros(2, 6, dtype=torch.long))
+    assert torch.isfinite(empty).all() and empty[0] == empty[1]  # one learned "no history yet" user
+
+
+def test_din_weights_and_empty_history():
+    torch.manual_seed(0)
+    model = collab.DIN(5, 30, dim=8, his_len=4).eval()
+    uid, iid = torch.tensor([1, 1]), torch.tensor([3, 3])
+    his = torch.tensor([[0, 0, 0, 0], [0, 5, 6, 7]])
+    with torch.no_grad():
+        u, i = model.embed(uid, iid, his)
+        logits = model(uid, iid, his)
+    assert u.shape == (2, 24) and i.shape == (2, 24) and model.dim == 24
+    assert torch.all(u[0, 8:16] == 0)                         # an empty history pools to zero
+    torch.testing.assert_close(i[:, :8], i[:, 16:])           # item slot = the target embedding, three times
+    torch.testing.assert_close(u[:, :8], i[:, :8])            # the merged vector starts with the target
+    assert torch.isfinite(logits).all()
+    with torch.no_grad():  # padding never counts, wherever it sits
+        torch.testing.assert_close(model.embed(uid, iid, torch.tensor([[0, 5, 6, 7], [0, 0, 0, 0]]))[0][0], u[1])
+
+
+def test_padded_history_right_aligned(toy_his):
+    sp = toy_his.splits["train"]
+    lens = np.diff(sp.his_ptr)
+    r_long, r_empty = int(np.argmax(lens)), int(np.flatnonzero(lens == 0)[0])
+    pad = data.padded_history(sp, 4, [r_long, r_empty])
+    assert pad[0].tolist() == sp.history(r_long)[-4:].tolist() and pad[1].tolist() == [0, 0, 0, 0]
+    short = int(np.flatnonzero(lens == 2)[0])
+    assert data.padded_history(sp, 4, [short])[0].tolist() == [0, 0, *sp.history(short)]
+
+
+@pytest.mark.parametrize("name", ["sasrec", "din", "pop"])
+def test_new_models_cli_and_checkpoint_roundtrip(toy_root, tmp_path, capsys, name):
+    out = tmp_path / name
+    extra = [] if name == "pop" else ["--dim", "8", "--lr", "1e-2", "--epochs", "3"]
+    collab.main(["--model", name, "--data", "toy", "--data-root", str(toy_root), "--out", str(out),
+                 "--batch-size", "64", *extra])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"{name}: best epoch ")
+    m = json.loads((out / "metrics.json").read_text())
+    model = collab.load_rec(out / "model.pt", USERS + 1, ITEMS + 1)
+    assert collab.model_name(model) == name and not model.training
+    va = data.load_dataset("toy", str(toy_root)).splits["valid"]
+    assert eval.auc(va.label, collab.score(model, va)) == pytest.approx(m["valid"]["auc"])
+    back = collab.rec_from_checkpoint(collab.rec_checkpoint(model), USERS + 1, ITEMS + 1)  # train.py's form
+    np.testing.assert_allclose(collab.score(back, va), collab.score(model, va), rtol=1e-6)
+    with pytest.raises(data.UsageError, match=f"{USERS + 1} users x {ITEMS + 1} items, expected 839 x 3256"):
+        collab.load_rec(out / "model.pt", 839, 3256)
+
+
+def test_history_id_beyond_the_item_table_is_one_error(toy_his):
+    model = collab.SASRec(toy_his.user_num, 5, dim=4, his_len=3)  # a table of 5 items; toy histories go to 20
+    with pytest.raises(data.UsageError, match="history item id .* beyond"):
+        collab.score(model, toy_his.splits["valid"])
+    r = run_cli("--model", "pop", "--out", "x", "--dropout", "0.5", "--lr", "1e-3")
+    assert r.returncode == 2 and "--dropout is for" in r.stderr and "--lr is for" in r.stderr
+
+
+def test_frozen_tables_are_computed_once_until_the_weights_change():
+    """CoLLM's frozen MF / LightGCN: one propagation for the whole run, not one per step."""
+    model = collab.LightGCN(4, 4, [(1, 1), (1, 2), (2, 2), (3, 3)], dim=5, layers=2)
+    assert model.tables()[0] is not model.tables()[0]          # training: recomputed (gradients must flow)
+    model.requires_grad_(False)
+    first = model.tables()
+    assert model.tables() is first                             # frozen: the same tensors
+    with torch.no_grad():
+        model.user.weight[1] += 1.0                            # an in-place change (load_state_dict is one)
+    again = model.tables()
+    assert again is not first and not torch.equal(again[0], first[0])
+    torch.testing.assert_close(again[0], model.propagate()[0])
+
+
+def test_results_table_knows_the_new_models(tmp_path):
+    """eval.py --table: SASRec and DIN beside the paper's ML-1M numbers; pop has none ("-")."""
+    block = {"auc": 0.7, "uauc": 0.6, "uauc_users": 3, "rows": 10}
+    for name in ("sasrec", "din", "pop"):
+        os.makedirs(tmp_path / name)
+        m = {"valid": block, "test": block, "test_warm": block, "test_cold": block, "samples_seen": 5,
+             "config": {"model": name, "data": "ml-1m"}}
+        (tmp_path / name / "metrics.json").write_text(json.dumps(m))
+    lines = eval.results_table([tmp_path / n for n in ("sasrec", "din", "pop")]).splitlines()
+    assert lines[2].startswith("| sasrec | SASRec |") and lines[2].endswith("| 0.7078 / 0.6884 |")
+    assert lines[3].startswith("| din | DIN |") and lines[3].endswith("| 0.7166 / 0.6459 |")
+    assert lines[4].startswith("| pop | Pop |") and lines[4].endswith("| - |")
+    assert eval.PAPER_ML1M["CoLLM-SASRec"] == (0.7235, 0.6990) and eval.PAPER_ML1M["CoLLM-DIN"] == (0.7243, 0.6897)
+
+
+def test_pop_and_din_on_real_data(ml1m):
+    """pop is deterministic: the README's number exactly. DIN is above pop's valid AUC after one epoch."""
+    _, m = collab.train_rec(ml1m, "pop", progress=False)
+    assert m["test"]["auc"] == pytest.approx(0.7089, abs=5e-5) and m["test"]["uauc"] == pytest.approx(0.6786, abs=5e-5)
+    _, m = collab.train_rec(ml1m, "din", epochs=1, progress=False)
+    assert m["valid"]["auc"] > 0.69 and m["config"]["his_len"] == 10

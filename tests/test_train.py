@@ -79,10 +79,10 @@ def test_trainable_parameters_per_stage(toy_root, lora_run, mf_ckpt):
     assert not hasattr(stage1, "proj") and stage1.rec is None  # stage 1 runs nothing collaborative
 
 
-def one_batch(ds, tok, mode, n=8, rows=None):
+def one_batch(ds, tok, mode, n=8, rows=None, his_len=0):
     enc = data.encode_split(ds, "train", data.SegmentTokenizer(tok), data.load_template("movie", mode))
     rows = np.arange(n) if rows is None else np.asarray(rows)
-    return data.collate(enc, ds.splits["train"], rows, data.SegmentTokenizer(tok).pad_id)
+    return data.collate(enc, ds.splits["train"], rows, data.SegmentTokenizer(tok).pad_id, his_len)
 
 
 def fit(model, batch, lr, steps):
@@ -119,7 +119,7 @@ def test_slots_carry_the_projected_collaborative_embeddings(toy_root, lora_run, 
     model.eval()
     with torch.no_grad():
         before = model(**batch)
-        model.user_table[batch["uid"][0]] += 1.0
+        model.rec.user.weight[batch["uid"][0]] += 1.0  # in place: the frozen tables are recomputed
         after = model(**batch)
     assert after[0] != before[0] and after[1] == before[1]
 
@@ -373,6 +373,92 @@ def test_shared_prefix_scores_equal_one_call_on_cuda(toy_root):
     shared = metrics.score_rows(model, enc, split, rows, 8, pad, cuda)
     model.prefix_cache = False
     np.testing.assert_allclose(shared, metrics.score_rows(model, enc, split, rows, 8, pad, cuda), rtol=1e-4, atol=1e-4)
+
+
+# The four collaborative models inside CoLLM: MF and LightGCN look ids up, SASRec and DIN read the
+# row's history too (the batch carries it only for them).
+
+
+@pytest.fixture(scope="module")
+def rec_ckpts(toy_root, tmp_path_factory, mf_ckpt):
+    paths = {"mf": mf_ckpt}
+    for name in ("lightgcn", "sasrec", "din"):
+        out = tmp_path_factory.mktemp(name)
+        collab.main(["--model", name, "--data", "toy", "--data-root", str(toy_root), "--out", str(out),
+                     "--epochs", "3", "--batch-size", "64", "--dim", "16"])
+        paths[name] = str(out / "model.pt")
+    return paths
+
+
+def cie_model(toy_root, lora_run, rec, rec_ckpt=None, **kw):
+    ds = data.load_dataset("toy", toy_root)
+    cfg = cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"), rec=rec, rec_ckpt=rec_ckpt,
+                  lora_dropout=0.0, **kw)
+    model, tok = train.build_model(cfg, ds, None)
+    return model, one_batch(ds, tok, "collm", his_len=model.his_len), cfg, ds
+
+
+@pytest.mark.parametrize("rec", ["lightgcn", "sasrec", "din"])  # mf: test_overfitting_one_batch_drives_the_loss_to_zero
+def test_stage2_overfits_one_batch_with_each_collaborative_model(toy_root, lora_run, rec_ckpts, rec):
+    model, batch, _, _ = cie_model(toy_root, lora_run, rec, rec_ckpts[rec])
+    assert ("his" in batch) == (rec in ("sasrec", "din"))  # only the models that read it get the history
+    assert model.his_len == (batch["his"].shape[1] if "his" in batch else 0)
+    before = {k: v.clone() for k, v in model.rec.state_dict().items()}
+    losses = fit(model, batch, lr=1e-2, steps=60)
+    assert losses[0] > 0.5 and losses[-1] < 0.05, losses[::10]
+    assert not model.rec.training  # frozen: no dropout, DIN's BatchNorm statistics untouched...
+    for k, v in model.rec.state_dict().items():  # ...so nothing of the collaborative model moved
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("rec", ["mf", "lightgcn", "sasrec", "din"])
+def test_tune_rec_moves_the_collaborative_weights_and_checkpoints_round_trip(toy_root, lora_run, rec_ckpts, rec):
+    model, batch, cfg, ds = cie_model(toy_root, lora_run, rec, rec_ckpts[rec], tune_rec=True)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {n for n, _ in model.named_parameters() if n.startswith(("proj.", "rec."))}
+    before = {n: p.detach().clone() for n, p in model.rec.named_parameters()}
+    fit(model, batch, lr=1e-2, steps=3)
+    moved = {n for n, p in model.rec.named_parameters() if not torch.equal(p, before[n])}
+    assert "item.weight" in moved and len(moved) >= len(before) // 2, (moved, set(before))  # tables and layers train
+    # what train.py saves (model_tensors) rebuilds the same model (build_model with a state, as eval.py)
+    state = train.model_tensors(model)
+    back, _ = train.build_model(cfg, ds, None, state)
+    model.eval(), back.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(**batch), model(**batch))
+
+
+def test_tune_rec_from_scratch_for_a_history_model(toy_root, lora_run):
+    model, batch, _, _ = cie_model(toy_root, lora_run, "sasrec", tune_rec=True)
+    assert model.rec.his_len == collab.HIS_LEN["sasrec"]["movie"] == batch["his"].shape[1]
+    before = model.rec.item.weight.detach().clone()
+    fit(model, batch, lr=1e-2, steps=2)
+    assert not torch.equal(model.rec.item.weight, before)
+
+
+def test_a_history_model_through_train_and_eval(toy_root, lora_run, rec_ckpts, tmp_path):
+    """train.py's loop and eval.py's scoring both hand DIN the history (data.collate's "his")."""
+    out = tmp_path / "cie-din"
+    res = run("train.py", "--stage", "cie", *TINY, "--data", "toy", "--data-root", toy_root, "--out", out,
+              "--ckpt", lora_run[0] / "best.pt", "--rec", "din", "--rec-ckpt", rec_ckpts["din"], "--tune-rec",
+              "--max-steps", 4, "--eval-every", 2, "--lr", 1e-2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.load(open(out / "metrics.json"))
+    assert m["rec"] == "din" and m["test"]["rows"] == 93
+    res = run("eval.py", "--ckpt", out / "best.pt", "--out", tmp_path / "ev")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.load(open(tmp_path / "ev" / "metrics.json"))["test"] == pytest.approx(m["test"])
+
+
+def test_bad_collaborative_inputs_are_one_clear_line(toy_root, lora_run, rec_ckpts, tmp_path):
+    base = ["--stage", "cie", "--llm", "tiny", "--data", "toy", "--data-root", toy_root, "--out", tmp_path,
+            "--ckpt", lora_run[0] / "best.pt"]
+    assert_one_line_error(run("train.py", *base, "--rec", "pop", "--tune-rec"), "--rec pop", "no user or item embeddings")
+    assert_one_line_error(run("train.py", *base, "--rec", "din", "--rec-ckpt", rec_ckpts["sasrec"]),
+                          "a sasrec model, but --rec is din")
+    # a collab.py model.pt where stage 1's best.pt belongs: was a KeyError traceback
+    assert_one_line_error(run("train.py", *base[:-1], rec_ckpts["mf"], "--rec-ckpt", rec_ckpts["mf"]),
+                          "collab.py mf model.pt", "--rec-ckpt")
 
 
 # ---------------------------------------------------------------------------------------------
