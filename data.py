@@ -752,17 +752,18 @@ class Encoded:
 def encode_split(data, split, seg_tok, template):
     """Tokenise every prompt of a split once (about two seconds on ML-1M train with a fast tokenizer).
 
-    Each row also records how many of its first tokens do not depend on the target item: the same
-    prompt with another target title (an empty one) agrees with it up to there. Rows of one user
-    with the same history share those tokens, so scoring computes them once (collm.CoLLM.forward)."""
+    Each row also records how many of its first tokens do not depend on the target item: where the
+    same prompt asked about two made-up titles ("A", "B") stops agreeing. That depends on the history
+    alone, so every row of one history gets the same number, and scoring computes those tokens once
+    for all of them (collm.CoLLM.decode_after_prefix)."""
     sp = data.splits[split]
     tokens, offsets, slots, shared = [], [0], [], []
     for r in range(len(sp)):
         hist = [data.titles[i] for i in sp.history(r)[-MAX_TITLES:]]
         ids, pos = seg_tok(prompt_segments(template, hist, data.titles[sp.iid[r]]))
-        other, _ = seg_tok(prompt_segments(template, hist, ""))  # segments are cached: nearly free
-        n = min(len(ids), len(other))
-        differ = np.flatnonzero(np.asarray(ids[:n]) != np.asarray(other[:n]))
+        a, b = (seg_tok(prompt_segments(template, hist, t))[0] for t in "AB")  # segments are cached: nearly free
+        n = min(len(a), len(b), len(ids) - 1)  # the last token always runs with the target's own tokens
+        differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
         shared.append(int(differ[0]) if len(differ) else n)
         tokens += ids
         offsets.append(len(tokens))

@@ -251,8 +251,10 @@ def test_scoring_with_shared_prefixes_equals_one_call(toy_root, lora_run, mf_ckp
     rows, pad = np.arange(len(split)), data.SegmentTokenizer(tok).pad_id
     groups = data.prefix_groups(enc, rows)
     assert len(set(groups)) < len(rows) - 10  # the toy test split has rows that share a prefix
-    for g in set(groups):  # a group is one history (in stage 1 also of several users: the text is the same)
-        assert len({tuple(split.history(r)[-data.MAX_TITLES:]) for r in rows[groups == g]}) == 1
+    histories = [tuple(split.history(r)[-data.MAX_TITLES:]) for r in rows]
+    assert len(set(groups)) == len(set(histories))  # a group is one history (in stage 1 maybe of several users)
+    for g in set(groups):
+        assert len({histories[r] for r in rows[groups == g]}) == 1 and len(set(enc.shared[rows[groups == g]])) == 1
     shared = metrics.score_rows(model, enc, split, rows, 8, pad, torch.device("cpu"))
     model.prefix_cache = False
     whole = metrics.score_rows(model, enc, split, rows, 8, pad, torch.device("cpu"))
