@@ -507,7 +507,8 @@ def calibrate(model, enc, split, batch_size, pad, device, dtype, seed, n=256):
     """--calibrate: score n random train rows with the model as it starts and shift every score by
     the constant that brings their mean logit to the logit of train's positive rate. Without it a
     small LLM's first steps are spent moving all its scores down together (SmolLM2's first loss
-    is ~4.7 where a calibrated model starts near 0.69), which teaches it nothing about ranking.
+    is ~4.7 where a calibrated model starts near 0.69). Whether that helps ranking is an open
+    question: in a 2,000-sample stage-1 run on SmolLM2 it did not (see the README's Run section).
     Every rank draws the same rows (the seed), so every rank sets the same constant. -> the shift."""
     rows = np.sort(np.random.default_rng(seed).choice(len(split), min(n, len(split)), replace=False))
     scores = metrics.score_rows(model, enc, split, rows, batch_size, pad, device, dtype)
