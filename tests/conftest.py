@@ -1,5 +1,5 @@
-"""Shared test fixtures. Real-data tests read the data root from $COLLM_DATA (.ci/run points it at
-../shared/data) and skip with a reason when the released split is not there."""
+"""Shared test fixtures and helpers. Real-data tests read the data root from $COLLM_DATA, else ./data
+(.ci/run points it at ../shared/data) and skip with a reason when the released split is not there."""
 import os
 import subprocess
 import sys
@@ -61,7 +61,8 @@ def build_cache(tmp_path_factory, monkeypatch):
 def real_root():
     root = _real_root()
     if root is None:
-        pytest.skip("the released ML-1M split is not under $COLLM_DATA (set COLLM_DATA=../shared/data)")
+        pytest.skip("the released ML-1M split (ml-1m.zip, or ml-1m/*_ood2.pkl) is not under $COLLM_DATA, else "
+                    "./data; the README's Data section says how to get it")
     return root
 
 
