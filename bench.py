@@ -7,7 +7,7 @@ The chapter that measures the others. It answers three questions about one train
   2. Does the loop lose anything around the model? The same model on one fixed B x 190-token batch
      (no data, no loop: what the model alone can do) is the baseline the real batches should match.
   3. What do our choices buy over the reference? The same LLM + LoRA doing the same work the
-     reference's way (SPEC section 5, "bugs not to copy"): full-vocabulary logits at every position,
+     reference's way (the README's "What differs from the reference code"): full-vocabulary logits at every position,
      random batches padded to the longest row (and an attention mask for the pads), prompts
      re-built and re-tokenised from strings every step, and in stage 1 the collaborative model and
      projector run every step although nothing uses their output.
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import collab
 import collm
 import data
-import eval as metrics  # our eval.py (named so that it does not shadow the builtin)
+import eval as metrics  # our eval.py, by what it holds (a plain `import eval` would hide the builtin)
 import train
 from data import UsageError
 
@@ -82,34 +82,33 @@ def parse_args(argv=None):
                         "without to see what it costs in samples/s and saves in peak memory; default off")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="our path with torch.compile'd decoder layers (collm.compile_decoder); default off")
-    p.add_argument("--data", default="ml-1m", help="dataset name under the data root, or a folder (default ml-1m)")
-    p.add_argument("--data-root", default=None, help="folder holding datasets (default $COLLM_DATA, else ./data)")
+    data.add_data_flags(p)
     p.add_argument("--cache-dir", default="cache", help="where converted models are kept (as train.py)")
     p.add_argument("--seed", type=int, default=2023, help="seeds the LoRA init and which batches are drawn")
     p.add_argument("--only", default=None, choices=CHILDREN,
                    help="run one measurement in this process and print it as one JSON line (what the "
                         "parent runs in each child process; useful alone to profile one path)")
-    a = p.parse_args(argv)
+    args = p.parse_args(argv)
     problems = [f"--{k.replace('_', '-')} must be >= 1 (got {v})" for k, v in
-                dict(batch_size=a.batch_size, steps=a.steps, repeats=a.repeats, matmul_size=a.matmul_size,
-                     eval_rows=a.eval_rows).items()
+                dict(batch_size=args.batch_size, steps=args.steps, repeats=args.repeats, matmul_size=args.matmul_size,
+                     eval_rows=args.eval_rows).items()
                 if v < 1]
     problems += [f"--{k.replace('_', '-')} must be >= 0 (got {v})" for k, v in
-                 dict(eval_batch_size=a.eval_batch_size, warmup=a.warmup).items() if v < 0]
-    if a.device == "cuda" and not torch.cuda.is_available():
+                 dict(eval_batch_size=args.eval_batch_size, warmup=args.warmup).items() if v < 0]
+    if args.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda: no CUDA device is visible")
-    if a.dtype == "fp16" and a.device != "cuda" and not torch.cuda.is_available():
+    if args.dtype == "fp16" and args.device != "cuda" and not torch.cuda.is_available():
         problems.append("--dtype fp16 is a GPU dtype (CPU matmuls have no fp16 units); use bf16 on CPU")
     if problems:
         raise UsageError("; ".join(problems))
-    a.eval_batch_size = a.eval_batch_size or 2 * a.batch_size
-    return a
+    args.eval_batch_size = args.eval_batch_size or 2 * args.batch_size
+    return args
 
 
-def device_and_dtype(a):
+def device_and_dtype(args):
     """-> (device, dtype (None = fp32), dtype name, why that dtype), chosen as train.py chooses."""
-    device = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu")
-    return (device, *train.compute_dtype(a.dtype, device))
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    return (device, *train.compute_dtype(args.dtype, device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,13 +174,13 @@ def peak_memory(device):
     return rss if platform.system() == "Darwin" else rss * 1024  # bytes on macOS, kB on Linux
 
 
-def timed_passes(device, a, run_pass):
+def timed_passes(device, args, run_pass):
     """Run `run_pass` (the warm-up already done) `--repeats` times -> (fastest seconds, all of them)."""
-    times = [clock(device, run_pass) for _ in range(a.repeats)]
+    times = [clock(device, run_pass) for _ in range(args.repeats)]
     return min(times), times
 
 
-def measure(device, a, warm_up, run_pass):
+def measure(device, args, warm_up, run_pass):
     """warm_up() once, then the timed passes -> dict(seconds, times, mem_base, mem_peak).
 
     mem_base is the memory once the model and data are loaded; the peak counts from after the warm-up
@@ -189,7 +188,7 @@ def measure(device, a, warm_up, run_pass):
     base = memory_now(device)
     warm_up()
     reset_peak_memory(device)
-    best, times = timed_passes(device, a, run_pass)
+    best, times = timed_passes(device, args, run_pass)
     return dict(seconds=best, times=times, mem_base=base, mem_peak=peak_memory(device))
 
 
@@ -216,38 +215,32 @@ def decoder_matrix_params(model):
     return sum(p.numel() for name, p in layers.named_parameters() if p.ndim == 2 and "lora_" not in name)
 
 
-def build(a, ds, dtype, device, with_rec, ours=True):
+def build(args, ds, dtype, device, with_rec, ours=True):
     """-> (CoLLM, tokenizer, cfg) with this stage's trainable tensors.
 
     Stage 1 is train.build_model's model as it is. Stage 2 (and the reference's stage 1, which runs
     a collaborative model it never uses) adds a fresh MF with its projector: trained or random
     weights cost the same time, and this way the bench needs no checkpoints. `--compile` applies to
     our path (and its fixed-batch baseline) only: the reference ran eager."""
-    cfg = train.Config(stage=a.stage, llm=a.llm, data=a.data, data_root=a.data_root, cache_dir=a.cache_dir,
-                       dtype=a.dtype, seed=a.seed, batch_size=a.batch_size, grad_checkpoint=a.grad_checkpoint and ours)
-    torch.manual_seed(a.seed)
+    cfg = train.Config(stage=args.stage, llm=args.llm, data=args.data, data_root=args.data_root, cache_dir=args.cache_dir,
+                       dtype=args.dtype, seed=args.seed, batch_size=args.batch_size, grad_checkpoint=args.grad_checkpoint and ours)
+    torch.manual_seed(args.seed)
     model, tok = train.build_model(replace(cfg, stage="lora"), ds, dtype)  # lora: needs no --ckpt
     if with_rec:
         model = collm.CoLLM(model.llm, model.yes_id, collab.MF(ds.user_num, ds.item_num))
         for name, p in model.named_parameters():  # stage 2 trains the projector, stage 1 only LoRA
-            p.requires_grad_(name.startswith("proj.") if a.stage == "cie" else "lora_" in name)
-    if a.compile and ours:
+            p.requires_grad_(name.startswith("proj.") if args.stage == "cie" else "lora_" in name)
+    if args.compile and ours:
         collm.compile_decoder(model)
     return model.to(device), tok, cfg
 
 
-def optimizer_for(model):
-    """train.py's AdamW: decay on matrices, none on biases."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return trainable, torch.optim.AdamW([{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": 1e-3},
-                                         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}],
-                                        lr=1e-3, betas=(0.9, 0.999))
-
-
 def train_step_fn(model, device, dtype, score_fn):
     """-> step(batch): one optimizer step exactly as train.py takes it (autocast, BCE on the Yes
-    logit, loss scaling for fp16, clipping, AdamW), `score_fn(batch)` giving the (B,) logits."""
-    trainable, optimizer = optimizer_for(model)
+    logit, loss scaling for fp16, clipping, train.py's AdamW with its default settings),
+    `score_fn(batch)` giving the (B,) logits."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = train.build_optimizer(trainable, train.Config())
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step(batch):
@@ -280,15 +273,15 @@ def pick(batches, k, rng):
 # Our path: prompts tokenised once (data.encode_split), length-bucketed batches, one LM-head row
 
 
-def ours_train(a, ds, device, dtype, prefix_cache=True):
+def ours_train(args, ds, device, dtype, prefix_cache=True):
     """prefix_cache=False: the same steps with the whole prompt in one decoder call ("whole-train";
     stage 2 only, as stage 1 always runs in one call)."""
-    model, tok, cfg = build(a, ds, dtype, device, with_rec=a.stage == "cie")
+    model, tok, cfg = build(args, ds, dtype, device, with_rec=args.stage == "cie")
     model.prefix_cache = prefix_cache
     enc = train.encode(cfg, ds, tok, "train", model)
     split, pad = ds.splits["train"], data.SegmentTokenizer(tok).pad_id
-    epoch = data.train_batches(enc.lengths, a.batch_size, np.random.default_rng(a.seed), bucket=True)
-    batches = epoch[:a.warmup + a.steps]
+    epoch = data.train_batches(enc.lengths, args.batch_size, np.random.default_rng(args.seed), bucket=True)
+    batches = epoch[:args.warmup + args.steps]
     step = train_step_fn(model, device, dtype, lambda batch: model(**batch))
     model.train()
 
@@ -296,34 +289,34 @@ def ours_train(a, ds, device, dtype, prefix_cache=True):
         for rows in rows_list:  # collating is part of the step, as in train.py's loop
             step({k: v.to(device) for k, v in data.collate(enc, split, rows, pad).items()})
 
-    m = measure(device, a, lambda: run(batches[:a.warmup]), lambda: run(batches[a.warmup:]))
-    real, total = padded_tokens(enc.lengths, batches[a.warmup:])
+    m = measure(device, args, lambda: run(batches[:args.warmup]), lambda: run(batches[args.warmup:]))
+    real, total = padded_tokens(enc.lengths, batches[args.warmup:])
     # Padding over a whole epoch, for both batchings of the same prompts (the reference's prompts
     # tokenise to these lengths too: data.py's tests check segment-wise == whole-string tokenising).
-    random_epoch = data.train_batches(enc.lengths, a.batch_size, np.random.default_rng(a.seed), bucket=False)
+    random_epoch = data.train_batches(enc.lengths, args.batch_size, np.random.default_rng(args.seed), bucket=False)
     share = lambda bs: 1 - np.divide(*padded_tokens(enc.lengths, bs))
-    return dict(**m, samples=a.steps * a.batch_size, tokens=real, padded=total, n_params=decoder_matrix_params(model),
+    return dict(**m, samples=args.steps * args.batch_size, tokens=real, padded=total, n_params=decoder_matrix_params(model),
                 n_embed=model.llm.get_input_embeddings().weight.numel(), padding_epoch=share(epoch),
                 ref_padding_epoch=share(random_epoch), mean_len=float(enc.lengths.mean()))
 
 
-def eval_rows(a, ds):
+def eval_rows(args, ds):
     """The rows every scoring path scores: the first --eval-rows rows of the test split, in the
     split's order (one user's rows side by side, as a split is stored), the same for all paths."""
-    return np.arange(min(a.eval_rows, len(ds.splits["test"])))
+    return np.arange(min(args.eval_rows, len(ds.splits["test"])))
 
 
-def ours_eval(a, ds, device, dtype, prefix_cache=True):
+def ours_eval(args, ds, device, dtype, prefix_cache=True):
     """eval.score_rows itself over eval_rows(); prefix_cache=False ("whole-eval") scores every row's
     whole prompt in one decoder call, in length order, as before shared prefixes."""
-    model, tok, cfg = build(a, ds, dtype, device, with_rec=a.stage == "cie")
+    model, tok, cfg = build(args, ds, dtype, device, with_rec=args.stage == "cie")
     model.prefix_cache = prefix_cache
     enc = train.encode(cfg, ds, tok, "test", model)
-    split, pad, ebs, rows = ds.splits["test"], data.SegmentTokenizer(tok).pad_id, a.eval_batch_size, eval_rows(a, ds)
-    score = lambda rs: metrics.score_rows(model, enc, split, rs, ebs, pad, device, dtype)
-    m = measure(device, a, lambda: score(rows[:ebs]), lambda: score(rows))
+    split, pad, batch_size, rows = ds.splits["test"], data.SegmentTokenizer(tok).pad_id, args.eval_batch_size, eval_rows(args, ds)
+    score = lambda rs: metrics.score_rows(model, enc, split, rs, batch_size, pad, device, dtype)
+    m = measure(device, args, lambda: score(rows[:batch_size]), lambda: score(rows))
     groups = data.prefix_groups(enc, rows) if prefix_cache else None
-    batches = data.eval_batches(enc.lengths[rows], ebs, enc.shared[rows], groups)
+    batches = data.eval_batches(enc.lengths[rows], batch_size, enc.shared[rows], groups)
     real, total = padded_tokens(enc.lengths[rows], batches)
     return dict(**m, samples=len(rows), tokens=real, padded=total, mean_len=float(enc.lengths[rows].mean()),
                 prefixes=len(set(data.prefix_groups(enc, rows))), shared_share=float(enc.shared[rows].sum() / real))
@@ -380,12 +373,12 @@ def reference_scores(model, batch, stage, slot_id):
     return logits[rows, mask.sum(1) - 1, model.yes_id].float()
 
 
-def ref_train(a, ds, device, dtype):
-    model, tok, cfg = build(a, ds, dtype, device, with_rec=True, ours=False)
-    prompts, split = ReferencePrompts(ds, tok, a.stage), ds.splits["train"]
+def ref_train(args, ds, device, dtype):
+    model, tok, cfg = build(args, ds, dtype, device, with_rec=True, ours=False)
+    prompts, split = ReferencePrompts(ds, tok, args.stage), ds.splits["train"]
     lengths = np.diff(split.his_ptr)  # only to size the draw; the batches are random, as the reference's
-    batches = data.train_batches(lengths, a.batch_size, np.random.default_rng(a.seed), bucket=False)[:a.warmup + a.steps]
-    step = train_step_fn(model, device, dtype, lambda batch: reference_scores(model, batch, a.stage, prompts.slot_id))
+    batches = data.train_batches(lengths, args.batch_size, np.random.default_rng(args.seed), bucket=False)[:args.warmup + args.steps]
+    step = train_step_fn(model, device, dtype, lambda batch: reference_scores(model, batch, args.stage, prompts.slot_id))
     model.train()
     counts = []
 
@@ -395,17 +388,17 @@ def ref_train(a, ds, device, dtype):
             counts.append((int(batch["attention_mask"].sum()), batch["attention_mask"].numel()))
             step(batch)
 
-    m = measure(device, a, lambda: run(batches[:a.warmup]), lambda: run(batches[a.warmup:]))
-    real, total = np.sum(counts[-a.steps:], 0).tolist()
-    return dict(**m, samples=a.steps * a.batch_size, tokens=real, padded=total)
+    m = measure(device, args, lambda: run(batches[:args.warmup]), lambda: run(batches[args.warmup:]))
+    real, total = np.sum(counts[-args.steps:], 0).tolist()
+    return dict(**m, samples=args.steps * args.batch_size, tokens=real, padded=total)
 
 
-def ref_eval(a, ds, device, dtype):
+def ref_eval(args, ds, device, dtype):
     """The reference scores a split in its stored order (a sequential sampler), padded to the longest."""
-    model, tok, cfg = build(a, ds, dtype, device, with_rec=True, ours=False)
-    prompts, split, ebs = ReferencePrompts(ds, tok, a.stage), ds.splits["test"], a.eval_batch_size
-    rows = eval_rows(a, ds)
-    batches = [rows[k:k + ebs] for k in range(0, len(rows), ebs)]
+    model, tok, cfg = build(args, ds, dtype, device, with_rec=True, ours=False)
+    prompts, split, batch_size = ReferencePrompts(ds, tok, args.stage), ds.splits["test"], args.eval_batch_size
+    rows = eval_rows(args, ds)
+    batches = [rows[k:k + batch_size] for k in range(0, len(rows), batch_size)]
     model.eval()
     counts = []
 
@@ -415,9 +408,9 @@ def ref_eval(a, ds, device, dtype):
             for rs in rows_list:
                 batch = {k: v.to(device) for k, v in prompts(split, rs).items()}
                 counts.append((int(batch["attention_mask"].sum()), batch["attention_mask"].numel()))
-                reference_scores(model, batch, a.stage, prompts.slot_id).cpu()
+                reference_scores(model, batch, args.stage, prompts.slot_id).cpu()
 
-    m = measure(device, a, lambda: run(batches[:1]), lambda: run(batches))
+    m = measure(device, args, lambda: run(batches[:1]), lambda: run(batches))
     real, total = np.sum(counts, 0).tolist()
     return dict(**m, samples=len(rows), tokens=real, padded=total)
 
@@ -426,11 +419,11 @@ def ref_eval(a, ds, device, dtype):
 # The baseline: the device's matmul peak, and our model alone on one fixed-shape batch
 
 
-def baseline(a, ds, device, dtype):
-    peak = matmul_peak(device, dtype, a.matmul_size)
-    model, tok, cfg = build(a, ds, dtype, device, with_rec=a.stage == "cie")
+def baseline(args, ds, device, dtype):
+    peak = matmul_peak(device, dtype, args.matmul_size)
+    model, tok, cfg = build(args, ds, dtype, device, with_rec=args.stage == "cie")
     vocab = model.llm.get_input_embeddings().weight.shape[0]
-    gen = torch.Generator().manual_seed(a.seed)
+    gen = torch.Generator().manual_seed(args.seed)
 
     def fixed_batch(b):  # random token ids: the matmuls cost the same whatever the ids
         return dict(input_ids=torch.randint(vocab, (b, FIXED_LEN), generator=gen).to(device),
@@ -439,7 +432,7 @@ def baseline(a, ds, device, dtype):
                     label=torch.ones(b, device=device))
 
     step = train_step_fn(model, device, dtype, lambda batch: model(**batch))
-    tb, eb = fixed_batch(a.batch_size), fixed_batch(a.eval_batch_size)
+    tb, eb = fixed_batch(args.batch_size), fixed_batch(args.eval_batch_size)
 
     def score():
         with torch.no_grad(), train.autocast(device, dtype):
@@ -450,13 +443,13 @@ def baseline(a, ds, device, dtype):
     out = dict(peak_flops=peak, n_params=decoder_matrix_params(model), threads=torch.get_num_threads(),
                attn_width=width * c.num_hidden_layers)
     model.train()
-    for _ in range(max(1, a.warmup)):
+    for _ in range(max(1, args.warmup)):
         step(tb)
-    out["train_seconds"] = timed_passes(device, a, lambda: [step(tb) for _ in range(a.steps)])[0] / a.steps
+    out["train_seconds"] = timed_passes(device, args, lambda: [step(tb) for _ in range(args.steps)])[0] / args.steps
     model.eval()
-    for _ in range(max(1, a.warmup)):
+    for _ in range(max(1, args.warmup)):
         score()
-    out["eval_seconds"] = timed_passes(device, a, lambda: [score() for _ in range(a.steps)])[0] / a.steps
+    out["eval_seconds"] = timed_passes(device, args, lambda: [score() for _ in range(args.steps)])[0] / args.steps
     return out
 
 
@@ -465,10 +458,10 @@ MEASURE = {"baseline": baseline, "ours-train": ours_train, "ours-eval": ours_eva
            "whole-eval": lambda *args: ours_eval(*args, prefix_cache=False)}
 
 
-def run_child(a, device, dtype):
-    ds = data.load_dataset(a.data, a.data_root)
+def run_child(args, device, dtype):
+    ds = data.load_dataset(args.data, args.data_root)
     t = time.time()
-    out = MEASURE[a.only](a, ds, device, dtype)
+    out = MEASURE[args.only](args, ds, device, dtype)
     out["wall"] = time.time() - t
     print(json.dumps(out))
 
@@ -513,50 +506,37 @@ def gb(x):
     return f"{x / 2 ** 30:.2f} GB"
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    a = parse_args(argv)
-    device, dtype, dtype_name, dtype_reason = device_and_dtype(a)
-    if a.only:
-        return run_child(a, device, dtype)
-
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    print(f"=> bench {a.llm} | stage {a.stage} | {device.type} {dtype_name} ({dtype_reason}) | batch {a.batch_size}, eval batch "
-          f"{a.eval_batch_size} | {a.steps} steps after {a.warmup} warm-up, best of {a.repeats} "
-          f"| compile {'on' if a.compile else 'off'} | grad checkpoint {'on' if a.grad_checkpoint else 'off'} "
-          f"| load average {load}", flush=True)
-    # stage 1 always runs the whole prompt in one call (LoRA trains everywhere): no "whole-train" to time
-    children = [c for c in CHILDREN if not (c == "whole-train" and a.stage == "lora")]
-    res = {name: spawn(argv, name) for name in children}
-    base, ot, oe, rt, re_ = (res[k] for k in ("baseline", "ours-train", "ours-eval", "ref-train", "ref-eval"))
-    wt, we = res.get("whole-train"), res["whole-eval"]
+def print_flop_note(args, device, dtype_name, base, train_ours):
+    """What the FLOP counts are, and what they leave out, under the device line."""
     peak, N = base["peak_flops"], base["n_params"]
-    f_train, f_eval = 4 * N, 2 * N  # matmul FLOPs per real token (see the module docstring)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()} CPU, {base['threads']} threads"
-    print(f"\ndevice: {name}; {dtype_name} matmul peak ({a.matmul_size}^3, best of 5) {peak / 1e9:.1f} GFLOP/s")
+    print(f"\ndevice: {name}; {dtype_name} matmul peak ({args.matmul_size}^3, best of 5) {peak / 1e9:.1f} GFLOP/s")
     print(f"FLOPs per real token: 2N forward, 4N forward + backward, N = {N / 1e6:.1f}M decoder matrix parameters.\n"
-          f"  Not counted: the {ot['n_embed'] / 1e6:.1f}M embedding / LM-head parameters (we compute one LM-head row; "
-          f"counting them would multiply every share by {(N + ot['n_embed']) / N:.2f}),\n"
-          f"  attention scores (about {attention_extra(base, ot['mean_len']):.0%} more at this data's mean "
-          f"{ot['mean_len']:.0f} tokens) and LoRA's rank-r matrices. A shared prefix computed once, or run\n"
+          f"  Not counted: the {train_ours['n_embed'] / 1e6:.1f}M embedding / LM-head parameters (we compute one LM-head row; "
+          f"counting them would multiply every share by {(N + train_ours['n_embed']) / N:.2f}),\n"
+          f"  attention scores (about {attention_extra(base, train_ours['mean_len']):.0%} more at this data's mean "
+          f"{train_ours['mean_len']:.0f} tokens) and LoRA's rank-r matrices. A shared prefix computed once, or run\n"
           f"  without its backward, still counts as if computed in full: what it saves shows as a higher share.")
-    # the fixed batch's rows are FIXED_LEN tokens long: its samples/s too is counted at the mean length
-    fixed = lambda b, sec, mean_len: dict(samples=b * FIXED_LEN / sec / mean_len, tokens=b * FIXED_LEN / sec, padding=0.0)
-    train_rate = lambda r: rates(r, f_train, peak, ot["mean_len"])
-    eval_rate = lambda r: rates(r, f_eval, peak, oe["mean_len"])
-    rows = [("train  fixed {}x{}".format(a.batch_size, FIXED_LEN),
-             {**fixed(a.batch_size, base["train_seconds"], ot["mean_len"]),
-              "flops": f_train * a.batch_size * FIXED_LEN / base["train_seconds"]}, None),
-            ("train  ours", train_rate(ot), ot)]
-    rows += [("train  whole prompt", train_rate(wt), wt)] if wt else []
-    rows += [("train  reference", train_rate(rt), rt),
-             ("eval   fixed {}x{}".format(a.eval_batch_size, FIXED_LEN),
-              {**fixed(a.eval_batch_size, base["eval_seconds"], oe["mean_len"]),
-               "flops": f_eval * a.eval_batch_size * FIXED_LEN / base["eval_seconds"]}, None),
-             ("eval   ours", eval_rate(oe), oe),
-             ("eval   whole prompt", eval_rate(we), we),
-             ("eval   reference", eval_rate(re_), re_)]
+
+
+def print_rate_table(args, device, res, train_rate, eval_rate):
+    """One line per path: samples/s, tokens/s, useful FLOP/s and their share of the peak, padding, memory."""
+    base, peak = res["baseline"], res["baseline"]["peak_flops"]
+    f_train, f_eval = 4 * base["n_params"], 2 * base["n_params"]
+    train_len, eval_len = res["ours-train"]["mean_len"], res["ours-eval"]["mean_len"]
+
+    def fixed(b, seconds, mean_len, flops_per_token):  # FIXED_LEN-token rows, samples/s at the mean length
+        return dict(samples=b * FIXED_LEN / seconds / mean_len, tokens=b * FIXED_LEN / seconds, padding=0.0,
+                    flops=flops_per_token * b * FIXED_LEN / seconds)
+    rows = [(f"train  fixed {args.batch_size}x{FIXED_LEN}",
+             fixed(args.batch_size, base["train_seconds"], train_len, f_train), None)]
+    rows += [(f"train  {label}", train_rate(res[key]), res[key]) for label, key in
+             (("ours", "ours-train"), ("whole prompt", "whole-train"), ("reference", "ref-train")) if key in res]
+    rows += [(f"eval   fixed {args.eval_batch_size}x{FIXED_LEN}",
+              fixed(args.eval_batch_size, base["eval_seconds"], eval_len, f_eval), None)]
+    rows += [(f"eval   {label}", eval_rate(res[key]), res[key]) for label, key in
+             (("ours", "ours-eval"), ("whole prompt", "whole-eval"), ("reference", "ref-eval"))]
     mem_kind = "peak alloc" if device.type == "cuda" else "peak RSS"
     print(f"\n{'':<22}{'samples/s':>10}{'tokens/s':>10}{'GFLOP/s':>9}{'of peak':>8}{'padding':>9}"
           f"{mem_kind:>12}{'over base':>11}")
@@ -564,37 +544,70 @@ def main(argv=None):
         mem = f"{gb(raw['mem_peak']):>12}{gb(raw['mem_peak'] - raw['mem_base']):>11}" if raw else f"{'':>12}{'':>11}"
         print(f"{label:<22}{r['samples']:>10.2f}{r['tokens']:>10.0f}{r['flops'] / 1e9:>9.1f}"
               f"{r['flops'] / peak:>8.2f}{r['padding']:>9.1%}{mem}")
-    tr, te = train_rate(ot), eval_rate(oe)
-    speedup_train = tr["samples"] / train_rate(rt)["samples"]
-    speedup_eval = te["samples"] / eval_rate(re_)["samples"]
-    prefix_train = tr["samples"] / train_rate(wt)["samples"] if wt else None
-    prefix_eval = te["samples"] / eval_rate(we)["samples"]
-    mem_train = ot["mem_peak"] / rt["mem_peak"]
-    mem_over = (ot["mem_peak"] - ot["mem_base"]) / max(1, rt["mem_peak"] - rt["mem_base"])
+    return rows
+
+
+def report(args, device, dtype_name, res, load):
+    """The children's results -> the table, the ratios that answer the three questions, the JSON line."""
+    base = res["baseline"]
+    train_ours, eval_ours, train_ref, eval_ref = (res[k] for k in ("ours-train", "ours-eval", "ref-train", "ref-eval"))
+    train_whole, eval_whole = res.get("whole-train"), res["whole-eval"]
+    peak, N = base["peak_flops"], base["n_params"]
+    f_train, f_eval = 4 * N, 2 * N  # matmul FLOPs per real token (see the module docstring)
+    print_flop_note(args, device, dtype_name, base, train_ours)
+    train_rate = lambda r: rates(r, f_train, peak, train_ours["mean_len"])
+    eval_rate = lambda r: rates(r, f_eval, peak, eval_ours["mean_len"])
+    print_rate_table(args, device, res, train_rate, eval_rate)
+    mem_kind = "peak alloc" if device.type == "cuda" else "peak RSS"
+    tr, te = train_rate(train_ours), eval_rate(eval_ours)
+    speedup_train = tr["samples"] / train_rate(train_ref)["samples"]
+    speedup_eval = te["samples"] / eval_rate(eval_ref)["samples"]
+    prefix_train = tr["samples"] / train_rate(train_whole)["samples"] if train_whole else None
+    prefix_eval = te["samples"] / eval_rate(eval_whole)["samples"]
+    mem_train = train_ours["mem_peak"] / train_ref["mem_peak"]
+    mem_over = (train_ours["mem_peak"] - train_ours["mem_base"]) / max(1, train_ref["mem_peak"] - train_ref["mem_base"])
     print(f"\nours / reference: train {speedup_train:.2f}x samples/s, eval {speedup_eval:.2f}x samples/s; "
           f"train {mem_kind} {mem_train:.2f}x (over the post-load base: {mem_over:.2f}x), "
-          f"eval {mem_kind} {oe['mem_peak'] / re_['mem_peak']:.2f}x")
-    print(f"shared prefixes / whole prompt: train " + (f"{prefix_train:.2f}x" if wt else "- (stage 1 trains every position)")
-          + f", eval {prefix_eval:.2f}x ({oe['samples']} test rows in split order, {oe['prefixes']} distinct "
-          f"prefixes, {oe['shared_share']:.0%} of their tokens before the target title); peak memory "
-          + (f"train {ot['mem_peak'] / wt['mem_peak']:.2f}x, " if wt else "") + f"eval {oe['mem_peak'] / we['mem_peak']:.2f}x")
-    print(f"samples/s: real tokens/s over the mean prompt, {ot['mean_len']:.0f} tokens (train split) and "
-          f"{oe['mean_len']:.0f} (the scored test rows): an epoch's rate, whatever rows the timed batches drew")
-    print(f"padding over a whole epoch: ours {ot['padding_epoch']:.1%} of train tokens (length-bucketed), "
-          f"reference {ot['ref_padding_epoch']:.1%} (random batches); scoring ours {te['padding']:.1%}, "
-          f"reference {eval_rate(re_)['padding']:.1%}")
-    summary = dict(train_samples_per_s=round(tr["samples"], 3), eval_samples_per_s=round(te["samples"], 3),
-                   train_peak_share=round(tr["share"], 4), eval_peak_share=round(te["share"], 4),
-                   padding_share=round(ot["padding_epoch"], 4), ref_padding_share=round(ot["ref_padding_epoch"], 4),
-                   speedup_train=round(speedup_train, 3), speedup_eval=round(speedup_eval, 3),
-                   prefix_speedup_train=round(prefix_train, 3) if wt else None, prefix_speedup_eval=round(prefix_eval, 3),
-                   mem_ratio_train=round(mem_train, 3), device=device.type, dtype=dtype_name,
-                   cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                   cpu_bf16_units=train.cpu_has_bf16_units(), llm=a.llm, stage=a.stage,
-                   compile=a.compile, grad_checkpoint=a.grad_checkpoint, peak_flops=peak, n_params=N, eval_padding_share=round(te["padding"], 4),
-                   fixed_train_peak_share=round(f_train * a.batch_size * FIXED_LEN / base["train_seconds"] / peak, 4),
-                   fixed_eval_peak_share=round(f_eval * a.eval_batch_size * FIXED_LEN / base["eval_seconds"] / peak, 4),
-                   mem_ratio_train_over_base=round(mem_over, 3), load_average=load)
+          f"eval {mem_kind} {eval_ours['mem_peak'] / eval_ref['mem_peak']:.2f}x")
+    print(f"shared prefixes / whole prompt: train " + (f"{prefix_train:.2f}x" if train_whole else "- (stage 1 trains every position)")
+          + f", eval {prefix_eval:.2f}x ({eval_ours['samples']} test rows in split order, {eval_ours['prefixes']} distinct "
+          f"prefixes, {eval_ours['shared_share']:.0%} of their tokens before the target title); peak memory "
+          + (f"train {train_ours['mem_peak'] / train_whole['mem_peak']:.2f}x, " if train_whole else "")
+          + f"eval {eval_ours['mem_peak'] / eval_whole['mem_peak']:.2f}x")
+    print(f"samples/s: real tokens/s over the mean prompt, {train_ours['mean_len']:.0f} tokens (train split) and "
+          f"{eval_ours['mean_len']:.0f} (the scored test rows): an epoch's rate, whatever rows the timed batches drew")
+    print(f"padding over a whole epoch: ours {train_ours['padding_epoch']:.1%} of train tokens (length-bucketed), "
+          f"reference {train_ours['ref_padding_epoch']:.1%} (random batches); scoring ours {te['padding']:.1%}, "
+          f"reference {eval_rate(eval_ref)['padding']:.1%}")
+    return dict(train_samples_per_s=round(tr["samples"], 3), eval_samples_per_s=round(te["samples"], 3),
+                train_peak_share=round(tr["share"], 4), eval_peak_share=round(te["share"], 4),
+                padding_share=round(train_ours["padding_epoch"], 4), ref_padding_share=round(train_ours["ref_padding_epoch"], 4),
+                speedup_train=round(speedup_train, 3), speedup_eval=round(speedup_eval, 3),
+                prefix_speedup_train=round(prefix_train, 3) if train_whole else None,
+                prefix_speedup_eval=round(prefix_eval, 3), mem_ratio_train=round(mem_train, 3), device=device.type,
+                dtype=dtype_name, cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                cpu_bf16_units=train.cpu_has_bf16_units(), llm=args.llm, stage=args.stage, compile=args.compile,
+                grad_checkpoint=args.grad_checkpoint, peak_flops=peak, n_params=N, eval_padding_share=round(te["padding"], 4),
+                fixed_train_peak_share=round(f_train * args.batch_size * FIXED_LEN / base["train_seconds"] / peak, 4),
+                fixed_eval_peak_share=round(f_eval * args.eval_batch_size * FIXED_LEN / base["eval_seconds"] / peak, 4),
+                mem_ratio_train_over_base=round(mem_over, 3), load_average=load)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    device, dtype, dtype_name, dtype_reason = device_and_dtype(args)
+    if args.only:
+        return run_child(args, device, dtype)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    print(f"=> bench {args.llm} | stage {args.stage} | {device.type} {dtype_name} ({dtype_reason}) | batch {args.batch_size}, eval batch "
+          f"{args.eval_batch_size} | {args.steps} steps after {args.warmup} warm-up, best of {args.repeats} "
+          f"| compile {'on' if args.compile else 'off'} | grad checkpoint {'on' if args.grad_checkpoint else 'off'} "
+          f"| load average {load}", flush=True)
+    # stage 1 always runs the whole prompt in one call (LoRA trains everywhere): no "whole-train" to time
+    children = [c for c in CHILDREN if not (c == "whole-train" and args.stage == "lora")]
+    res = {name: spawn(argv, name) for name in children}
+    summary = report(args, device, dtype_name, res, load)
     print(json.dumps(summary))
     return summary
 

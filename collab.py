@@ -26,9 +26,7 @@ a model from the checkpoint this script writes, without the dataset.
     python collab.py --model pop --data ml-1m --out runs/pop             # a second: no training loop
 """
 import argparse
-import json
 import os
-import tempfile
 import time
 import warnings
 
@@ -39,10 +37,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import eval  # our eval.py (it shadows the builtin eval(), which nothing here uses)
+import eval as metrics  # our eval.py, by what it holds (a plain `import eval` would hide the builtin)
 
 # Best mean valid AUC over seeds 0-2 in a grid on ML-1M (lr 1e-3..1e-2, wd 1e-6..1e-3, d 64/256), with
-# unseen="mean" (below). For MF that is SPEC section 5's own setting (d=256, lr 1e-3, wd 1e-4: valid
+# unseen="mean" (below). For MF that is the reference's own setting (d=256, lr 1e-3, wd 1e-4: valid
 # 0.7108; d=64 gives 0.7098 in a third of the time). LightGCN's lr 1e-2 wd 1e-4 came within 0.004.
 # wd is the knob that matters: 1e-3 stops learning (valid AUC 0.55); for MF 1e-5 and below overfits.
 DEFAULTS = {"mf": dict(dim=256, lr=1e-3, wd=1e-4),
@@ -399,9 +397,12 @@ def new_rec(name, ds):
                        train_graph(ds), seen_in_train(ds), **{k: v for k, v in cfg.items() if k not in ("lr", "wd")})
 
 
-def rec_checkpoint(model):
-    """The checkpoint dict this script saves (train.py embeds it in CoLLM checkpoints too)."""
-    cfg = dict(user_num=model.user_num if isinstance(model, Pop) else model.user_seen.numel(),
+def rec_checkpoint(model, run_settings=None):
+    """The one checkpoint dict of a collaborative model: this script's model.pt, and the "rec" part
+    of train.py's CoLLM checkpoints. config = the table sizes and the constructor's settings (what
+    rec_from_checkpoint needs), plus, for a model.pt, every setting of the run that trained it."""
+    cfg = dict(run_settings or {})
+    cfg.update(user_num=model.user_num if isinstance(model, Pop) else model.user_seen.numel(),
                item_num=len(model.logit) if isinstance(model, Pop) else model.item_seen.numel(), **model.settings)
     return {"model": model_name(model), "config": cfg,
             "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}
@@ -461,6 +462,11 @@ def score(model, split, chunk=4096):
     return torch.cat(out).numpy()
 
 
+def final_metrics(model, valid, test):
+    """The metrics.json blocks of a trained model: the whole valid split, and test in full, warm, cold."""
+    return metrics.metrics_block(metrics.report(valid, score(model, valid))["all"], metrics.report(test, score(model, test)))
+
+
 def settings_for(model_name, ds, dim=None, lr=None, wd=None, layers=None, dropout=None, prior=None):
     """DEFAULTS[model] with the given overrides, and the history length the dataset's domain calls for."""
     cfg = dict(DEFAULTS[model_name])
@@ -486,13 +492,13 @@ def train_rec(ds, model_name, dim=None, lr=None, wd=None, batch_size=1024, epoch
     start = time.time()
     if model_name == "pop":  # counted, not trained: one pass, nothing to stop early
         model.fit(tr.iid, tr.label).eval()
-        metrics = eval.metrics_block(eval.report(va, score(model, va)), eval.report(te, score(model, te)))
-        metrics.update(best_epoch=1, samples_seen=len(tr), seconds=round(time.time() - start, 2), config=cfg)
-        return model, metrics
+        result = final_metrics(model, va, te)
+        result.update(best_epoch=1, samples_seen=len(tr), seconds=round(time.time() - start, 2), config=cfg)
+        return model, result
     # Adam's weight_decay adds wd * w to the gradient: classic L2, as the paper's baselines use.
     # fused=True: one kernel for the whole update, ~20x faster than the default on CPU here.
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["wd"], fused=True)
-    uid, iid, label = (torch.tensor(a) for a in (tr.uid, tr.iid, tr.label))  # copies: may be read-only arrays
+    uid, iid, label = (torch.tensor(column) for column in (tr.uid, tr.iid, tr.label))  # copies: may be read-only arrays
     his = history(tr, model)  # (N, his_len) or None, padded once for the whole run
     # SASRec encodes each distinct history of a batch once: batches made of whole groups of rows
     # that share a history (shuffled groups, not rows) make that about 1.8x less work on ML-1M.
@@ -516,7 +522,7 @@ def train_rec(ds, model_name, dim=None, lr=None, wd=None, batch_size=1024, epoch
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        valid_auc = eval.auc(va.label, score(model.eval(), va))
+        valid_auc = metrics.auc(va.label, score(model.eval(), va))
         if valid_auc > best_auc:  # keep a copy of the best weights, not a file per epoch
             best_auc, best_epoch = valid_auc, epoch
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -526,34 +532,14 @@ def train_rec(ds, model_name, dim=None, lr=None, wd=None, batch_size=1024, epoch
     bar.close()
     model.load_state_dict(best_state)
     model.eval()
-    metrics = eval.metrics_block(eval.report(va, score(model, va)), eval.report(te, score(model, te)))
-    metrics.update(best_epoch=best_epoch, samples_seen=epoch * len(tr), seconds=round(time.time() - start, 2),
-                   config=cfg)
-    return model, metrics
+    result = final_metrics(model, va, te)
+    result.update(best_epoch=best_epoch, samples_seen=epoch * len(tr), seconds=round(time.time() - start, 2),
+                  config=cfg)
+    return model, result
 
 
 # ---------------------------------------------------------------------------------------------
 # CLI
-
-
-def write_atomic(path, write):
-    """write(tmp_path) into a temp file next to `path`, then rename: a crash never leaves half a file."""
-    # (torch.save rejects some dot-names such as ".tmp-x": keep the final name in front)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".",
-                               suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
 
 
 def main(argv=None):
@@ -563,8 +549,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Train a collaborative model (MF, LightGCN, SASRec, DIN) or count the "
                                             "popularity baseline on a CoLLM dataset (BCE, early stop on valid AUC).")
     p.add_argument("--model", required=True, choices=sorted(MODELS), help="which collaborative model")
-    p.add_argument("--data", default="ml-1m", help="dataset name under the data root, or a folder (default ml-1m)")
-    p.add_argument("--data-root", default=None, help="folder holding datasets (default $COLLM_DATA, else ./data)")
+    data.add_data_flags(p)
     p.add_argument("--out", required=True, help="output folder for model.pt and metrics.json")
     p.add_argument("--dim", type=int, default=None, help=f"embedding size, for DIN of each of its three tables (default: {per_model('dim')})")
     p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default: {per_model('lr')})")
@@ -585,42 +570,42 @@ def main(argv=None):
                         "trained rows (the average user); 'untouched' keeps its never-trained row, as the reference")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: these ops are too small to gain from more)")
-    a = p.parse_args(argv)
+    args = p.parse_args(argv)
     problems = [f"--{k.replace('_', '-')} {v} must be > 0" for k, v in
-                dict(dim=a.dim, lr=a.lr, batch_size=a.batch_size, epochs=a.epochs, patience=a.patience,
-                     threads=a.threads).items()
+                dict(dim=args.dim, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
+                     threads=args.threads).items()
                 if v is not None and v <= 0]
-    problems += [f"--{k} {v} must be >= 0" for k, v in dict(wd=a.wd, layers=a.layers, prior=a.prior).items()
+    problems += [f"--{k} {v} must be >= 0" for k, v in dict(wd=args.wd, layers=args.layers, prior=args.prior).items()
                  if v is not None and v < 0]
-    if a.dropout is not None and not 0 <= a.dropout < 1:
-        problems.append(f"--dropout {a.dropout} must be in [0, 1)")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        problems.append(f"--dropout {args.dropout} must be in [0, 1)")
     for flag, models in (("layers", ("lightgcn",)), ("dropout", ("sasrec", "din")), ("prior", ("pop",)),
                          ("dim", ("mf", "lightgcn", "sasrec", "din")), ("lr", ("mf", "lightgcn", "sasrec", "din")),
                          ("wd", ("mf", "lightgcn", "sasrec", "din"))):
-        if getattr(a, flag) is not None and a.model not in models:
-            problems.append(f"--{flag} is for {' / '.join(models)} only, not {a.model}")
+        if getattr(args, flag) is not None and args.model not in models:
+            problems.append(f"--{flag} is for {' / '.join(models)} only, not {args.model}")
     if problems:  # report every bad flag at once
         raise data.UsageError("; ".join(problems))
-    ds = data.load_dataset(a.data, a.data_root)
+    ds = data.load_dataset(args.data, args.data_root)
     # These models do many tiny ops (a 1024 x 64 batch). On an idle 2-core machine one thread trained
     # MF faster than two (6.4 s vs 7.7 s); with other jobs on the cores, two threads spin-waiting on
     # each other were 5-25x slower. So one thread by default; results are the same either way.
     threads = torch.get_num_threads()
-    torch.set_num_threads(a.threads)
+    torch.set_num_threads(args.threads)
     try:
-        model, metrics = train_rec(ds, a.model, dim=a.dim, lr=a.lr, wd=a.wd, batch_size=a.batch_size,
-                                   epochs=a.epochs, patience=a.patience, seed=a.seed, layers=a.layers,
-                                   unseen=a.unseen, dropout=a.dropout, prior=a.prior)
+        model, result = train_rec(ds, args.model, dim=args.dim, lr=args.lr, wd=args.wd, batch_size=args.batch_size,
+                                  epochs=args.epochs, patience=args.patience, seed=args.seed, layers=args.layers,
+                                  unseen=args.unseen, dropout=args.dropout, prior=args.prior)
     finally:  # main() also runs inside other programs (tests): leave their thread count as it was
         torch.set_num_threads(threads)
-    metrics["config"]["data"] = ds.name
-    os.makedirs(a.out, exist_ok=True)
-    ckpt_path = os.path.join(a.out, "model.pt")
-    ckpt = {"model": a.model, "state_dict": model.state_dict(), "config": metrics["config"]}  # config: every setting
-    write_atomic(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
-    write_atomic(os.path.join(a.out, "metrics.json"), lambda tmp: write_json(metrics, tmp))
-    m = metrics
-    print(f"{a.model}: best epoch {m['best_epoch']}, valid AUC {m['valid']['auc']:.4f}, "
+    result["config"]["data"] = ds.name
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "model.pt")
+    ckpt = rec_checkpoint(model, result["config"])  # config: every setting of the run, the table sizes first
+    data.write_atomic(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
+    metrics.write_metrics(os.path.join(args.out, "metrics.json"), result)
+    m = result
+    print(f"{args.model}: best epoch {m['best_epoch']}, valid AUC {m['valid']['auc']:.4f}, "
           f"test AUC {m['test']['auc']:.4f} UAUC {m['test']['uauc']:.4f} "
           f"(warm {m['test_warm']['auc']:.4f}, cold {m['test_cold']['auc']:.4f}), {m['seconds']:.1f}s -> {ckpt_path}")
 

@@ -8,9 +8,9 @@ is the language-model head's row for the token "Yes". Stage 1 (TALLRec) trains L
 text-only prompts; stage 2 feeds the collaborative embeddings of the user and the item, mapped by a
 small MLP into the LLM's token-embedding space, in place of two slot tokens of the prompt.
 
-This file imports nothing of ours: it is handed a collaborative model (anything with `.dim`, `.his_len`
-and one per-row call `.embed(uid, iid, his) -> (user vectors, item vectors)`, see collab.py) and token
-batches (see data.py).
+Of ours it imports only data.py's error type and atomic writer: it is handed a collaborative model
+(anything with `.dim`, `.his_len` and one per-row call `.embed(uid, iid, his) -> (user vectors, item
+vectors)`, see collab.py) and token batches (see data.py), and never builds either itself.
 
 The LLMs it loads (`--llm`):
   tiny           a 2-layer LLaMA with a small byte-level BPE tokenizer, both built in code (tests)
@@ -20,12 +20,11 @@ The LLMs it loads (`--llm`):
 """
 import importlib.util
 import os
-import shutil
 
 import torch
 import torch.nn as nn
 
-from data import UsageError
+from data import UsageError, write_atomic
 
 # ---------------------------------------------------------------------------------------------
 # Loading an LLM and its tokenizer
@@ -88,11 +87,11 @@ def _smollm2(cache_dir, dtype=torch.float32):
         del cfg.quantization_config
         plain = type(gguf_model)(cfg)
         plain.load_state_dict(gguf_model.state_dict())
-        tmp = folder + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, folder)  # atomic: a killed first run leaves no half-written cache
+
+        def save(tmp):
+            plain.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        write_atomic(folder, save)  # a killed first run leaves no half-written cache
     # loaded straight into `dtype`: an fp32 copy first would double the load's peak memory
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
 

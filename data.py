@@ -67,6 +67,37 @@ def data_root(flag=None):
     return flag or os.environ.get("COLLM_DATA") or "data"
 
 
+# The two flags that choose a dataset, worded once for every CLI (train.py's Config reads them too).
+DATA_FLAGS = {"data": ("ml-1m", "dataset name under the data root, or a dataset folder (default ml-1m)"),
+              "data_root": (None, "folder holding datasets (default $COLLM_DATA, else ./data)")}
+
+
+def add_data_flags(parser):
+    """--data and --data-root on an argparse parser, as DATA_FLAGS says."""
+    for name, (default, help) in DATA_FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), default=default, help=help)
+
+
+def write_atomic(path, write):
+    """write(tmp) creates a file or a folder at a temporary name beside `path`, which is then renamed
+    to `path` in one step: a crash or an error never leaves half a file under the real name, and the
+    temporary is removed whatever happens. The one way this toolkit writes what it keeps (pickles,
+    checkpoints, metrics.json, exports, converted models). An empty folder at `path` is replaced
+    (a rename cannot replace a folder on every system); anything else there makes the rename fail."""
+    tmp = f"{path}.tmp{os.getpid()}"  # the final name in front: torch.save refuses some dot-names
+    shutil.rmtree(tmp, ignore_errors=True)  # a killed earlier write by a process of the same id
+    try:
+        write(tmp)
+        if os.path.isdir(path) and not os.listdir(path) and os.path.isdir(tmp):
+            os.rmdir(path)
+        os.replace(tmp, path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+
+
 # ---------------------------------------------------------------------------------------------
 # In-memory form: one Split per file, numpy arrays only (pandas stays in the loader)
 
@@ -242,7 +273,7 @@ def load_dataset(name="ml-1m", root=None):
     table = [""] * item_num
     for i, t in titles.items():
         table[i] = t
-    # Warm = user AND item each have more than 3 train rows (SPEC section 6).
+    # Warm = user AND item each have more than 3 train rows (the paper's warm/cold evaluation; README, Results).
     tr = splits["train"]
     u_count = np.bincount(tr.uid, minlength=user_num)
     i_count = np.bincount(tr.iid, minlength=item_num)
@@ -273,8 +304,8 @@ def _cached_build(name, raw, build):
     out = os.path.join(cache_dir(), f"{name}-{key}")
     if _pickles_in(out):
         return out
-    tmp = f"{out}.tmp{os.getpid()}"
-    try:
+
+    def build_into(tmp):
         try:
             os.makedirs(tmp)
         except OSError as e:
@@ -283,13 +314,14 @@ def _cached_build(name, raw, build):
         build(os.path.dirname(raw[0]), tmp)
         with open(os.path.join(tmp, "raw_files.txt"), "w") as f:  # for a human wondering what this is
             f.write("".join(f"{p}\t{size} bytes\tmtime_ns {mtime}\n" for p, size, mtime in stamp))
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another run finished the same build first: use its copy
-            if not _pickles_in(out):
-                raise UsageError(f"{out} exists but does not hold the four pickles; remove it and run again")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    try:
+        write_atomic(out, build_into)
+    except OSError:  # the rename failed: another run finished the same build first, so use its copy
+        if not os.path.isdir(out):  # no: a real error of the build itself
+            raise
+        if not _pickles_in(out):
+            raise UsageError(f"{out} exists but does not hold the four pickles; remove it and run again")
     return out
 
 
@@ -413,9 +445,7 @@ def _write_authors_split(uid, iid, label, ts, flag, title, out_dir, small_frac, 
     parts["valid_small"] = parts["valid"].sample(frac=small_frac, random_state=2023)
     os.makedirs(out_dir, exist_ok=True)
     for s, part in parts.items():
-        tmp = os.path.join(out_dir, f".{s}_ood2.pkl.tmp")
-        part.to_pickle(tmp)
-        os.replace(tmp, os.path.join(out_dir, f"{s}_ood2.pkl"))  # atomic: a crash leaves no half file
+        write_atomic(os.path.join(out_dir, f"{s}_ood2.pkl"), lambda tmp: part.to_pickle(tmp, compression=None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,23 +564,10 @@ def _first_appearance_ids(codes):
     return ids[codes]
 
 
-def build_amazon_book_split(raw_dir, out_dir):
-    """Books_5.json.gz + meta_Books.json.gz -> {train,valid,test,valid_small}_ood2.pkl, the authors' rules:
-
-    reviews (asin, reviewerID, overall, unixReviewTime) right-joined to the metadata's titles (metadata
-    without 'getTime' titles, deduplicated on asin keeping the LAST line, a missing title read as ''),
-    so rows come grouped by book in metadata order, file order inside a book, and reviews of books
-    without metadata are dropped; keep 2017 (UTC); keep users and books with more than 20 ratings in
-    2017, counted once on the joined 2017 rows (not repeated until nothing changes); label = 1 for 5
-    stars only; users and books numbered 1.. by first appearance in that order; train = January to
-    November; December sorted by time and cut in half: first half valid, second half test; then
-    histories and not_cold as for ML-1M; valid_small = valid.sample(frac=0.25, random_state=2023).
-
-    One change: the notebook sorted December with numpy's default quicksort, which does not keep the
-    order of reviews in the same second; we sort stably (join order kept), so a rebuild is repeatable."""
+def _read_2017_reviews(reviews_path):
+    """Pass 1 over the reviews: every line is checked; 2017's are kept as integer codes.
+    -> ({asin: code}, {reviewerID: code}, (asin code, user code, stars, unix time) arrays, one per kept review)."""
     from array import array
-    reviews_path, meta_path = (os.path.join(raw_dir, f) for f in RAW["amazon-book"][0])
-    # Pass 1: the reviews. Every line is checked; 2017's are kept as integer codes.
     asin_code, user_code = {}, {}
     asin, user, stars, ts = array("q"), array("q"), array("f"), array("q")
     for n, r in _json_lines(reviews_path):
@@ -566,8 +583,14 @@ def build_amazon_book_split(raw_dir, out_dir):
         user.append(user_code.setdefault(r["reviewerID"], len(user_code)))
         stars.append(o)
         ts.append(int(t))
-    # Pass 2: the metadata, for the books reviewed in 2017 only: the line of each one's last
-    # occurrence (its place in the right join) and the title on that line.
+    columns = (np.frombuffer(asin, np.int64), np.frombuffer(user, np.int64), np.frombuffer(stars, np.float32),
+               np.frombuffer(ts, np.int64))
+    return asin_code, user_code, columns
+
+
+def _read_titles(meta_path, asin_code):
+    """Pass 2, the metadata, for the books reviewed in 2017 only -> (the line of each one's last
+    occurrence (its place in the right join; -1 = no metadata), the title on that line)."""
     meta_line = np.full(len(asin_code), -1, np.int64)
     titles = [""] * len(asin_code)
     for n, m in _json_lines(meta_path):
@@ -581,8 +604,26 @@ def build_amazon_book_split(raw_dir, out_dir):
         if "getTime" in t:  # the notebook drops these unformatted lines before deduplicating
             continue
         meta_line[code], titles[code] = n, t  # a later line replaces an earlier one: keep='last'
-    asin, user, ts = (np.frombuffer(a, np.int64) for a in (asin, user, ts))
-    stars = np.frombuffer(stars, np.float32)
+    return meta_line, titles
+
+
+def build_amazon_book_split(raw_dir, out_dir):
+    """Books_5.json.gz + meta_Books.json.gz -> {train,valid,test,valid_small}_ood2.pkl, the authors' rules:
+
+    reviews (asin, reviewerID, overall, unixReviewTime) right-joined to the metadata's titles (metadata
+    without 'getTime' titles, deduplicated on asin keeping the LAST line, a missing title read as ''),
+    so rows come grouped by book in metadata order, file order inside a book, and reviews of books
+    without metadata are dropped; keep 2017 (UTC); keep users and books with more than 20 ratings in
+    2017, counted once on the joined 2017 rows (not repeated until nothing changes); label = 1 for 5
+    stars only; users and books numbered 1.. by first appearance in that order; train = January to
+    November; December sorted by time and cut in half: first half valid, second half test; then
+    histories and not_cold as for ML-1M; valid_small = valid.sample(frac=0.25, random_state=2023).
+
+    One change: the notebook sorted December with numpy's default quicksort, which does not keep the
+    order of reviews in the same second; we sort stably (join order kept), so a rebuild is repeatable."""
+    reviews_path, meta_path = (os.path.join(raw_dir, f) for f in RAW["amazon-book"][0])
+    asin_code, user_code, (asin, user, stars, ts) = _read_2017_reviews(reviews_path)
+    meta_line, titles = _read_titles(meta_path, asin_code)
     # The right join: drop reviews of books without metadata; order by metadata line, stable.
     rows = np.flatnonzero(meta_line[asin] >= 0)
     rows = rows[np.argsort(meta_line[asin[rows]], kind="stable")]
@@ -593,10 +634,10 @@ def build_amazon_book_split(raw_dir, out_dir):
     if len(rows) == 0:
         raise UsageError(f"{reviews_path}: no 2017 reviews by users and of books with more than "
                          f"{AMAZON_MIN_RATINGS} of them: these are not the Amazon Review Data 2018 Books files")
-    untitled = sorted({a for a in asin[rows].tolist() if titles[a] == ""})
+    untitled = sorted({code for code in asin[rows].tolist() if titles[code] == ""})
     if untitled:  # the notebook would write '' into the prompts; we stop and say which books
         shown = set(untitled[:3])
-        names = sorted(a for a, c in asin_code.items() if c in shown)
+        names = sorted(name for name, code in asin_code.items() if code in shown)
         raise UsageError(f"{meta_path}: {len(untitled)} of the books kept have no title (asin "
                          f"{', '.join(names)}); a prompt needs every title")
     uid, iid = _first_appearance_ids(user[rows]), _first_appearance_ids(asin[rows])
@@ -623,7 +664,7 @@ RAW = {"ml-1m": (("ratings.dat", "movies.dat"), build_ml1m_split, _download_ml1m
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompts (SPEC section 3). Templates live in prompts/{movie,book}_{text,collm}.txt.
+# Prompts: the paper's Yes/No question, worded as the reference's prompt files. Templates live in prompts/{movie,book}_{text,collm}.txt.
 #
 # A prompt is assembled from SEGMENTS, each tokenised once and cached: the template's fixed text,
 # one segment per quoted title, and the slots. Two details make the concatenation equal to
@@ -761,9 +802,9 @@ def encode_split(data, split, seg_tok, template):
     for r in range(len(sp)):
         hist = [data.titles[i] for i in sp.history(r)[-MAX_TITLES:]]
         ids, pos = seg_tok(prompt_segments(template, hist, data.titles[sp.iid[r]]))
-        a, b = (seg_tok(prompt_segments(template, hist, t))[0] for t in "AB")  # segments are cached: nearly free
-        n = min(len(a), len(b), len(ids) - 1)  # the last token always runs with the target's own tokens
-        differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+        about_a, about_b = (seg_tok(prompt_segments(template, hist, t))[0] for t in "AB")  # segments cached: nearly free
+        n = min(len(about_a), len(about_b), len(ids) - 1)  # the last token always runs with the target's own tokens
+        differ = np.flatnonzero(np.asarray(about_a[:n]) != np.asarray(about_b[:n]))
         shared.append(int(differ[0]) if len(differ) else n)
         tokens += ids
         offsets.append(len(tokens))
@@ -804,7 +845,8 @@ def prefix_groups(enc, rows):
     user with one history, asked about several items) get the same id."""
     ids = {}
     starts = enc.offsets[rows]
-    return np.array([ids.setdefault(enc.tokens[a:a + n].tobytes(), len(ids)) for a, n in zip(starts, enc.shared[rows])])
+    return np.array([ids.setdefault(enc.tokens[start:start + n].tobytes(), len(ids))
+                     for start, n in zip(starts, enc.shared[rows])])
 
 
 def padded_history(split, length, rows=None):
@@ -859,26 +901,25 @@ def print_stats(data):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Inspect a CoLLM dataset: split statistics or one row's prompt.")
-    p.add_argument("--data", default="ml-1m", help="dataset name under the data root, or a folder (default ml-1m)")
-    p.add_argument("--data-root", default=None, help="folder holding datasets (default $COLLM_DATA, else ./data)")
+    add_data_flags(p)
     p.add_argument("--stats", action="store_true", help="print split sizes, positive rates, cold/warm shares, history lengths")
     p.add_argument("--split", default="test", choices=SPLITS, help="split for --show (default test)")
     p.add_argument("--show", type=int, default=None, metavar="ROW", help="print the prompt of this row of --split")
     p.add_argument("--prompt", default="text", choices=("text", "collm"), help="text-only (stage 1) or CoLLM (stage 2) prompt")
     p.add_argument("--template", default=None, help="a template file to use instead of prompts/<domain>_<prompt>.txt")
-    a = p.parse_args(argv)
-    if a.stats is False and a.show is None:
+    args = p.parse_args(argv)
+    if args.stats is False and args.show is None:
         raise UsageError("nothing to do: give --stats and/or --show ROW")
-    data = load_dataset(a.data, a.data_root)
-    if a.stats:
+    data = load_dataset(args.data, args.data_root)
+    if args.stats:
         print_stats(data)
-    if a.show is not None:
-        template = load_template(data.domain, a.prompt, a.template)
-        sp = data.splits[a.split]
-        if not 0 <= a.show < len(sp):
-            raise UsageError(f"--show {a.show}: {a.split} has rows 0..{len(sp) - 1}")
-        hist = [data.titles[i] for i in sp.history(a.show)]
-        print(render_prompt(prompt_segments(template, hist, data.titles[sp.iid[a.show]])))
+    if args.show is not None:
+        template = load_template(data.domain, args.prompt, args.template)
+        sp = data.splits[args.split]
+        if not 0 <= args.show < len(sp):
+            raise UsageError(f"--show {args.show}: {args.split} has rows 0..{len(sp) - 1}")
+        hist = [data.titles[i] for i in sp.history(args.show)]
+        print(render_prompt(prompt_segments(template, hist, data.titles[sp.iid[args.show]])))
 
 
 if __name__ == "__main__":

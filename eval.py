@@ -1,4 +1,4 @@
-"""eval.py: the metrics of the paper (AUC, UAUC, warm/cold subsets) and the evaluation CLI.
+"""eval.py: the metrics of the paper (AUC, UAUC, warm/cold subsets), scoring, and reading finished runs.
 
 Chapter two. Both numbers the paper reports are ranking measures of a score, so any model that
 gives one number per (user, item) row can be evaluated here, a collaborative model or an LLM:
@@ -7,10 +7,16 @@ gives one number per (user, item) row can be evaluated here, a collaborative mod
     negative row (a user with one row or one class has no AUC and is skipped, and counted).
 Warm rows: user and item each have more than 3 train rows. Cold rows: not_cold == 0.
 
-    python eval.py --ckpt runs/cie-mf/best.pt --split test          # AUC / UAUC of a checkpoint
+Besides the metrics: scoring a model on a split (score_rows), exporting and reloading a trained
+model, ranking one user's items, and reading finished runs back. Everything here is handed a model
+or plain data; rebuilding a model from a checkpoint belongs to train.py, a later chapter, so the
+commands that start from a checkpoint are `python train.py --evaluate ...`:
+
     python eval.py --table runs/mf runs/lora runs/cie-mf            # the results table of finished runs
-    python eval.py --ckpt runs/cie-mf/best.pt --export out/cie-mf   # LoRA for peft, the rest as safetensors
-    python eval.py --ckpt runs/cie-mf/best.pt --user 17 --show-prompt   # rank one user's candidate items
+    python eval.py --plot runs/lora runs/cie-mf --out curves.png    # valid AUC and loss vs samples seen
+    python train.py --evaluate --ckpt runs/cie-mf/best.pt --split test          # AUC / UAUC of a checkpoint
+    python train.py --evaluate --ckpt runs/cie-mf/best.pt --export out/cie-mf   # LoRA for peft, the rest as safetensors
+    python train.py --evaluate --ckpt runs/cie-mf/best.pt --user 17 --show-prompt   # rank one user's items
 """
 import numpy as np
 from tqdm import tqdm
@@ -43,7 +49,7 @@ def uauc(users, labels, scores):
     order = np.argsort(users, kind="stable")
     cuts = np.flatnonzero(np.diff(users[order])) + 1
     per_user = [auc(labels[g], scores[g]) for g in np.split(order, cuts)]
-    per_user = [a for a in per_user if not np.isnan(a)]
+    per_user = [value for value in per_user if not np.isnan(value)]
     return (float(np.mean(per_user)) if per_user else float("nan")), len(per_user)
 
 
@@ -64,10 +70,32 @@ def report(split, scores, rows=None):
     return out
 
 
-def metrics_block(valid_report, test_report):
-    """The metrics.json layout shared by collab.py and train.py."""
-    return {"valid": valid_report["all"], "test": test_report["all"],
-            "test_warm": test_report["warm"], "test_cold": test_report["cold"]}
+# ---------------------------------------------------------------------------------------------
+# metrics.json: every run folder holds one, written by collab.py, train.py and train.py --evaluate,
+# in one layout: {"valid": {...}, "test": {...}, "test_warm": {...}, "test_cold": {...}, ...}, each
+# block {"auc", "uauc", "uauc_users", "rows"}; a scored split S adds S, S_warm and S_cold.
+
+
+def split_block(rep, split):
+    """report() of one split -> its metrics.json keys: {split, split_warm, split_cold}."""
+    return {split: rep["all"], f"{split}_warm": rep["warm"], f"{split}_cold": rep["cold"]}
+
+
+def metrics_block(valid, test_report):
+    """The metrics every finished run writes: the model-selection block (the "all" block of the
+    valid split, at the chosen epoch or step) and the test split in full, warm and cold."""
+    return {"valid": valid, **split_block(test_report, "test")}
+
+
+def write_metrics(path, result):
+    """metrics.json (or any JSON result), written atomically: a reader never sees half of it."""
+    import json
+
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+    data.write_atomic(path, dump)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,10 +135,11 @@ def score_rows(model, enc, split, rows, batch_size, pad_id, device, dtype=None, 
 
 # ---------------------------------------------------------------------------------------------
 # Using a trained model outside the loop: export it in formats other tools read, reload an export,
-# and rank one user's candidate items. Each starts from a model that `main` below has rebuilt from a
-# checkpoint (train.build_model), as scoring does, so they live beside the scoring CLI. None of them
-# imports a later chapter: export_model is handed the model, and load_export returns a dict shaped
-# like a checkpoint, which train.build_model rebuilds exactly as it rebuilds a checkpoint.
+# and rank one user's candidate items. Each is handed a model, or returns plain data: rebuilding a
+# model from a checkpoint is the loop's knowledge (which LLM, which stage, which tensors), so
+# `python train.py --evaluate --ckpt ...` rebuilds it and calls these (as the reference evaluates by
+# rerunning its training script with `evaluate: True`). load_export returns a dict shaped like a
+# checkpoint, which train.build_model rebuilds exactly as it rebuilds a checkpoint.
 
 EXPORT_JSON = "collm_export.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what peft's save_pretrained writes
@@ -153,20 +182,17 @@ def export_model(model, tok, state, template, folder, with_base=False):
                                                           model's whole state_dict (any model of collab.py)
         collm_export.json                                what each file and tensor is, the prompt, the score
 
-    Written into a temporary sibling folder and renamed at the end: a crash leaves no half export."""
+    Written into a temporary sibling folder and renamed at the end (data.write_atomic): a crash
+    leaves no half export."""
     import os
-    import shutil
     check_export_folder(folder)
     cfg = state["config"]
-    tmp = f"{os.path.abspath(folder)}.tmp-{os.getpid()}"  # one per process; a killed export's is replaced
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     base = model.llm.get_base_model()
     name = base.config._name_or_path  # what transformers loaded: a hub id, a folder, '' when built in code
     with_base = with_base or not name
     seg = data.SegmentTokenizer(tok)
     info = {
-        "what": "a CoLLM checkpoint exported by eval.py --export (arXiv 2310.19488)",
+        "what": "a CoLLM checkpoint exported by train.py --evaluate --export (arXiv 2310.19488)",
         "stage": cfg["stage"], "llm": cfg["llm"], "step": state.get("step"), "config": cfg,
         "base_model": "base (in this folder)" if with_base else
                       (os.path.abspath(name) if os.path.isdir(name) else name),
@@ -185,14 +211,7 @@ def export_model(model, tok, state, template, folder, with_base=False):
                             "quotes, joined by ', ' ('none' if there are none); <TargetItemTitle>: the title "
                             "in double quotes; the BOS token first (data.py prompt_segments, SegmentTokenizer)"},
     }
-    try:
-        write_export(model, tok, state, info, tmp, with_base)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.isdir(folder):
-        os.rmdir(folder)  # empty (checked above); a rename cannot replace it everywhere
-    os.replace(tmp, folder)
+    data.write_atomic(os.path.abspath(folder), lambda tmp: write_export(model, tok, state, info, tmp, with_base))
     return info
 
 
@@ -202,6 +221,7 @@ def write_export(model, tok, state, info, tmp, with_base):
     import os
     from safetensors.torch import save_file
     seg = data.SegmentTokenizer(tok)
+    os.makedirs(tmp)
     model.llm.save_pretrained(tmp)  # peft writes exactly the adapter tensors and their LoraConfig
     if state.get("proj") is not None:
         rec = state["rec"]
@@ -247,7 +267,7 @@ def load_export(folder):
     from safetensors.torch import load_file
     path = os.path.join(folder, EXPORT_JSON)
     if not os.path.isfile(path):
-        raise data.UsageError(f"{folder}: no {EXPORT_JSON} there (not an eval.py --export folder)")
+        raise data.UsageError(f"{folder}: no {EXPORT_JSON} there (not a train.py --evaluate --export folder)")
     with open(path) as f:
         info = json.load(f)
     with open(os.path.join(folder, ADAPTER_FILES[0])) as f:
@@ -339,7 +359,7 @@ def rank_table(ds, split, scores, labels, top=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI: score a train.py checkpoint on a whole split
+# Reading finished runs: the results table and the learning curves
 
 
 def print_table(title, rep):
@@ -349,7 +369,7 @@ def print_table(title, rep):
         print(f"{name:<6}{m['auc']:>8.4f}{m['uauc']:>8.4f}{m['uauc_users']:>7}{m['rows']:>7}")
 
 
-# The paper's ML-1M test numbers (SPEC section 7; the LLM rows with Vicuna-7B), printed beside ours.
+# The paper's ML-1M test numbers (its table of overall results; the LLM rows with Vicuna-7B), printed beside ours.
 PAPER_ML1M = {"MF": (0.6482, 0.6361), "LightGCN": (0.5959, 0.6499), "SASRec": (0.7078, 0.6884),
               "DIN": (0.7166, 0.6459), "TALLRec": (0.7097, 0.6818), "CoLLM-MF": (0.7295, 0.6875),
               "CoLLM-LightGCN": (0.7100, 0.6967), "CoLLM-SASRec": (0.7235, 0.6990), "CoLLM-DIN": (0.7243, 0.6897)}
@@ -359,17 +379,12 @@ REC_NAMES = {"mf": "MF", "lightgcn": "LightGCN", "sasrec": "SASRec", "din": "DIN
 
 def results_table(run_dirs):
     """Runs' metrics.json files (train.py's or collab.py's) -> one Markdown table, a row per run."""
-    import json
     import os
     lines = ["| run | method | llm | samples seen | test rows | test AUC | test UAUC | warm AUC | cold AUC | paper AUC / UAUC |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for run in run_dirs:
-        path = os.path.join(run, "metrics.json") if os.path.isdir(run) else run
-        if not os.path.isfile(path):
-            raise data.UsageError(f"--table {run}: no metrics.json there (a train.py or collab.py --out folder)")
+        path, m = read_metrics(run, "--table")
         try:
-            with open(path) as f:
-                m = json.load(f)
             if "stage" in m:  # train.py: stage 1 is TALLRec, stage 2 CoLLM with its collaborative model
                 method = "TALLRec" if m["stage"] == "lora" else f"CoLLM-{REC_NAMES[m['rec']]}"
                 llm, dataset = m["llm"], m["config"]["data"]
@@ -387,123 +402,89 @@ def results_table(run_dirs):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    import argparse
+def read_metrics(run, flag):
+    """A run folder (or its metrics.json) -> (path, the parsed file); a missing or unreadable one is
+    one `error:` line naming it."""
     import json
     import os
-    # Rebuilding a model from a checkpoint is train.py's knowledge (which LLM, which stage, which
-    # tensors); importing it here, inside main, keeps the metrics above free of model code.
-    import train
-    p = argparse.ArgumentParser(description="Score a train.py checkpoint on every row of a split: AUC and "
-                                            "UAUC overall, on warm rows and on cold rows. Or, with --table, "
-                                            "tabulate finished runs. Or use the trained model: --export it "
-                                            "for transformers + peft, or rank one --user's candidate items. "
-                                            "(Those two are here, not in train.py, because they start as "
-                                            "scoring does: from a model rebuilt out of a checkpoint.)")
-    p.add_argument("--ckpt", help="a train.py checkpoint (best.pt or last.pt), or a folder written by --export")
-    p.add_argument("--table", nargs="+", metavar="RUN_DIR",
-                   help="instead of scoring: print a Markdown results table of these train.py / collab.py "
-                        "output folders (their metrics.json), with the paper's ML-1M numbers beside them")
-    p.add_argument("--split", default="test", choices=("test", "valid", "valid_small"), help="split to score (default test)")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per scoring batch (default 16)")
-    p.add_argument("--rows", type=int, default=0, help="score only the first N rows (0 = all)")
-    p.add_argument("--data-root", default=None, help="folder holding datasets (default: the checkpoint's setting)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default auto)")
-    p.add_argument("--dtype", default=None, choices=("auto", "bf16", "fp16", "fp32"),
-                   help="compute dtype (default: the run's own --dtype; its default, auto, picks what THIS "
-                        "machine computes natively, e.g. fp32 on a CPU without bf16 units)")
-    p.add_argument("--out", default=None, help="write metrics.json here instead of beside the checkpoint")
-    p.add_argument("--export", metavar="DIR", help="instead of scoring: write the model to DIR (a new or empty "
-                   "folder): the LoRA in peft's format (adapter_config.json, adapter_model.safetensors), and for "
-                   "stage 2 the projector and collaborative model as safetensors; collm_export.json says what is what")
-    p.add_argument("--with-base", action="store_true", help="--export: save the base LLM and tokenizer in DIR/base "
-                   "too (always done for --llm tiny, which is built in code)")
-    p.add_argument("--user", type=int, help="instead of scoring: rank candidate items for this user id")
-    p.add_argument("--items", help="--user: comma-separated item ids to rank, with the user's current history "
-                   "(default: the user's test rows, each with the history it had; without test rows, --top items "
-                   "the user never rated)")
-    p.add_argument("--top", type=int, default=0, help="--user: print only the best K (0 = all; 10 items are drawn "
-                   "when the user has no test rows)")
-    p.add_argument("--show-prompt", action="store_true", help="--user: print the first candidate's prompt")
-    a = p.parse_args(argv)
-    if a.table:
-        print(results_table(a.table))
-        return
-    if not a.ckpt:
-        raise data.UsageError("give --ckpt CHECKPOINT to score, or --table RUN_DIR [RUN_DIR ...] to tabulate")
-    if a.batch_size < 1 or a.rows < 0:
-        raise data.UsageError("--batch-size must be >= 1 and --rows >= 0")
-    problems = []  # every bad use flag at once
-    if a.export and a.user is not None:
-        problems.append("--export and --user: one at a time")
-    if a.top < 0:
-        problems.append(f"--top must be >= 0 (got {a.top})")
-    if a.user is None and (a.items or a.top or a.show_prompt):
-        problems.append("--items, --top and --show-prompt go with --user")
-    if a.with_base and not a.export:
-        problems.append("--with-base goes with --export")
-    if problems:
-        raise data.UsageError("; ".join(problems))
-    if a.export:
-        check_export_folder(a.export)  # before anything slow
-    items = parse_ids(a.items, "--items") if a.items else None
-    if not os.path.exists(a.ckpt):
-        raise data.UsageError(f"--ckpt {a.ckpt}: file not found")
-    state = load_export(a.ckpt) if os.path.isdir(a.ckpt) else train.load_checkpoint(a.ckpt)
-    if "lora" not in state or "config" not in state:
-        raise data.UsageError(f"--ckpt {a.ckpt}: not a train.py checkpoint (a collab.py model.pt? those are "
-                              f"evaluated by collab.py itself)")
-    cfg = train.Config(**{**state["config"], "device": a.device, "dtype": a.dtype or state["config"]["dtype"],
-                          "data_root": a.data_root or state["config"]["data_root"]})
-    _, _, device = train.setup_distributed(cfg)
-    dtype, dtype_name, dtype_reason = train.compute_dtype(cfg.dtype, device)
-    print(f"=> scoring on {device} in {dtype_name} ({dtype_reason})")
-    ds = data.load_dataset(cfg.data, cfg.data_root)
-    if a.user is not None:  # unknown ids are reported before the model is built
-        split, labels, note = candidates(ds, a.user, items, a.top or 10)
-    model, tok = train.build_model(cfg, ds, dtype, state)
-    model.to(device)
-    template = data.load_template(ds.domain, "text" if cfg.stage == "lora" else "collm", cfg.template)
-    if a.export:
-        export_model(model, tok, state, template, a.export, a.with_base)
-        print(f"exported {a.ckpt} ({cfg.stage}, {cfg.llm}, step {state['step']}) -> {a.export}")
-        return
-    if cfg.compile:  # scored as the run was trained (train.py --compile)
-        train.collm.compile_decoder(model)
-    if a.user is not None:
-        import dataclasses
-        # the candidates as one more split, so that prompts, batches and scores take the usual path
-        ds = dataclasses.replace(ds, splits={**ds.splits, "rank": split})
-        enc = train.encode(cfg, ds, tok, "rank", model)
-        pad = data.SegmentTokenizer(tok).pad_id
-        scores = score_rows(model, enc, split, np.arange(len(split)), a.batch_size, pad, device, dtype)
-        print(f"user {a.user} of {cfg.data}: {note}\n{a.ckpt} ({cfg.stage}, {cfg.llm}, step {state['step']}); "
-              f"score = the 'Yes' logit, label = 1 liked / 0 not / - unknown")
-        if a.show_prompt:
-            segs = data.prompt_segments(template, [ds.titles[i] for i in split.history(0)], ds.titles[split.iid[0]])
-            print(f"prompt of item {split.iid[0]}:\n{data.render_prompt(segs)}")
-        print("\n".join(rank_table(ds, split, scores, labels, a.top or None)))
-        return
-    enc = train.encode(cfg, ds, tok, a.split, model)
-    rows = np.arange(len(ds.splits[a.split]))[:a.rows or None]
-    pad = data.SegmentTokenizer(tok).pad_id
-    scores = score_rows(model, enc, ds.splits[a.split], rows, a.batch_size, pad, device, dtype)
-    rep = report(ds.splits[a.split], scores, rows)
-    print_table(f"{a.ckpt} on {cfg.data} {a.split} ({cfg.stage}, {cfg.llm}, step {state['step']})", rep)
-    out = a.out or os.path.dirname(os.path.abspath(a.ckpt))
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "metrics.json")
-    result = {}
-    if os.path.exists(path):
+    path = os.path.join(run, "metrics.json") if os.path.isdir(run) else run
+    if not os.path.isfile(path):
+        raise data.UsageError(f"{flag} {run}: no metrics.json there (a train.py or collab.py --out folder)")
+    try:
         with open(path) as f:
-            result = json.load(f)
-    key = a.split
-    result.update({key: rep["all"], f"{key}_warm": rep["warm"], f"{key}_cold": rep["cold"],
-                   "stage": cfg.stage, "llm": cfg.llm, f"{key}_dtype": dtype_name})
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
-    print(f"-> {path}")
+            return path, json.load(f)
+    except ValueError as e:
+        raise data.UsageError(f"{flag} {path}: not a finished train.py or collab.py metrics.json "
+                              f"({type(e).__name__}: {e})")
+
+
+def learning_curve(m, path):
+    """train.py's metrics.json -> (samples seen at each evaluation, valid AUC there, samples seen at
+    each logged step, training loss there). Samples, not steps: runs with other batch sizes or
+    process counts share one axis. Runs older than the per-step record of `samples_per_step`
+    derive it from the total (samples_seen over the last evaluated step)."""
+    history = m.get("history")
+    if not history:
+        raise data.UsageError(f"--plot {path}: no learning curve (history) in it: only train.py runs have one")
+    per_step = m.get("samples_per_step") or m["samples_seen"] / history[-1]["step"]
+    losses = m.get("loss_log", [])
+    return ([h["step"] * per_step for h in history], [h["auc"] for h in history],
+            [x["step"] * per_step for x in losses], [x["loss"] for x in losses])
+
+
+def plot_runs(run_dirs, out):
+    """Valid AUC (top) and training loss (bottom) against samples seen, one line per run, to `out`
+    (any format matplotlib writes: .png, .pdf, .svg). matplotlib is optional: without it, one clear
+    error line."""
+    import os
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window: works on a machine without a screen
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise data.UsageError("--plot needs matplotlib, which is optional: pip install matplotlib")
+    curves = []
+    for run in run_dirs:
+        path, m = read_metrics(run, "--plot")
+        curves.append((os.path.basename(os.path.dirname(os.path.abspath(path))), m.get("config", {}).get("eval_split",
+                       "valid"), *learning_curve(m, path)))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+    for name, split, x_auc, auc_values, x_loss, loss_values in curves:
+        top.plot(x_auc, auc_values, marker="o", label=f"{name} ({split})")
+        bottom.plot(x_loss, loss_values, label=name)
+    top.set_ylabel("valid AUC")
+    top.axhline(0.5, color="grey", linewidth=0.5)  # chance: where an untrained ranking sits
+    top.legend()
+    bottom.set_ylabel("training loss (mean over a log window)")
+    bottom.set_xlabel("samples seen")
+    fig.tight_layout()
+    data.write_atomic(out, lambda tmp: fig.savefig(tmp, format=os.path.splitext(out)[1][1:] or "png"))
+    plt.close(fig)
+    return out
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="Tabulate finished runs (--table) or draw their learning curves "
+                                            "(--plot). Scoring a checkpoint needs the model rebuilt, which is the "
+                                            "training loop's knowledge: python train.py --evaluate --ckpt ...")
+    p.add_argument("--table", nargs="+", metavar="RUN_DIR",
+                   help="print a Markdown results table of these train.py / collab.py output folders (their "
+                        "metrics.json), with the paper's ML-1M numbers beside them")
+    p.add_argument("--plot", nargs="+", metavar="RUN_DIR",
+                   help="draw valid AUC and training loss against samples seen for these train.py output "
+                        "folders into --out (needs matplotlib)")
+    p.add_argument("--out", help="--plot: the picture to write (.png, .pdf, .svg)")
+    args = p.parse_args(argv)
+    if bool(args.table) == bool(args.plot):
+        raise data.UsageError("give --table RUN_DIR ... or --plot RUN_DIR ... --out FILE.png (one of them); "
+                              "to score a checkpoint: python train.py --evaluate --ckpt CHECKPOINT")
+    if args.table:
+        print(results_table(args.table))
+        return
+    if not args.out:
+        raise data.UsageError("--plot needs --out FILE.png")
+    print(f"-> {plot_runs(args.plot, args.out)}")
 
 
 if __name__ == "__main__":

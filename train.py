@@ -4,6 +4,7 @@
     python train.py --stage cie --ckpt runs/lora/best.pt \\
                     --rec mf --rec-ckpt runs/mf/model.pt --out runs/cie  # stage 2: the projector ("CIE")
     torchrun --nproc-per-node 8 train.py --stage lora ...               # the same on 8 GPUs (DDP)
+    python train.py --evaluate --ckpt runs/cie/best.pt --split test      # score a saved run (see parse_evaluate)
 
 Stage 1 trains only the LoRA adapters, on prompts made of titles alone. Stage 2 loads those adapters
 and freezes them, loads a trained collaborative model (collab.py) and freezes it too, and trains only
@@ -16,11 +17,16 @@ step; gradient accumulation; clipping; bf16/fp16 autocast; evaluation on a fixed
 without improvement; at the end, the best checkpoint is scored on the test split and metrics.json is
 written beside it. Checkpoints hold only the small tensors (LoRA, projector, collaborative model),
 never the LLM, and are written atomically; `--resume DIR` continues a stopped run exactly.
+
+The file reads in the order a run happens: settings (Config), devices and precision, checkpoints,
+building the model, the schedule, the optimizer, then the loop in chapters (set_up, train_step,
+evaluate_and_save, finish, and train() that calls them), and last `--evaluate`, which rebuilds a
+saved run's model to score, export or rank with it.
 """
 import argparse
-import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -34,7 +40,7 @@ from tqdm import tqdm
 import collab
 import collm
 import data
-import eval as metrics  # our eval.py (named so that it does not shadow the builtin)
+import eval as metrics  # our eval.py, by what it holds (a plain `import eval` would hide the builtin)
 from data import UsageError
 
 # ---------------------------------------------------------------------------------------------
@@ -43,6 +49,9 @@ from data import UsageError
 
 def opt(default, help, **kw):
     return field(default=default, metadata=dict(help=help, **kw))
+
+
+DATA_FLAGS = data.DATA_FLAGS  # --data and --data-root, worded as every CLI words them
 
 
 @dataclass
@@ -56,8 +65,8 @@ class Config:
     rec: str = opt("mf", "stage 2: the collaborative model", choices=tuple(collab.MODELS))
     rec_ckpt: str = opt(None, "stage 2: a collab.py model.pt (frozen unless --tune-rec)")
     tune_rec: bool = opt(False, "stage 2: train the collaborative model too (from --rec-ckpt, or from scratch)")
-    data: str = opt("ml-1m", "dataset name under the data root, or a dataset folder")
-    data_root: str = opt(None, "folder holding datasets (default $COLLM_DATA, else ./data)")
+    data: str = opt(*DATA_FLAGS["data"])
+    data_root: str = opt(*DATA_FLAGS["data_root"])
     template: str = opt(None, "prompt template file (default prompts/<domain>_<text|collm>.txt)")
     out: str = opt(None, "output folder for best.pt, last.pt, metrics.json (default runs/<stage>)")
     cache_dir: str = opt("cache", "where converted models (SmolLM2's safetensors copy) are kept")
@@ -102,21 +111,22 @@ class Config:
 
 
 def parse_config(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="python train.py --evaluate --help: scoring, exporting and ranking with a saved run")
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
+        if f.type is bool:  # --compile / --no-compile
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            p.add_argument(flag, type={"int": int, "float": float}.get(str(f.type), None) or (f.type if callable(f.type) else str),
-                           default=f.default, help=f.metadata["help"], choices=f.metadata.get("choices"))
+        else:  # int, float or str: argparse converts the text with the field's own type
+            p.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"],
+                           choices=f.metadata.get("choices"))
     cfg = Config(**vars(p.parse_args(argv)))
     if cfg.resume:
         cfg = resume_config(cfg)
     check_config(cfg)
     if cfg.stage == "cie" and not cfg.resume:
         # Stage 2 loads stage 1's adapters, so their shape is stage 1's whatever this command says;
-        # recorded in this run's settings, so that resuming and eval.py rebuild the same shape.
+        # recorded in this run's settings, so that --resume and --evaluate rebuild the same shape.
         saved = load_checkpoint(cfg.ckpt).get("config", {})
         cfg = replace(cfg, **{k: saved[k] for k in LORA_SHAPE if k in saved})
     return cfg
@@ -240,12 +250,6 @@ def load_checkpoint(path):
         raise UsageError(f"{path}: not a train.py checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
 
 
-def save_atomic(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the previous file intact
-
-
 def model_tensors(model):
     """What a checkpoint keeps of the model: LoRA, the projector and the collaborative model."""
     from peft import get_peft_model_state_dict
@@ -257,7 +261,7 @@ def model_tensors(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# Building the model for a stage (eval.py calls this too, with a checkpoint's saved tensors)
+# Building the model for a stage (--resume and --evaluate call this too, with a checkpoint's tensors)
 
 
 def build_model(cfg, data_set, dtype, state=None):
@@ -280,7 +284,7 @@ def build_model(cfg, data_set, dtype, state=None):
         lora_cfg = asdict(cfg)
     llm, tok = collm.load_llm(cfg.llm, cfg.cache_dir, dtype or torch.float32)
     if cfg.grad_checkpoint:  # non-reentrant: works although the input embeddings need no gradient
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     yes = collm.yes_token_id(tok)
     llm = collm.add_lora(llm, lora_cfg["lora_r"], lora_cfg["lora_alpha"], lora_cfg["lora_dropout"],
                          lora_cfg["lora_targets"].split(","), lora_cfg.get("lora_layers", 0))
@@ -336,22 +340,73 @@ def lr_at(step, cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop
+# The optimizer (bench.py builds its own with this too, so both take the same steps)
 
 
-def train(cfg):
+def build_optimizer(params, cfg):
+    """AdamW over the trained tensors. Weight decay pulls weights towards 0 as a regulariser; on a
+    bias or a norm's scale (1-d tensors) that only shifts the output, so they are left undecayed,
+    as in nanoGPT and the reference. The lr set here is overwritten by lr_at() before every step."""
+    params = list(params)
+    decay = [p for p in params if p.ndim >= 2]      # matrices decay, biases do not
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop, in three chapters: set_up() builds a Run, train_step() takes one optimizer step, and
+# evaluate_and_save() / finish() keep what it learned. train() at the end reads them in order.
+
+
+@dataclass
+class Run:
+    """What one training run holds between its chapters. set_up() fills it; the loop moves the loop
+    state at the bottom, which last.pt keeps so that --resume continues exactly."""
+    cfg: Config
+    rank: int                 # this process's place among `world` (0 logs and saves; every rank computes)
+    world: int
+    device: torch.device
+    dtype: object             # the autocast dtype; None = plain fp32
+    dtype_name: str
+    dtype_reason: str
+    out: str                  # the folder of best.pt, last.pt, metrics.json
+    ds: data.Dataset
+    tok: object
+    model: collm.CoLLM        # evaluated and saved as it is
+    net: torch.nn.Module      # what the loop calls: the model, or its DDP wrapper under torchrun
+    trainable: dict           # name -> the parameters this stage trains
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    enc_train: data.Encoded
+    enc_eval: data.Encoded
+    pad: int
+    eval_rows: np.ndarray     # the rows of --eval-split scored at each evaluation
+    eval_batch_size: int
+    batches_per_rank: int     # micro-batches per epoch on each rank
+    t0: float
+    step: int = 0             # optimizer steps taken: the clock of the schedule, evaluation, saving
+    best: dict = field(default_factory=lambda: {"auc": -1.0, "step": 0})
+    bad_evals: int = 0        # evaluations since the best one (early stop at --patience)
+    history: list = field(default_factory=list)   # every evaluation's metrics
+    loss_log: list = field(default_factory=list)  # the logged training losses (eval.py --plot)
+    epoch_cache: dict = field(default_factory=dict)
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def set_up(cfg):
+    """Chapter 1: processes, data, the model and its optimizer; resuming, the loop state of last.pt."""
     t0 = time.time()
     rank, world, device = setup_distributed(cfg)
-    master = rank == 0  # rank 0 logs and saves; every rank computes
     dtype, dtype_name, dtype_reason = compute_dtype(cfg.dtype, device)
-    out = cfg.out or os.path.join("runs", cfg.stage)
     state = load_checkpoint(os.path.join(cfg.resume, "last.pt")) if cfg.resume else None
     torch.manual_seed(cfg.seed)  # identical LoRA/projector init on every rank
     ds = data.load_dataset(cfg.data, cfg.data_root)
     model, tok = build_model(cfg, ds, dtype, state)
-    enc_train = encode(cfg, ds, tok, "train", model)
-    enc_eval = encode(cfg, ds, tok, cfg.eval_split, model)
-    pad = data.SegmentTokenizer(tok).pad_id
+    enc_train, enc_eval = encode(cfg, ds, tok, "train", model), encode(cfg, ds, tok, cfg.eval_split, model)
     model.to(device)
     if cfg.compile:
         collm.compile_decoder(model)
@@ -360,145 +415,189 @@ def train(cfg):
     # build_model), then wrap, then build the optimizer.
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
-    decay = [p for p in trainable.values() if p.ndim >= 2]      # matrices decay, biases do not
-    no_decay = [p for p in trainable.values() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
-    step, best, bad_evals, history = 0, {"auc": -1.0, "step": 0}, 0, []
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, best, bad_evals, history = state["step"], state["best"], state["bad_evals"], state["history"]
-    eval_rows = np.arange(len(ds.splits[cfg.eval_split]))[:cfg.eval_rows or None]
-    ebs = cfg.eval_batch_size or 2 * cfg.batch_size
+    # fp16 has so few exponent bits that small gradients underflow to 0: the scaler multiplies the
+    # loss before the backward and divides the gradients after. bf16 and fp32 need no scaling.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    # Each epoch's batch list is a function of (seed, epoch), identical on every rank, and rank r
+    # takes every world-th batch: any step's batch can be recomputed, so a resume needs no data state.
+    n_batches = len(data.train_batches(enc_train.lengths, cfg.batch_size, np.random.default_rng(0), False))
+    run = Run(cfg=cfg, rank=rank, world=world, device=device, dtype=dtype, dtype_name=dtype_name,
+              dtype_reason=dtype_reason, out=cfg.out or os.path.join("runs", cfg.stage), ds=ds, tok=tok,
+              model=model, net=net, trainable=trainable, optimizer=build_optimizer(trainable.values(), cfg),
+              scaler=scaler, enc_train=enc_train, enc_eval=enc_eval, pad=data.SegmentTokenizer(tok).pad_id,
+              eval_rows=np.arange(len(ds.splits[cfg.eval_split]))[:cfg.eval_rows or None],
+              eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, batches_per_rank=n_batches // world, t0=t0)
+    if state is not None:  # the optimizer's moments and the loop state, as the paused sitting left them
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scaler.load_state_dict(state["scaler"])
+        run.step, run.best, run.bad_evals, run.history = state["step"], state["best"], state["bad_evals"], state["history"]
+        run.loss_log = state.get("loss_log", [])
     if cfg.calibrate and state is None:
-        shift = calibrate(model, enc_train, ds.splits["train"], ebs, pad, device, dtype, cfg.seed)
-        if master:
+        shift = calibrate(model, enc_train, ds.splits["train"], run.eval_batch_size, run.pad, device, dtype, cfg.seed)
+        if run.master:
             print(f"calibrated: every score shifted by {shift:+.3f} (now {float(model.score_bias):+.3f})")
-    if master:
-        os.makedirs(out, exist_ok=True)
-        n_train = sum(p.numel() for p in trainable.values())
+    if run.master:
+        os.makedirs(run.out, exist_ok=True)
+        # derived quantities said once, up front: the global batch is what the learning rate is tuned for
         print(f"=> stage {cfg.stage} | llm {cfg.llm} | {device} {dtype_name} ({dtype_reason}) "
               f"| processes {world} | global batch {cfg.batch_size * cfg.grad_accum * world} "
-              f"| trainable {n_train:,} in {len(trainable)} tensors | out {out}")
+              f"| trainable {sum(p.numel() for p in trainable.values()):,} in {len(trainable)} tensors | out {run.out}")
+    return run
 
-    # Batches: each epoch's batch list is a function of (seed, epoch), identical on every rank;
-    # rank r takes every world-th batch. So any step's batch can be recomputed on resume.
-    lengths = enc_train.lengths
-    per_rank = len(data.train_batches(lengths, cfg.batch_size, np.random.default_rng(0), False)) // world
-    epoch_cache = {}
 
-    def micro_batch(m):
-        epoch, k = divmod(m, per_rank)
-        if epoch not in epoch_cache:
-            epoch_cache.clear()
-            rng = np.random.default_rng([cfg.seed, epoch])
-            epoch_cache[epoch] = data.train_batches(lengths, cfg.batch_size, rng, cfg.bucket)[rank::world]
-        rows = epoch_cache[epoch][k]
-        return {key: v.to(device) for key, v in data.collate(enc_train, ds.splits["train"], rows, pad,
-                                                                     model.his_len).items()}
+def micro_batch(run, m):
+    """The m-th micro-batch of this rank, counted from the start of the run, on the device."""
+    epoch, k = divmod(m, run.batches_per_rank)
+    if epoch not in run.epoch_cache:  # one epoch's list at a time
+        run.epoch_cache.clear()
+        rng = np.random.default_rng([run.cfg.seed, epoch])
+        run.epoch_cache[epoch] = data.train_batches(run.enc_train.lengths, run.cfg.batch_size, rng,
+                                                    run.cfg.bucket)[run.rank::run.world]
+    rows = run.epoch_cache[epoch][k]
+    batch = data.collate(run.enc_train, run.ds.splits["train"], rows, run.pad, run.model.his_len)
+    return {key: v.to(run.device) for key, v in batch.items()}
 
-    def evaluate():
-        scores = metrics.score_rows(model, enc_eval, ds.splits[cfg.eval_split], eval_rows, ebs, pad, device,
-                                    dtype, rank, world)
-        return metrics.report(ds.splits[cfg.eval_split], scores, eval_rows)["all"]
 
-    def save(name, with_state):
-        ckpt = {"config": asdict(cfg), **model_tensors(model), "step": step, "best": best}
-        if with_state:
-            ckpt.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), bad_evals=bad_evals,
-                        history=history)
-        save_atomic(ckpt, os.path.join(out, name))
+def train_step(run, window):
+    """Chapter 2: one optimizer step over a global batch of --batch-size x --grad-accum x processes
+    rows. Adds this rank's rows and mean loss to `window` (the log's running totals); -> the lr used."""
+    cfg = run.cfg
+    # The schedule is a pure function of the global step, so a resumed run continues on the same curve.
+    lr = lr_at(run.step, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    # Dropout noise is a function of (seed, step, rank): a resumed run draws exactly the same.
+    torch.manual_seed(cfg.seed + 1_000_003 * (run.step * run.world + run.rank + 1))
+    # Gradient accumulation: --grad-accum micro-batches, each forward + backward, their gradients
+    # summed in .grad; one optimizer step at the end. A big batch in the memory of a small one.
+    for k in range(cfg.grad_accum):
+        batch = micro_batch(run, run.step * cfg.grad_accum + k)
+        last_micro = k == cfg.grad_accum - 1
+        # Under DDP every backward all-reduces the gradients across ranks; only the last micro-batch's
+        # needs to (the sum is what counts), so the others run inside no_sync() and skip the traffic.
+        sync = run.net.no_sync() if run.world > 1 and not last_micro else nullcontext()
+        with sync, autocast(run.device, run.dtype):
+            score = run.net(**batch)                               # (B,) Yes-logits
+            loss = F.binary_cross_entropy_with_logits(score, batch["label"])
+        # Divide by the accumulation count so the summed gradient is the mean over the global batch.
+        run.scaler.scale(loss / cfg.grad_accum).backward()
+        window["loss"] += loss.item() / cfg.grad_accum
+        window["rows"] += len(score)
+    if cfg.grad_clip > 0:
+        # Clip the norm of the whole gradient (all tensors as one vector): a rare huge gradient (a
+        # bad batch, the first steps of a fresh projector) cannot throw the weights far. The scaler's
+        # factor comes off first, so the threshold is in true gradient units.
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.trainable.values(), cfg.grad_clip)
+    run.scaler.step(run.optimizer)  # skips the step if fp16 gradients overflowed, and lowers the scale
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return lr
 
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"{cfg.stage}", disable=not master, dynamic_ncols=True)
-    stop, window_t, window_rows, loss_sum = False, time.time(), 0, 0.0
-    model.train()
-    while step < cfg.max_steps and not stop:
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # Dropout noise is a function of (seed, step, rank): a resumed run draws exactly the same.
-        torch.manual_seed(cfg.seed + 1_000_003 * (step * world + rank + 1))
-        for k in range(cfg.grad_accum):
-            batch = micro_batch(step * cfg.grad_accum + k)
-            last_micro = k == cfg.grad_accum - 1
-            # Only the last micro-batch of a step all-reduces gradients across ranks.
-            with (net.no_sync() if world > 1 and not last_micro else nullcontext()), autocast(device, dtype):
-                score = net(**batch)                               # (B,) Yes-logits
-                loss = F.binary_cross_entropy_with_logits(score, batch["label"])
-            # Divide by the accumulation count so the summed gradient is the mean over the global batch.
-            scaler.scale(loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum
-            window_rows += len(score)
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        if step % cfg.log_every == 0 and master:
-            rate = window_rows * world / (time.time() - window_t)
-            bar.write(f"step {step:>6} | loss {loss_sum / cfg.log_every:.4f} | lr {lr:.2e} | {rate:.1f} samples/s")
-            bar.set_postfix(loss=f"{loss_sum / cfg.log_every:.4f}")
-            window_t, window_rows, loss_sum = time.time(), 0, 0.0
-        elif step % cfg.log_every == 0:
-            window_t, window_rows, loss_sum = time.time(), 0, 0.0
-        if step % cfg.eval_every == 0 or step == cfg.max_steps or step == cfg.pause_at:
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                res = evaluate()
-                history.append({"step": step, **res})
-                if res["auc"] > best["auc"]:
-                    best, bad_evals = {**res, "step": step}, 0
-                    if master:
-                        save("best.pt", with_state=False)
-                else:
-                    bad_evals += 1
-                if master:
-                    bar.write(f"eval step {step}: {cfg.eval_split} AUC {res['auc']:.4f} UAUC {res['uauc']:.4f} "
-                              f"(best {best['auc']:.4f} at {best['step']})")
-                # every rank computed the same metrics from the same gathered scores; all-reducing the
-                # decision anyway means no rank can ever wait for a collective the others skipped
-                stop = all_ranks_agree(bad_evals >= cfg.patience, world, device)
-            if master:
-                save("last.pt", with_state=True)
-            if step == cfg.pause_at:
-                break
-        model.train()
-    bar.close()
-    if step == cfg.pause_at and step < cfg.max_steps and not stop:
-        if master:
-            print(f"paused at step {step}; continue with: python train.py --resume {out}")
-        return None
 
-    # Final: reload the best weights and score the test split once.
-    best_state = load_checkpoint(os.path.join(out, "best.pt"))
-    restore_tensors(model, best_state)
+def log_step(run, bar, lr, window):
+    """Every --log-every steps: rank 0 prints the mean loss and the speed of the last window."""
+    cfg = run.cfg
+    if run.step % cfg.log_every != 0:
+        return
+    if run.master:
+        loss = window["loss"] / cfg.log_every
+        rate = window["rows"] * run.world / (time.time() - window["t"])
+        bar.write(f"step {run.step:>6} | loss {loss:.4f} | lr {lr:.2e} | {rate:.1f} samples/s")
+        bar.set_postfix(loss=f"{loss:.4f}")
+        run.loss_log.append({"step": run.step, "loss": loss})
+    window.update(t=time.time(), rows=0, loss=0.0)
+
+
+def save(run, name, with_state):
+    """best.pt holds the trained tensors and settings; last.pt also the optimizer and loop state that
+    --resume needs. Only rank 0 writes (every rank holds the same weights)."""
+    ckpt = {"config": asdict(run.cfg), **model_tensors(run.model), "step": run.step, "best": run.best}
+    if with_state:
+        ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), bad_evals=run.bad_evals,
+                    history=run.history, loss_log=run.loss_log)
+    data.write_atomic(os.path.join(run.out, name), lambda tmp: torch.save(ckpt, tmp))
+
+
+def evaluate_and_save(run, bar):
+    """Chapter 3, every --eval-every steps and at the last step: score the valid rows, keep the best
+    checkpoint, count evaluations without improvement. -> True when the run should stop early."""
+    cfg = run.cfg
+    split = run.ds.splits[cfg.eval_split]
+    scores = metrics.score_rows(run.model, run.enc_eval, split, run.eval_rows, run.eval_batch_size, run.pad,
+                                run.device, run.dtype, run.rank, run.world)
+    res = metrics.report(split, scores, run.eval_rows)["all"]
+    run.history.append({"step": run.step, **res})
+    if res["auc"] > run.best["auc"]:
+        run.best, run.bad_evals = {**res, "step": run.step}, 0
+        if run.master:
+            save(run, "best.pt", with_state=False)
+    else:
+        run.bad_evals += 1
+    if run.master:
+        bar.write(f"eval step {run.step}: {cfg.eval_split} AUC {res['auc']:.4f} UAUC {res['uauc']:.4f} "
+                  f"(best {run.best['auc']:.4f} at {run.best['step']})")
+    # Early stop after --patience evaluations without a better valid AUC. Every rank computed the
+    # same metrics from the same gathered scores; all-reducing the decision anyway means no rank can
+    # ever wait for a collective the others skipped (the reference decided on rank 0 alone and hung).
+    return all_ranks_agree(run.bad_evals >= cfg.patience, run.world, run.device)
+
+
+def finish(run):
+    """Chapter 4: reload the best weights, score the test split once, write metrics.json. -> the result."""
+    cfg, ds = run.cfg, run.ds
+    restore_tensors(run.model, load_checkpoint(os.path.join(run.out, "best.pt")))
     test_rows = np.arange(len(ds.splits["test"]))[:cfg.test_rows or None]
-    enc_test = encode(cfg, ds, tok, "test", model)
-    test_scores = metrics.score_rows(model, enc_test, ds.splits["test"], test_rows, ebs, pad, device, dtype, rank, world)
+    enc_test = encode(cfg, ds, run.tok, "test", run.model)
+    test_scores = metrics.score_rows(run.model, enc_test, ds.splits["test"], test_rows, run.eval_batch_size, run.pad,
+                                     run.device, run.dtype, run.rank, run.world)
     test = metrics.report(ds.splits["test"], test_scores, test_rows)
-    digests = rank_digests(trainable, world)
-    valid_block = {k: best[k] for k in ("auc", "uauc", "uauc_users", "rows")}
-    result = {"valid": valid_block, "test": test["all"], "test_warm": test["warm"], "test_cold": test["cold"],
-              "stage": cfg.stage, "llm": cfg.llm, "rec": cfg.rec if cfg.stage == "cie" else None,
-              "dtype": dtype_name, "dtype_reason": dtype_reason, "data_source": ds.source,
-              "random_weights": cfg.llm.startswith("random:"),
-              "best_step": best["step"], "samples_seen": step * cfg.batch_size * cfg.grad_accum * world,
-              "seconds": round(time.time() - t0, 1), "rank_digests": digests, "config": asdict(cfg),
-              "history": history}
-    if master:
-        with open(os.path.join(out, "metrics.json.tmp"), "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(os.path.join(out, "metrics.json.tmp"), os.path.join(out, "metrics.json"))
+    digests = rank_digests(run.trainable, run.world)
+    result = metrics.metrics_block({k: run.best[k] for k in ("auc", "uauc", "uauc_users", "rows")}, test)
+    samples_per_step = cfg.batch_size * cfg.grad_accum * run.world
+    result.update(stage=cfg.stage, llm=cfg.llm, rec=cfg.rec if cfg.stage == "cie" else None, dtype=run.dtype_name,
+                  dtype_reason=run.dtype_reason, data_source=ds.source, random_weights=cfg.llm.startswith("random:"),
+                  best_step=run.best["step"], samples_seen=run.step * samples_per_step,
+                  samples_per_step=samples_per_step, seconds=round(time.time() - run.t0, 1), rank_digests=digests,
+                  config=asdict(cfg), history=run.history, loss_log=run.loss_log)
+    if run.master:
+        metrics.write_metrics(os.path.join(run.out, "metrics.json"), result)
         if result["random_weights"]:
             print(f"warning: --llm {cfg.llm} has random weights: the AUCs below mean nothing (speed and memory only)")
-        print(f"{cfg.stage} {cfg.llm}: best step {best['step']}, {cfg.eval_split} AUC {best['auc']:.4f}, "
+        print(f"{cfg.stage} {cfg.llm}: best step {run.best['step']}, {cfg.eval_split} AUC {run.best['auc']:.4f}, "
               f"test AUC {test['all']['auc']:.4f} UAUC {test['all']['uauc']:.4f} (warm {test['warm']['auc']:.4f}, "
-              f"cold {test['cold']['auc']:.4f}), {result['seconds']:.0f}s -> {os.path.join(out, 'best.pt')}")
-    if world > 1:
+              f"cold {test['cold']['auc']:.4f}), {result['seconds']:.0f}s -> {os.path.join(run.out, 'best.pt')}")
+    return result
+
+
+def train(cfg):
+    """One run of a stage, read top to bottom: set up, step until --max-steps (evaluating and saving
+    on the way, stopping early when the valid AUC stops improving), then the test score. -> the
+    metrics.json dict, or None when the sitting paused (--pause-at)."""
+    run = set_up(cfg)
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc=cfg.stage, disable=not run.master, dynamic_ncols=True)
+    window = {"t": time.time(), "rows": 0, "loss": 0.0}  # what the next log line averages
+    stop = False
+    run.model.train()
+    while run.step < cfg.max_steps and not stop:
+        lr = train_step(run, window)
+        bar.update(1)
+        log_step(run, bar, lr, window)
+        at_eval = run.step % cfg.eval_every == 0 or run.step == cfg.max_steps
+        if at_eval:
+            stop = evaluate_and_save(run, bar)
+        if (at_eval or run.step == cfg.pause_at) and run.master:
+            save(run, "last.pt", with_state=True)  # what --resume continues from
+        if run.step == cfg.pause_at:  # pausing: only ever here, after last.pt is saved
+            break
+        run.model.train()  # scoring switched dropout off
+    bar.close()
+    paused = run.step == cfg.pause_at and run.step < cfg.max_steps and not stop
+    if paused and run.master:
+        print(f"paused at step {run.step}; continue with: python train.py --resume {run.out}")
+    result = None if paused else finish(run)
+    if run.world > 1:
         dist.destroy_process_group()
     return result
 
@@ -554,9 +653,136 @@ def all_ranks_agree(flag, world, device):
     return bool(t.item())
 
 
+# ---------------------------------------------------------------------------------------------
+# --evaluate: score a saved run. Rebuilding the model from a checkpoint is this file's knowledge
+# (which LLM, which stage, which tensors), so it lives here and eval.py stays the metrics chapter;
+# the reference evaluates the same way, by rerunning its training script with `evaluate: True`.
+
+
+def parse_evaluate(argv=None):
+    p = argparse.ArgumentParser(prog="train.py --evaluate",
+                                description="Score a train.py checkpoint on every row of a split: AUC and UAUC "
+                                            "overall, on warm rows and on cold rows. Or use the trained model: "
+                                            "--export it for transformers + peft, or rank one --user's items.")
+    p.add_argument("--ckpt", required=True, help="a train.py checkpoint (best.pt or last.pt), or an --export folder")
+    p.add_argument("--split", default="test", choices=("test", "valid", "valid_small"), help="split to score (default test)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per scoring batch (default 16)")
+    p.add_argument("--rows", type=int, default=0, help="score only the first N rows (0 = all)")
+    p.add_argument("--data-root", default=None, help="folder holding datasets (default: the checkpoint's setting)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default auto)")
+    p.add_argument("--dtype", default=None, choices=("auto", "bf16", "fp16", "fp32"),
+                   help="compute dtype (default: the run's own --dtype; its default, auto, picks what THIS "
+                        "machine computes natively, e.g. fp32 on a CPU without bf16 units)")
+    p.add_argument("--out", default=None, help="write metrics.json here instead of beside the checkpoint")
+    p.add_argument("--export", metavar="DIR", help="instead of scoring: write the model to DIR (a new or empty "
+                   "folder): the LoRA in peft's format (adapter_config.json, adapter_model.safetensors), and for "
+                   "stage 2 the projector and collaborative model as safetensors; collm_export.json says what is what")
+    p.add_argument("--with-base", action="store_true", help="--export: save the base LLM and tokenizer in DIR/base "
+                   "too (always done for --llm tiny, which is built in code)")
+    p.add_argument("--user", type=int, help="instead of scoring: rank candidate items for this user id")
+    p.add_argument("--items", help="--user: comma-separated item ids to rank, with the user's current history "
+                   "(default: the user's test rows, each with the history it had; without test rows, --top items "
+                   "the user never rated)")
+    p.add_argument("--top", type=int, default=0, help="--user: print only the best K (0 = all; 10 items are drawn "
+                   "when the user has no test rows)")
+    p.add_argument("--show-prompt", action="store_true", help="--user: print the first candidate's prompt")
+    args = p.parse_args(argv)
+    problems = []  # every bad flag at once
+    if args.batch_size < 1 or args.rows < 0:
+        problems.append("--batch-size must be >= 1 and --rows >= 0")
+    if args.export and args.user is not None:
+        problems.append("--export and --user: one at a time")
+    if args.top < 0:
+        problems.append(f"--top must be >= 0 (got {args.top})")
+    if args.user is None and (args.items or args.top or args.show_prompt):
+        problems.append("--items, --top and --show-prompt go with --user")
+    if args.with_base and not args.export:
+        problems.append("--with-base goes with --export")
+    if problems:
+        raise UsageError("; ".join(problems))
+    return args
+
+
+def load_for_evaluation(args):
+    """--ckpt (a checkpoint or an export folder) -> (its state, the run's Config with this command's
+    device, dtype and data root)."""
+    if args.export:
+        metrics.check_export_folder(args.export)  # before anything slow
+    if not os.path.exists(args.ckpt):
+        raise UsageError(f"--ckpt {args.ckpt}: file not found")
+    state = metrics.load_export(args.ckpt) if os.path.isdir(args.ckpt) else load_checkpoint(args.ckpt)
+    if "lora" not in state or "config" not in state:
+        raise UsageError(f"--ckpt {args.ckpt}: not a train.py checkpoint (a collab.py model.pt? those are "
+                         f"evaluated by collab.py itself)")
+    saved = state["config"]
+    cfg = Config(**{**saved, "device": args.device, "dtype": args.dtype or saved["dtype"],
+                    "data_root": args.data_root or saved["data_root"]})
+    return state, cfg
+
+
+def evaluate(args):
+    """Rebuild the run's model from --ckpt, then export it, rank one user's items, or score a split."""
+    state, cfg = load_for_evaluation(args)
+    items = metrics.parse_ids(args.items, "--items") if args.items else None
+    _, _, device = setup_distributed(cfg)
+    dtype, dtype_name, dtype_reason = compute_dtype(cfg.dtype, device)
+    print(f"=> scoring on {device} in {dtype_name} ({dtype_reason})")
+    ds = data.load_dataset(cfg.data, cfg.data_root)
+    if args.user is not None:  # unknown ids are reported before the model is built
+        candidates = metrics.candidates(ds, args.user, items, args.top or 10)
+    model, tok = build_model(cfg, ds, dtype, state)
+    model.to(device)
+    what = f"({cfg.stage}, {cfg.llm}, step {state['step']})"
+    if args.export:
+        template = data.load_template(ds.domain, "text" if cfg.stage == "lora" else "collm", cfg.template)
+        metrics.export_model(model, tok, state, template, args.export, args.with_base)
+        print(f"exported {args.ckpt} {what} -> {args.export}")
+        return
+    if cfg.compile:  # scored as the run was trained (train.py --compile)
+        collm.compile_decoder(model)
+    if args.user is not None:
+        return rank_user(args, cfg, ds, model, tok, candidates, device, dtype, what)
+    split = ds.splits[args.split]
+    rows = np.arange(len(split))[:args.rows or None]
+    scores = metrics.score_rows(model, encode(cfg, ds, tok, args.split, model), split, rows, args.batch_size,
+                                data.SegmentTokenizer(tok).pad_id, device, dtype)
+    rep = metrics.report(split, scores, rows)
+    metrics.print_table(f"{args.ckpt} on {cfg.data} {args.split} {what}", rep)
+    # into the run's metrics.json (or --out's), beside what training wrote: the keys of this split only
+    out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "metrics.json")
+    result = metrics.read_metrics(path, "--out")[1] if os.path.exists(path) else {}
+    result.update({**metrics.split_block(rep, args.split), "stage": cfg.stage, "llm": cfg.llm,
+                   f"{args.split}_dtype": dtype_name})
+    metrics.write_metrics(path, result)
+    print(f"-> {path}")
+
+
+def rank_user(args, cfg, ds, model, tok, candidates, device, dtype, what):
+    """--user: score the candidate rows and print them best first."""
+    import dataclasses
+    split, labels, note = candidates
+    # the candidates as one more split, so that prompts, batches and scores take the usual path
+    ds = dataclasses.replace(ds, splits={**ds.splits, "rank": split})
+    enc = encode(cfg, ds, tok, "rank", model)
+    scores = metrics.score_rows(model, enc, split, np.arange(len(split)), args.batch_size,
+                                data.SegmentTokenizer(tok).pad_id, device, dtype)
+    print(f"user {args.user} of {cfg.data}: {note}\n{args.ckpt} {what}; "
+          f"score = the 'Yes' logit, label = 1 liked / 0 not / - unknown")
+    if args.show_prompt:
+        template = data.load_template(ds.domain, "text" if cfg.stage == "lora" else "collm", cfg.template)
+        segs = data.prompt_segments(template, [ds.titles[i] for i in split.history(0)], ds.titles[split.iid[0]])
+        print(f"prompt of item {split.iid[0]}:\n{data.render_prompt(segs)}")
+    print("\n".join(metrics.rank_table(ds, split, scores, labels, args.top or None)))
+
+
 def main(argv=None):
-    cfg = parse_config(argv)
-    train(cfg)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--evaluate" in argv:  # score a saved run instead of training (see parse_evaluate)
+        argv.remove("--evaluate")
+        return evaluate(parse_evaluate(argv))
+    train(parse_config(argv))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""Shared test fixtures. Real-data tests read the data root from $COLLM_DATA (.ci/run points it at
-../shared/data) and skip with a reason when the released split is not there."""
+"""Shared test fixtures and helpers. Real-data tests read the data root from $COLLM_DATA, else ./data
+(.ci/run points it at ../shared/data) and skip with a reason when the released split is not there."""
 import os
+import subprocess
 import sys
 
+import numpy as np
+import pandas as pd
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -14,6 +17,36 @@ def _real_root():
     root = os.environ.get("COLLM_DATA", "data")
     ok = os.path.exists(os.path.join(root, "ml-1m.zip")) or os.path.exists(os.path.join(root, "ml-1m", "train_ood2.pkl"))
     return root if ok else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the toolkit as a user does, and reading its one-line errors
+
+
+def run_python(*args, env=None, cwd=ROOT, timeout=300, input=None):
+    """`python ARGS...` in a fresh process, from the repository root unless `cwd` -> CompletedProcess
+    (text). `env` adds to this process's environment; a value of None removes that variable."""
+    environ = dict(os.environ)
+    for key, value in (env or {}).items():
+        if value is None:
+            environ.pop(key, None)
+        else:
+            environ[key] = str(value)
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd, env=environ, input=input)
+
+
+def assert_error_line(code, stderr, *words, alone=True):
+    """How every CLI here reports bad input: exit status 2, no traceback, and a last stderr line
+    `error: ...` naming each of `words`; `alone`: that line is all of stderr (CLIs that load models
+    may warn before it)."""
+    assert code == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error:"), stderr[-3000:]
+    if alone:
+        assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert all(str(w) in lines[-1] for w in words), lines[-1]
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +61,8 @@ def build_cache(tmp_path_factory, monkeypatch):
 def real_root():
     root = _real_root()
     if root is None:
-        pytest.skip("the released ML-1M split is not under $COLLM_DATA (set COLLM_DATA=../shared/data)")
+        pytest.skip("the released ML-1M split (ml-1m.zip, or ml-1m/*_ood2.pkl) is not under $COLLM_DATA, else "
+                    "./data; the README's Data section says how to get it")
     return root
 
 
@@ -56,8 +90,6 @@ TOY_USERS, TOY_ITEMS = 24, 20
 
 
 def toy_frames(seed=0):
-    import numpy as np
-    import pandas as pd
     rng = np.random.default_rng(seed)
     u, i = np.meshgrid(np.arange(1, TOY_USERS + 1), np.arange(1, TOY_ITEMS + 1), indexing="ij")
     u, i = u.ravel(), i.ravel()
@@ -87,7 +119,44 @@ def toy_frames(seed=0):
 def toy_root(tmp_path_factory):
     """A data root holding the toy dataset as `toy/{split}_ood2.pkl`."""
     root = tmp_path_factory.mktemp("data")
-    os.makedirs(root / "toy")
-    for s, df in toy_frames().items():
-        df.to_pickle(root / "toy" / f"{s}_ood2.pkl")
+    write_dataset(root, "toy", **toy_frames())
     return root
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny dataset written by hand in the authors' schema, small enough to know every row: which are
+# warm, which cold, what each history holds. write_dataset() writes it (or any frames, such as the
+# toy dataset's above) as the authors' four pickles: the one way tests make a dataset on disk.
+
+TINY_TITLES = {1: "Toy Story (1995)", 2: "Heat (1995)", 3: "Fargo (1996)", 4: "Godfather, The (1972)",
+               5: "Jumanji (1995)", 6: "Life Is Beautiful (La Vita è bella) (1997)"}
+# rows: (uid, iid, label, history item ids). Users 1, 2 and items 1, 4 are warm (4 train rows each,
+# more than 3); item 5 is never a target, only in histories, so its title comes from his_title.
+TRAIN = [(1, 1, 1, []), (1, 2, 0, [1]), (1, 3, 1, [1]), (1, 4, 1, [1, 3]),
+         (2, 1, 1, []), (2, 2, 1, [1]), (2, 3, 0, [1, 2]), (2, 4, 1, [1, 2]),
+         (3, 1, 0, []), (3, 4, 1, []), (4, 1, 1, [5]), (4, 4, 0, [5, 1])]
+VALID = [(1, 6, 1, [1, 3, 4]), (2, 1, 0, [1, 2, 4]), (5, 2, 1, [])]
+TEST = [(1, 1, 1, [1, 3, 4, 6]), (1, 4, 0, [1, 3, 4, 6, 1]), (2, 4, 1, [1, 2, 4]),  # warm
+        (2, 2, 0, [1, 2, 4, 4]), (3, 1, 1, [4]),  # neither warm nor cold: item 2 / user 3 has few train rows
+        (5, 1, 0, [2]), (1, 6, 1, [1, 3, 4, 6, 1]), (6, 6, 0, [])]  # cold: user 5, item 6, both unseen
+
+
+def write_dataset(root, name="tiny", **frames):
+    """The tiny dataset below as the authors' four pickles in root/name; `frames` replaces splits."""
+    frames = {"train": frame(TRAIN), "valid": frame(VALID, 0), "test": frame(TEST, 1), **frames}
+    frames.setdefault("valid_small", frames["valid"].sample(frac=0.5, random_state=2023))
+    os.makedirs(os.path.join(root, name), exist_ok=True)
+    for s, df in frames.items():
+        df.to_pickle(os.path.join(root, name, f"{s}_ood2.pkl"))
+    return name
+
+
+def frame(rows, flag=-1):
+    """(uid, iid, label, liked item ids) rows -> a DataFrame in the authors' schema."""
+    uid, iid, label, his = (list(c) for c in zip(*rows))
+    seen_u, seen_i = {r[0] for r in TRAIN}, {r[1] for r in TRAIN}
+    return pd.DataFrame(dict(
+        uid=uid, iid=iid, label=label, timestamp=range(len(rows)), his=[[0] + h for h in his],
+        his_title=[[""] + [TINY_TITLES[i] for i in h] for h in his], title=[TINY_TITLES[i] for i in iid],
+        flag=float(flag), not_cold=[int(u in seen_u and i in seen_i) for u, i in zip(uid, iid)]))
+

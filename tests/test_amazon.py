@@ -10,7 +10,6 @@ import argparse
 import gzip
 import json
 import os
-import subprocess
 import sys
 from datetime import datetime, timezone
 
@@ -20,8 +19,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import assert_error_line, run_python  # noqa: E402
 
 
 def ts(*when):
@@ -228,9 +226,7 @@ def test_generated_files_match_the_notebooks_pandas_steps(tmp_path):
 
 def test_stats_cli_on_generated_files(tmp_path):
     write_generated(tmp_path / "amazon-book", 6000, seed=2)
-    env = {**os.environ, "COLLM_DATA": str(tmp_path)}
-    res = subprocess.run([sys.executable, "data.py", "--data", "amazon-book", "--stats"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    res = run_python("data.py", "--data", "amazon-book", "--stats", env={"COLLM_DATA": tmp_path}, timeout=120)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0].startswith("amazon-book: users ") and lines[0].endswith("domain book")
@@ -288,11 +284,8 @@ def test_bad_raw_files_are_one_error_line(tmp_path, monkeypatch, make):
 
 def test_bad_raw_file_from_the_cli_exits_2(tmp_path):
     _truncated(str(tmp_path / "amazon-book"))
-    env = {**os.environ, "COLLM_DATA": str(tmp_path)}
-    res = subprocess.run([sys.executable, "data.py", "--data", "amazon-book", "--stats"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
-    assert "Books_5.json.gz" in res.stderr and "Traceback" not in res.stderr
+    res = run_python("data.py", "--data", "amazon-book", "--stats", env={"COLLM_DATA": tmp_path}, timeout=60)
+    assert_error_line(res.returncode, res.stderr, "Books_5.json.gz")
 
 
 def test_a_zip_of_the_pickles_is_read_in_place(tmp_path, monkeypatch):

@@ -1,13 +1,10 @@
 """bench.py end to end on the tiny LLM and the toy dataset: one step per path, so the script cannot
 rot. No timing thresholds here (other jobs share these CPUs); the README records real numbers."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import assert_error_line, run_python
 
 KEYS = ("train_samples_per_s", "eval_samples_per_s", "train_peak_share", "eval_peak_share", "padding_share",
         "ref_padding_share", "speedup_train", "speedup_eval", "mem_ratio_train", "prefix_speedup_eval", "device", "dtype", "cpu_capability",
@@ -15,8 +12,7 @@ KEYS = ("train_samples_per_s", "eval_samples_per_s", "train_peak_share", "eval_p
 
 
 def bench(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT)
+    return run_python("bench.py", *args)
 
 
 TINY = ["--llm", "tiny", "--dtype", "fp32", "--device", "cpu", "--batch-size", 2, "--steps", 1, "--warmup", 0,
@@ -53,6 +49,4 @@ def test_stage_two_paths_run_alone(toy_root, path):
 
 def test_bad_flags_are_one_clear_line():
     res = bench("--llm", "tiny", "--steps", 0, "--batch-size", 0)
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    err = res.stderr.strip().splitlines()[-1]
-    assert err.startswith("error:") and "--steps" in err and "--batch-size" in err, err
+    assert_error_line(res.returncode, res.stderr, "--steps", "--batch-size", alone=False)

@@ -2,8 +2,6 @@
 the CLI. All but the last run on a synthetic dataset built here, in seconds on a CPU."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,9 +10,9 @@ import torch.nn.functional as F
 
 import collab
 import data
-import eval
+import eval as metrics  # our eval.py
 
-from conftest import ROOT, TOY_ITEMS, TOY_USERS, toy_frames
+from conftest import TOY_ITEMS, TOY_USERS, assert_error_line, run_python
 
 
 @pytest.fixture(autouse=True)
@@ -35,24 +33,10 @@ def one_thread():
 USERS, ITEMS = TOY_USERS, TOY_ITEMS
 
 
-def to_split(df, u_count, i_count):
-    """A data.Split straight from numpy arrays (histories left empty: collab.py never reads them)."""
-    uid, iid = df.uid.to_numpy(np.int64), df.iid.to_numpy(np.int64)
-    return data.Split(uid=uid, iid=iid, label=df.label.to_numpy(np.float32),
-                      not_cold=df.not_cold.to_numpy().astype(bool), his_ptr=np.zeros(len(df) + 1, np.int64),
-                      his_items=np.zeros(0, np.int64), warm=(u_count[uid] > 3) & (i_count[iid] > 3))
-
-
 @pytest.fixture(scope="module")
-def toy():
-    parts = toy_frames()
-    tr = parts["train"]
-    u_count = np.bincount(tr.uid, minlength=USERS + 1)
-    i_count = np.bincount(tr.iid, minlength=ITEMS + 1)
-    splits = {s: to_split(df, u_count, i_count) for s, df in parts.items()}
-    titles = [""] + [f"Item {x}" for x in range(1, ITEMS + 1)]
-    return data.Dataset(name="toy", domain="movie", splits=splits, titles=titles, user_num=USERS + 1,
-                        item_num=ITEMS + 1)
+def toy(toy_root):
+    """The toy dataset as every run reads it: data.load_dataset on its pickles (conftest.toy_root)."""
+    return data.load_dataset("toy", str(toy_root))
 
 
 def train_loss(model, split):
@@ -209,7 +193,7 @@ def test_cli_roundtrip(toy_root, tmp_path, capsys, name):
     model = collab.load_rec(out / "model.pt", USERS + 1, ITEMS + 1)
     assert not model.training
     va = data.load_dataset("toy", str(toy_root)).splits["valid"]
-    assert eval.auc(va.label, collab.score(model, va)) == pytest.approx(m["valid"]["auc"])
+    assert metrics.auc(va.label, collab.score(model, va)) == pytest.approx(m["valid"]["auc"])
     U, I = model.tables()
     assert U.shape == (USERS + 1, 8) and I.shape == (ITEMS + 1, 8)
 
@@ -236,24 +220,30 @@ def test_load_rec_bad_files(tmp_path):
         collab.load_rec(tmp_path / "junk.pt")
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "collab.py", *args], cwd=ROOT, capture_output=True, text=True)
+def collab_cli(*args):
+    """`python collab.py ARGS` -> (exit code, stderr), for assert_error_line."""
+    res = run_python("collab.py", *args)
+    return res.returncode, res.stderr
 
 
-def test_cli_bad_flags(tmp_path):
-    r = run_cli("--model", "mf", "--out", str(tmp_path), "--dim", "0", "--lr", "-1", "--batch-size", "0",
-                "--epochs", "0")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ")
-    for flag in ("--dim", "--lr", "--batch-size", "--epochs"):
-        assert flag in lines[0]
-    r = run_cli("--model", "svd", "--out", str(tmp_path))
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "invalid choice: 'svd'" in r.stderr
-    r = run_cli("--model", "mf", "--out", str(tmp_path), "--data", "nope", "--data-root", str(tmp_path))
-    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error: --data nope")
-    r = run_cli("--model", "mf", "--out", str(tmp_path), "--unseen", "zero")
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "invalid choice: 'zero'" in r.stderr
+def test_cli_reports_every_bad_number_at_once(tmp_path):
+    code, err = collab_cli("--model", "mf", "--out", str(tmp_path), "--dim", "0", "--lr", "-1", "--batch-size", "0",
+                           "--epochs", "0")
+    assert_error_line(code, err, "--dim", "--lr", "--batch-size", "--epochs")
+
+
+@pytest.mark.parametrize("args, words, ours", [
+    (["--model", "svd"], ["invalid choice: 'svd'"], False),   # argparse's own message, after its usage lines
+    (["--model", "mf", "--data", "nope"], ["--data nope"], True),
+    (["--model", "mf", "--unseen", "zero"], ["invalid choice: 'zero'"], False),
+    (["--model", "pop", "--dropout", "0.5", "--lr", "1e-3"], ["--dropout is for", "--lr is for"], True),
+], ids=["unknown model", "unknown dataset", "unknown --unseen", "flags of other models"])
+def test_cli_bad_flags(tmp_path, args, words, ours):
+    code, err = collab_cli(*args, "--out", str(tmp_path), "--data-root", str(tmp_path))
+    if ours:
+        assert_error_line(code, err, *words)
+    else:
+        assert code == 2 and "Traceback" not in err and all(w in err for w in words), err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,17 +271,12 @@ def test_real_data_unseen_users(ml1m):
 # earlier liked items, whose taste angles give the user's own away.
 
 
-@pytest.fixture(scope="module")
-def toy_his(toy_root):
-    return data.load_dataset("toy", str(toy_root))
-
-
 @pytest.mark.parametrize("name", ["sasrec", "din"])
-def test_history_models_learn_planted_pattern(toy_his, name):
-    tr = toy_his.splits["train"]
+def test_history_models_learn_planted_pattern(toy, name):
+    tr = toy.splits["train"]
     torch.manual_seed(0)
-    start = collab.build_model(name, toy_his.user_num, toy_his.item_num, 16, None, None, his_len=8, dropout=0.0)
-    model, m = collab.train_rec(toy_his, name, dim=16, lr=1e-2, wd=0.0, dropout=0.0, batch_size=64, epochs=40,
+    start = collab.build_model(name, toy.user_num, toy.item_num, 16, None, None, his_len=8, dropout=0.0)
+    model, m = collab.train_rec(toy, name, dim=16, lr=1e-2, wd=0.0, dropout=0.0, batch_size=64, epochs=40,
                                 patience=40, progress=False)
     loss = lambda mod: F.binary_cross_entropy_with_logits(torch.tensor(collab.score(mod.eval(), tr)),
                                                           torch.tensor(tr.label)).item()
@@ -300,15 +285,15 @@ def test_history_models_learn_planted_pattern(toy_his, name):
     assert m["config"]["his_len"] == collab.HIS_LEN[name]["movie"]
 
 
-def test_pop_is_the_smoothed_positive_rate(toy_his):
-    tr = toy_his.splits["train"]
-    model, m = collab.train_rec(toy_his, "pop", prior=4.0, progress=False)
+def test_pop_is_the_smoothed_positive_rate(toy):
+    tr = toy.splits["train"]
+    model, m = collab.train_rec(toy, "pop", prior=4.0, progress=False)
     g = tr.label.mean()
     i = tr.iid[0]
     rate = (tr.label[tr.iid == i].sum() + 4.0 * g) / ((tr.iid == i).sum() + 4.0)
     assert float(torch.sigmoid(model.logit[i])) == pytest.approx(rate, rel=1e-5)
-    s = collab.score(model, toy_his.splits["test"])
-    assert len(np.unique(s[toy_his.splits["test"].iid == i])) == 1  # the same score for every user
+    s = collab.score(model, toy.splits["test"])
+    assert len(np.unique(s[toy.splits["test"].iid == i])) == 1  # the same score for every user
     assert m["valid"]["auc"] > 0.5 and m["samples_seen"] == len(tr) and model.dim == 0
 
 
@@ -344,8 +329,8 @@ def test_din_weights_and_empty_history():
         torch.testing.assert_close(model.embed(uid, iid, torch.tensor([[0, 5, 6, 7], [0, 0, 0, 0]]))[0][0], u[1])
 
 
-def test_padded_history_right_aligned(toy_his):
-    sp = toy_his.splits["train"]
+def test_padded_history_right_aligned(toy):
+    sp = toy.splits["train"]
     lens = np.diff(sp.his_ptr)
     r_long, r_empty = int(np.argmax(lens)), int(np.flatnonzero(lens == 0)[0])
     pad = data.padded_history(sp, 4, [r_long, r_empty])
@@ -365,19 +350,17 @@ def test_new_models_cli_and_checkpoint_roundtrip(toy_root, tmp_path, capsys, nam
     model = collab.load_rec(out / "model.pt", USERS + 1, ITEMS + 1)
     assert collab.model_name(model) == name and not model.training
     va = data.load_dataset("toy", str(toy_root)).splits["valid"]
-    assert eval.auc(va.label, collab.score(model, va)) == pytest.approx(m["valid"]["auc"])
+    assert metrics.auc(va.label, collab.score(model, va)) == pytest.approx(m["valid"]["auc"])
     back = collab.rec_from_checkpoint(collab.rec_checkpoint(model), USERS + 1, ITEMS + 1)  # train.py's form
     np.testing.assert_allclose(collab.score(back, va), collab.score(model, va), rtol=1e-6)
     with pytest.raises(data.UsageError, match=f"{USERS + 1} users x {ITEMS + 1} items, expected 839 x 3256"):
         collab.load_rec(out / "model.pt", 839, 3256)
 
 
-def test_history_id_beyond_the_item_table_is_one_error(toy_his):
-    model = collab.SASRec(toy_his.user_num, 5, dim=4, his_len=3)  # a table of 5 items; toy histories go to 20
+def test_history_id_beyond_the_item_table_is_one_error(toy):
+    model = collab.SASRec(toy.user_num, 5, dim=4, his_len=3)  # a table of 5 items; toy histories go to 20
     with pytest.raises(data.UsageError, match="history item id .* beyond"):
-        collab.score(model, toy_his.splits["valid"])
-    r = run_cli("--model", "pop", "--out", "x", "--dropout", "0.5", "--lr", "1e-3")
-    assert r.returncode == 2 and "--dropout is for" in r.stderr and "--lr is for" in r.stderr
+        collab.score(model, toy.splits["valid"])
 
 
 def test_frozen_tables_are_computed_once_until_the_weights_change():
@@ -402,11 +385,11 @@ def test_results_table_knows_the_new_models(tmp_path):
         m = {"valid": block, "test": block, "test_warm": block, "test_cold": block, "samples_seen": 5,
              "config": {"model": name, "data": "ml-1m"}}
         (tmp_path / name / "metrics.json").write_text(json.dumps(m))
-    lines = eval.results_table([tmp_path / n for n in ("sasrec", "din", "pop")]).splitlines()
+    lines = metrics.results_table([tmp_path / n for n in ("sasrec", "din", "pop")]).splitlines()
     assert lines[2].startswith("| sasrec | SASRec |") and lines[2].endswith("| 0.7078 / 0.6884 |")
     assert lines[3].startswith("| din | DIN |") and lines[3].endswith("| 0.7166 / 0.6459 |")
     assert lines[4].startswith("| pop | Pop |") and lines[4].endswith("| - |")
-    assert eval.PAPER_ML1M["CoLLM-SASRec"] == (0.7235, 0.6990) and eval.PAPER_ML1M["CoLLM-DIN"] == (0.7243, 0.6897)
+    assert metrics.PAPER_ML1M["CoLLM-SASRec"] == (0.7235, 0.6990) and metrics.PAPER_ML1M["CoLLM-DIN"] == (0.7243, 0.6897)
 
 
 def test_pop_and_din_on_real_data(ml1m):

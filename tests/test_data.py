@@ -5,8 +5,6 @@ Everything runs offline on CPU. Tests that need the released split or the real t
 when ../shared does not have them (see conftest.py)."""
 import io
 import os
-import subprocess
-import sys
 import time
 import zipfile
 from datetime import datetime, timezone
@@ -16,31 +14,20 @@ import pandas as pd
 import pytest
 
 import data
-from conftest import ROOT, shared_tokenizer
+from conftest import (TEST, TINY_TITLES, TRAIN, VALID, assert_error_line, frame, run_python, shared_tokenizer,
+                      write_dataset)
 
 AUTHORS_COLUMNS = ["uid", "iid", "label", "timestamp", "his", "his_title", "title", "flag", "not_cold"]
 
 
-def run_cli(*args, root=None):
-    """`python data.py ARGS` as a user would run it; $COLLM_DATA is `root` (unset when None)."""
-    env = {k: v for k, v in os.environ.items() if k != "COLLM_DATA"}
-    if root is not None:
-        env["COLLM_DATA"] = str(root)
-    return subprocess.run([sys.executable, "data.py", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
-
-
-def assert_cli_error(res, *words):
-    """Exit 2, one `error:` line on stderr naming `words`, no traceback."""
-    assert res.returncode == 2, res.stderr
-    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
-    assert "Traceback" not in res.stderr
-    for w in words:
-        assert str(w) in res.stderr
+def data_cli(*args, root=None):
+    """`python data.py ARGS` with $COLLM_DATA = root (unset when None) -> (exit code, stderr), for assert_error_line."""
+    res = run_python("data.py", *args, env={"COLLM_DATA": root}, timeout=60)
+    return res.returncode, res.stderr
 
 
 # ---------------------------------------------------------------------------------------------
-# Raw ML-1M -> the authors' four pickles (SPEC section 2)
+# Raw ML-1M -> the authors' four pickles (their notebook dataset/ml-1m/processing_ood.ipynb)
 
 
 def ts(*when):
@@ -153,7 +140,7 @@ def test_malformed_ratings_line_names_the_file_and_line(tmp_path):
     with pytest.raises(data.UsageError, match=r"ratings\.dat: line 3: expected four integers"):
         data.build_ml1m_split(tmp_path / "b", tmp_path / "b")
     write_raw(tmp_path / "ml-1m", ratings_text=good + "1::6::5\n")
-    assert_cli_error(run_cli("--data", "ml-1m", "--data-root", tmp_path, "--stats"), "ratings.dat: line 2")
+    assert_error_line(*data_cli("--data", "ml-1m", "--data-root", tmp_path, "--stats"), "ratings.dat: line 2")
 
 
 def test_no_rating_in_the_window_is_one_error_line(tmp_path):
@@ -162,7 +149,7 @@ def test_no_rating_in_the_window_is_one_error_line(tmp_path):
     with pytest.raises(data.UsageError, match=r"ratings\.dat: no rating falls in months 14-33 .*\(2000-04\)"):
         data.build_ml1m_split(tmp_path / "ml-1m", tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    assert_cli_error(run_cli("--data", "ml-1m", "--data-root", tmp_path, "--stats"), "ratings.dat", "months 14-33")
+    assert_error_line(*data_cli("--data", "ml-1m", "--data-root", tmp_path, "--stats"), "ratings.dat", "months 14-33")
     assert os.listdir(data.cache_dir()) == []  # the failed build left nothing in the cache
     train_only = "".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in RATINGS[:5])
     write_raw(tmp_path / "ml-1m", ratings_text=train_only)
@@ -323,39 +310,6 @@ def test_raw_files_made_from_the_release_rebuild_it_row_for_row(real_root, tmp_p
 # ---------------------------------------------------------------------------------------------
 # The authors' pickles, on a tiny dataset written in their schema
 
-TINY_TITLES = {1: "Toy Story (1995)", 2: "Heat (1995)", 3: "Fargo (1996)", 4: "Godfather, The (1972)",
-               5: "Jumanji (1995)", 6: "Life Is Beautiful (La Vita è bella) (1997)"}
-# rows: (uid, iid, label, history item ids). Users 1, 2 and items 1, 4 are warm (4 train rows each,
-# more than 3); item 5 is never a target, only in histories, so its title comes from his_title.
-TRAIN = [(1, 1, 1, []), (1, 2, 0, [1]), (1, 3, 1, [1]), (1, 4, 1, [1, 3]),
-         (2, 1, 1, []), (2, 2, 1, [1]), (2, 3, 0, [1, 2]), (2, 4, 1, [1, 2]),
-         (3, 1, 0, []), (3, 4, 1, []), (4, 1, 1, [5]), (4, 4, 0, [5, 1])]
-VALID = [(1, 6, 1, [1, 3, 4]), (2, 1, 0, [1, 2, 4]), (5, 2, 1, [])]
-TEST = [(1, 1, 1, [1, 3, 4, 6]), (1, 4, 0, [1, 3, 4, 6, 1]), (2, 4, 1, [1, 2, 4]),  # warm
-        (2, 2, 0, [1, 2, 4, 4]), (3, 1, 1, [4]),  # neither warm nor cold: item 2 / user 3 has few train rows
-        (5, 1, 0, [2]), (1, 6, 1, [1, 3, 4, 6, 1]), (6, 6, 0, [])]  # cold: user 5, item 6, both unseen
-
-
-def write_dataset(root, name="tiny", **frames):
-    """The tiny dataset above as the authors' four pickles in root/name; `frames` replaces splits."""
-    frames = {"train": frame(TRAIN), "valid": frame(VALID, 0), "test": frame(TEST, 1), **frames}
-    frames.setdefault("valid_small", frames["valid"].sample(frac=0.5, random_state=2023))
-    os.makedirs(os.path.join(root, name), exist_ok=True)
-    for s, df in frames.items():
-        df.to_pickle(os.path.join(root, name, f"{s}_ood2.pkl"))
-    return name
-
-
-def frame(rows, flag=-1):
-    """(uid, iid, label, liked item ids) rows -> a DataFrame in the authors' schema."""
-    uid, iid, label, his = (list(c) for c in zip(*rows))
-    seen_u, seen_i = {r[0] for r in TRAIN}, {r[1] for r in TRAIN}
-    return pd.DataFrame(dict(
-        uid=uid, iid=iid, label=label, timestamp=range(len(rows)), his=[[0] + h for h in his],
-        his_title=[[""] + [TINY_TITLES[i] for i in h] for h in his], title=[TINY_TITLES[i] for i in iid],
-        flag=float(flag), not_cold=[int(u in seen_u and i in seen_i) for u, i in zip(uid, iid)]))
-
-
 @pytest.fixture
 def tiny(tmp_path):
     return data.load_dataset(write_dataset(tmp_path), tmp_path)
@@ -383,7 +337,7 @@ def test_released_split_sizes_and_shares(ml1m):
     train_users = set(ml1m.splits["train"].uid.tolist())
     for s, share in (("valid", 0.35), ("test", 0.42)):  # rows whose user is unseen in train
         assert abs(np.mean([u not in train_users for u in ml1m.splits[s].uid]) - share) < 0.01
-    assert int(ml1m.splits["test"].warm.sum()) == 3522  # SPEC section 6: 48% of test
+    assert int(ml1m.splits["test"].warm.sum()) == 3522  # README, Results: 48% of test
 
 
 def test_released_split_obeys_the_build_rules(real_root):
@@ -406,7 +360,7 @@ def test_released_split_obeys_the_build_rules(real_root):
 
 
 def test_stats_cli_prints_row_counts(real_root):
-    res = run_cli("--data", "ml-1m", "--stats", root=real_root)
+    res = run_python("data.py", "--data", "ml-1m", "--stats", env={"COLLM_DATA": real_root})
     assert res.returncode == 0, res.stderr
     rows = {line.split()[0]: line.split()[1] for line in res.stdout.splitlines()[2:6]}
     assert res.stdout.splitlines()[6].startswith("source: the four pickles in ")
@@ -414,7 +368,8 @@ def test_stats_cli_prints_row_counts(real_root):
 
 
 def test_show_cli_prints_the_collm_prompt(ml1m, real_root):
-    res = run_cli("--data", "ml-1m", "--split", "test", "--show", 5, "--prompt", "collm", root=real_root)
+    res = run_python("data.py", "--data", "ml-1m", "--split", "test", "--show", 5, "--prompt", "collm",
+                     env={"COLLM_DATA": real_root})
     assert res.returncode == 0, res.stderr
     sp = ml1m.splits["test"]
     segs = data.prompt_segments(data.load_template("movie", "collm"), [ml1m.titles[i] for i in sp.history(5)],
@@ -424,7 +379,7 @@ def test_show_cli_prints_the_collm_prompt(ml1m, real_root):
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompts (SPEC section 3) and their tokens. In the golden strings `\n` is two characters, backslash
+# Prompts (prompts/*.txt, the reference's wording) and their tokens. In the golden strings `\n` is two characters, backslash
 # and n, as in the templates.
 
 MANY = [f"Movie {k} ({1990 + k})" for k in range(1, 13)]  # 12 liked titles, oldest first
@@ -665,4 +620,4 @@ def _no_slots(root):
     (_no_slots, ["t.txt", "<UserID>"]),
 ], ids=["unknown dataset", "garbage pickle", "show out of range", "template without slots"])
 def test_cli_errors_are_one_line_exit_2(tmp_path, args, words):
-    assert_cli_error(run_cli(*args(tmp_path), root=tmp_path), *words)
+    assert_error_line(*data_cli(*args(tmp_path), root=tmp_path), *words)

@@ -1,9 +1,8 @@
-"""Using a trained model (eval.py --export, --user): the LoRA in peft's own format, loaded by plain
+"""Using a trained model (train.py --evaluate --export, --user): the LoRA in peft's own format, loaded by plain
 transformers + peft with no code of ours; a stage-2 export reloaded through eval.load_export; nothing
 pickled; refusals; one user's ranking. Tiny LLaMA in fp32 on the toy dataset, runs of a few steps."""
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -14,6 +13,7 @@ import collab
 import data
 import eval as metrics  # our eval.py
 import train
+from conftest import assert_error_line, run_python
 
 TINY = ["--llm", "tiny", "--dtype", "fp32", "--batch-size", "4", "--warmup-steps", "1", "--log-every", "1",
         "--max-steps", "6", "--eval-every", "6", "--eval-rows", "16", "--test-rows", "16", "--lr", "1e-2"]
@@ -55,7 +55,7 @@ def runs(toy_root, tmp_path_factory):
 
 
 def rebuilt(state, toy_root):
-    """Our CoLLM from a checkpoint-shaped dict, as eval.py rebuilds it; plus the toy dataset, tokenizer."""
+    """Our CoLLM from a checkpoint-shaped dict, as train.py --evaluate rebuilds it; plus the toy dataset, tokenizer."""
     cfg = train.Config(**{**state["config"], "data_root": str(toy_root)})
     ds = data.load_dataset("toy", str(toy_root))
     model, tok = train.build_model(cfg, ds, None, state)
@@ -83,15 +83,14 @@ def no_pickles(folder):
 
 def test_stage1_export_loads_with_plain_transformers_and_peft(runs, toy_root, tmp_path):
     out = tmp_path / "export"
-    metrics.main(["--export", str(out), "--ckpt", str(runs / "lora" / "best.pt")])
+    train.main(["--evaluate", "--export", str(out), "--ckpt", str(runs / "lora" / "best.pt")])
     assert {"adapter_config.json", "adapter_model.safetensors", "collm_export.json", "base"} <= set(os.listdir(out))
     assert not (out / "projector.safetensors").exists()  # stage 1 has no projector
     no_pickles(out)
     model, tok, cfg, ds = rebuilt(train.load_checkpoint(str(runs / "lora" / "best.pt")), toy_root)
     batch = a_batch(model, tok, cfg, ds)
-    res = subprocess.run([sys.executable, "-I", "-c", PLAIN_PEFT, str(out)], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=120, input=json.dumps({k: batch[k].tolist() for k in
-                                                                       ("input_ids", "attention_mask")}))
+    res = run_python("-I", "-c", PLAIN_PEFT, out, cwd=tmp_path, timeout=120,
+                     input=json.dumps({k: batch[k].tolist() for k in ("input_ids", "attention_mask")}))
     assert res.returncode == 0, res.stderr[-3000:]
     plain = json.loads(res.stdout.strip().splitlines()[-1])
     info = json.loads((out / "collm_export.json").read_text())
@@ -105,7 +104,7 @@ def test_stage1_export_loads_with_plain_transformers_and_peft(runs, toy_root, tm
 def test_stage2_export_reloads_to_the_same_scores(runs, toy_root, tmp_path):
     out = tmp_path / "export"
     ckpt = train.load_checkpoint(str(runs / "cie" / "best.pt"))
-    metrics.main(["--export", str(out), "--ckpt", str(runs / "cie" / "best.pt")])
+    train.main(["--evaluate", "--export", str(out), "--ckpt", str(runs / "cie" / "best.pt")])
     no_pickles(out)
     info = json.loads((out / "collm_export.json").read_text())
     from safetensors.torch import load_file
@@ -122,10 +121,10 @@ def test_stage2_export_reloads_to_the_same_scores(runs, toy_root, tmp_path):
 
 
 def cli(monkeypatch, capsys, *args):
-    """eval.py as a user runs it (data.cli_main: a UsageError becomes one `error:` line, exit 2)."""
-    monkeypatch.setattr(sys, "argv", ["eval.py", *map(str, args)])
+    """train.py --evaluate as a user runs it (data.cli_main: a UsageError becomes one `error:` line, exit 2)."""
+    monkeypatch.setattr(sys, "argv", ["train.py", "--evaluate", *map(str, args)])
     try:
-        data.cli_main(metrics.main)
+        data.cli_main(train.main)
         code = 0
     except SystemExit as e:
         code = e.code
@@ -133,18 +132,12 @@ def cli(monkeypatch, capsys, *args):
     return code, out, err
 
 
-def assert_error(code, err, *words):
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
-    assert all(w in lines[0] for w in words), lines[0]
-
-
 def test_export_refuses_a_non_empty_folder(runs, tmp_path, monkeypatch, capsys):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     code, _, err = cli(monkeypatch, capsys, "--export", out, "--ckpt", runs / "lora" / "best.pt")
-    assert_error(code, err, str(out), "not an empty folder")
+    assert_error_line(code, err, str(out), "not an empty folder")
     assert os.listdir(out) == ["notes.txt"] and not [p for p in os.listdir(tmp_path) if "tmp" in p]
 
 
@@ -183,7 +176,7 @@ def test_rank_given_items_and_from_an_export(runs, toy_root, tmp_path, monkeypat
     assert code == 0, err
     rows = table_rows(out)
     assert len(rows) == 2 and {r[1] for r in rows} <= {5, 2, 7} and "current history" in out
-    metrics.main(["--export", str(tmp_path / "export"), "--ckpt", str(ckpt)])
+    train.main(["--evaluate", "--export", str(tmp_path / "export"), "--ckpt", str(ckpt)])
     capsys.readouterr()
     code, out2, err = cli(monkeypatch, capsys, "--ckpt", tmp_path / "export", "--user", 3, "--items", "5,2,7",
                           "--top", 2)
@@ -191,14 +184,16 @@ def test_rank_given_items_and_from_an_export(runs, toy_root, tmp_path, monkeypat
     assert table_rows(out2) == rows
 
 
-def test_rank_refuses_unknown_ids(runs, monkeypatch, capsys):
-    ckpt = runs / "lora" / "best.pt"
-    assert_error(*cli(monkeypatch, capsys, "--ckpt", ckpt, "--user", 99)[::2], "--user 99", "1..24")
-    assert_error(*cli(monkeypatch, capsys, "--ckpt", ckpt, "--user", 0)[::2], "1..24")
-    assert_error(*cli(monkeypatch, capsys, "--ckpt", ckpt, "--user", 3, "--items", "2,21,0")[::2],
-                 "21,0", "1..20")
-    assert_error(*cli(monkeypatch, capsys, "--ckpt", ckpt, "--user", 3, "--items", "2,x")[::2], "--items 2,x")
-    assert_error(*cli(monkeypatch, capsys, "--ckpt", ckpt, "--items", "2")[::2], "--user")
+@pytest.mark.parametrize("args, words", [
+    (["--user", 99], ["--user 99", "1..24"]),
+    (["--user", 0], ["1..24"]),
+    (["--user", 3, "--items", "2,21,0"], ["21,0", "1..20"]),
+    (["--user", 3, "--items", "2,x"], ["--items 2,x"]),
+    (["--items", "2"], ["--user"]),
+], ids=["user beyond the table", "user 0", "unknown items", "items not ids", "items without user"])
+def test_rank_refuses_unknown_ids(runs, monkeypatch, capsys, args, words):
+    code, _, err = cli(monkeypatch, capsys, "--ckpt", runs / "lora" / "best.pt", *args)
+    assert_error_line(code, err, *words)
 
 
 def test_candidates_without_test_rows_are_unrated_items_with_the_current_history(toy_root):

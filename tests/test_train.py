@@ -3,8 +3,6 @@ two CPU processes, resume, and every bad input. Tiny models from a config in cod
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,15 +14,9 @@ import collm
 import data
 import eval as metrics  # our eval.py
 import train
-from conftest import ROOT, shared_tokenizer
+from conftest import ROOT, assert_error_line, run_python, shared_tokenizer
 
 TINY = ["--llm", "tiny", "--dtype", "fp32", "--batch-size", "4", "--warmup-steps", "2", "--log-every", "1"]
-
-
-def run(script, *args, env=None, timeout=300):
-    """Run one of the toolkit's scripts the way a user would, from the repo root."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
 def logged_losses(stdout):
@@ -32,10 +24,9 @@ def logged_losses(stdout):
 
 
 def assert_one_line_error(res, *words):
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert "Traceback" not in res.stderr
-    err = res.stderr.strip().splitlines()[-1]
-    assert err.startswith("error:") and all(w in err for w in words), err
+    """A train.py run that refused its input: exit 2, and its last stderr line `error: ...` names `words`
+    (model loading may print warnings before it)."""
+    assert_error_line(res.returncode, res.stderr, *words, alone=False)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +39,7 @@ def mf_ckpt(toy_root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_run(toy_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora")
-    res = run("train.py", "--stage", "lora", *TINY, "--data", "toy", "--data-root", toy_root, "--out", out,
+    res = run_python("train.py", "--stage", "lora", *TINY, "--data", "toy", "--data-root", toy_root, "--out", out,
               "--max-steps", 40, "--eval-every", 20, "--lr", 3e-3)
     assert res.returncode == 0, res.stderr[-3000:]
     return out, res
@@ -147,7 +138,7 @@ def test_stage2_takes_stage1s_lora_shape_and_rebuilds_from_its_own_checkpoint(to
     assert (cfg2.lora_r, cfg2.lora_layers) == (4, 1)  # not this command line's defaults (8, 0)
     model2, _ = train.build_model(cfg2, ds, None)
     state2 = {"config": dataclasses.asdict(cfg2), **train.model_tensors(model2)}  # what train.py saves
-    rebuilt, _ = train.build_model(train.Config(**state2["config"]), ds, None, state=state2)  # resume, eval.py
+    rebuilt, _ = train.build_model(train.Config(**state2["config"]), ds, None, state=state2)  # resume, --evaluate
     assert sum(p.numel() for n, p in rebuilt.named_parameters() if "lora_" in n) == \
         sum(p.numel() for n, p in model1.named_parameters() if "lora_" in n)
 
@@ -164,7 +155,7 @@ def test_calibrate_shifts_the_scores_to_the_positive_rate_and_is_kept(toy_root):
     rate = split.label.mean()
     assert after.mean() == pytest.approx(np.log(rate / (1 - rate)), abs=1e-4)
     np.testing.assert_allclose(after - before, shift, atol=1e-5)  # one constant for every row: AUC unchanged
-    rebuilt, _ = train.build_model(cfg, ds, None, state=train.model_tensors(model))  # as resume and eval.py do
+    rebuilt, _ = train.build_model(cfg, ds, None, state=train.model_tensors(model))  # as resume and --evaluate do
     assert float(rebuilt.score_bias) == pytest.approx(shift)
 
 
@@ -309,7 +300,7 @@ def test_random_backbones_have_the_published_sizes():
 
 
 def test_a_random_backbone_runs_and_says_its_numbers_mean_nothing(toy_root, tmp_path):
-    res = run("train.py", "--stage", "lora", "--llm", "random:smollm2-135m", "--dtype", "fp32", "--data", "toy",
+    res = run_python("train.py", "--stage", "lora", "--llm", "random:smollm2-135m", "--dtype", "fp32", "--data", "toy",
               "--data-root", toy_root, "--batch-size", 2, "--max-steps", 2, "--eval-every", 2, "--eval-rows", 4,
               "--test-rows", 4, "--out", tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -355,9 +346,9 @@ def test_both_stages_on_cuda(toy_root, mf_ckpt, tmp_path, dtype, compiled):
     """bf16 autocast; fp16 with its GradScaler (loss scaling); compiled decoder layers."""
     common = ["--llm", "tiny", "--device", "cuda", "--dtype", dtype, "--batch-size", 4, "--max-steps", 4,
               "--eval-every", 2, "--data", "toy", "--data-root", toy_root, *(["--compile"] if compiled else [])]
-    r1 = run("train.py", "--stage", "lora", *common, "--out", tmp_path / "lora")
+    r1 = run_python("train.py", "--stage", "lora", *common, "--out", tmp_path / "lora")
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = run("train.py", "--stage", "cie", *common, "--out", tmp_path / "cie", "--ckpt", tmp_path / "lora" / "best.pt",
+    r2 = run_python("train.py", "--stage", "cie", *common, "--out", tmp_path / "cie", "--ckpt", tmp_path / "lora" / "best.pt",
              "--rec-ckpt", mf_ckpt, "--grad-checkpoint")
     assert r2.returncode == 0, r2.stderr[-3000:]
     m = json.load(open(tmp_path / "cie" / "metrics.json"))
@@ -422,7 +413,7 @@ def test_tune_rec_moves_the_collaborative_weights_and_checkpoints_round_trip(toy
     fit(model, batch, lr=1e-2, steps=3)
     moved = {n for n, p in model.rec.named_parameters() if not torch.equal(p, before[n])}
     assert "item.weight" in moved and len(moved) >= len(before) // 2, (moved, set(before))  # tables and layers train
-    # what train.py saves (model_tensors) rebuilds the same model (build_model with a state, as eval.py)
+    # what train.py saves (model_tensors) rebuilds the same model (build_model with a state, as --evaluate)
     state = train.model_tensors(model)
     back, _ = train.build_model(cfg, ds, None, state)
     model.eval(), back.eval()
@@ -439,15 +430,15 @@ def test_tune_rec_from_scratch_for_a_history_model(toy_root, lora_run):
 
 
 def test_a_history_model_through_train_and_eval(toy_root, lora_run, rec_ckpts, tmp_path):
-    """train.py's loop and eval.py's scoring both hand DIN the history (data.collate's "his")."""
+    """train.py's loop and its --evaluate scoring both hand DIN the history (data.collate's "his")."""
     out = tmp_path / "cie-din"
-    res = run("train.py", "--stage", "cie", *TINY, "--data", "toy", "--data-root", toy_root, "--out", out,
+    res = run_python("train.py", "--stage", "cie", *TINY, "--data", "toy", "--data-root", toy_root, "--out", out,
               "--ckpt", lora_run[0] / "best.pt", "--rec", "din", "--rec-ckpt", rec_ckpts["din"], "--tune-rec",
               "--max-steps", 4, "--eval-every", 2, "--lr", 1e-2)
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.load(open(out / "metrics.json"))
     assert m["rec"] == "din" and m["test"]["rows"] == 93
-    res = run("eval.py", "--ckpt", out / "best.pt", "--out", tmp_path / "ev")
+    res = run_python("train.py", "--evaluate", "--ckpt", out / "best.pt", "--out", tmp_path / "ev")
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.load(open(tmp_path / "ev" / "metrics.json"))["test"] == pytest.approx(m["test"])
 
@@ -455,11 +446,11 @@ def test_a_history_model_through_train_and_eval(toy_root, lora_run, rec_ckpts, t
 def test_bad_collaborative_inputs_are_one_clear_line(toy_root, lora_run, rec_ckpts, tmp_path):
     base = ["--stage", "cie", "--llm", "tiny", "--data", "toy", "--data-root", toy_root, "--out", tmp_path,
             "--ckpt", lora_run[0] / "best.pt"]
-    assert_one_line_error(run("train.py", *base, "--rec", "pop", "--tune-rec"), "--rec pop", "no user or item embeddings")
-    assert_one_line_error(run("train.py", *base, "--rec", "din", "--rec-ckpt", rec_ckpts["sasrec"]),
+    assert_one_line_error(run_python("train.py", *base, "--rec", "pop", "--tune-rec"), "--rec pop", "no user or item embeddings")
+    assert_one_line_error(run_python("train.py", *base, "--rec", "din", "--rec-ckpt", rec_ckpts["sasrec"]),
                           "a sasrec model, but --rec is din")
     # a collab.py model.pt where stage 1's best.pt belongs: was a KeyError traceback
-    assert_one_line_error(run("train.py", *base[:-1], rec_ckpts["mf"], "--rec-ckpt", rec_ckpts["mf"]),
+    assert_one_line_error(run_python("train.py", *base[:-1], rec_ckpts["mf"], "--rec-ckpt", rec_ckpts["mf"]),
                           "collab.py mf model.pt", "--rec-ckpt")
 
 
@@ -482,9 +473,12 @@ def test_both_stages_and_eval_end_to_end(toy_root, lora_run, mf_ckpt, tmp_path):
     m1 = json.load(open(out1 / "metrics.json"))
     assert set(m1) >= {"valid", "test", "test_warm", "test_cold", "stage", "llm", "best_step"}
     assert m1["test"]["rows"] == 93 and m1["valid"]["rows"] == 50  # every row scored once
+    # what eval.py --plot draws: every logged loss (--log-every 1) and the samples of one step
+    assert [x["step"] for x in m1["loss_log"]] == list(range(1, 41)) and m1["samples_per_step"] == 4
+    assert [x["loss"] for x in m1["loss_log"]] == pytest.approx(losses, abs=1e-4)  # the logged lines' numbers
     assert res1.stdout.strip().splitlines()[-1].startswith("lora tiny: best step")
     out2 = tmp_path / "cie"
-    res2 = run("train.py", "--stage", "cie", *TINY, "--data", "toy", "--data-root", toy_root, "--out", out2,
+    res2 = run_python("train.py", "--stage", "cie", *TINY, "--data", "toy", "--data-root", toy_root, "--out", out2,
                "--ckpt", out1 / "best.pt", "--rec-ckpt", mf_ckpt, "--max-steps", 40, "--eval-every", 20, "--lr", 1e-2)
     assert res2.returncode == 0, res2.stderr[-3000:]
     losses = logged_losses(res2.stdout)
@@ -494,7 +488,7 @@ def test_both_stages_and_eval_end_to_end(toy_root, lora_run, mf_ckpt, tmp_path):
     assert (m2["dtype"], m2["dtype_reason"]) == ("fp32", "set by --dtype")  # recorded beside the numbers
     assert "toy" in m2["data_source"]  # which files the split came from
     assert os.path.getsize(out2 / "best.pt") < 5e6  # the LLM is never saved
-    res3 = run("eval.py", "--ckpt", out2 / "best.pt", "--out", tmp_path / "ev")
+    res3 = run_python("train.py", "--evaluate", "--ckpt", out2 / "best.pt", "--out", tmp_path / "ev")
     assert res3.returncode == 0, res3.stderr[-3000:]
     m3 = json.load(open(tmp_path / "ev" / "metrics.json"))
     assert m3["test"] == pytest.approx(m2["test"])  # the rebuilt model scores exactly as in training
@@ -503,7 +497,7 @@ def test_both_stages_and_eval_end_to_end(toy_root, lora_run, mf_ckpt, tmp_path):
 
 def test_results_table_reads_the_runs(lora_run, mf_ckpt, tmp_path):
     mf_dir, lora_dir = os.path.dirname(mf_ckpt), lora_run[0]
-    res = run("eval.py", "--table", mf_dir, lora_dir)
+    res = run_python("eval.py", "--table", mf_dir, lora_dir)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
     assert lines[0].startswith("| run | method | llm | samples seen |") and len(lines) == 4
@@ -513,20 +507,20 @@ def test_results_table_reads_the_runs(lora_run, mf_ckpt, tmp_path):
     assert lines[3].endswith("| - |")  # toy data: no published numbers beside it
     m1["config"]["data"] = "ml-1m"  # the paper's column appears for ML-1M runs
     json.dump(m1, open(tmp_path / "metrics.json", "w"))
-    res = run("eval.py", "--table", tmp_path)
+    res = run_python("eval.py", "--table", tmp_path)
     assert res.stdout.strip().endswith("| 0.7097 / 0.6818 |"), res.stdout
     (tmp_path / "metrics.json").write_text("{}")
-    assert_one_line_error(run("eval.py", "--table", tmp_path), "metrics.json", "not a finished")
+    assert_one_line_error(run_python("eval.py", "--table", tmp_path), "metrics.json", "not a finished")
 
 
 def test_resumed_run_equals_uninterrupted_run(toy_root, tmp_path):
     common = ["--stage", "lora", *TINY, "--data", "toy", "--data-root", toy_root, "--max-steps", 8,
               "--eval-every", 4, "--test-rows", 20, "--lr", 3e-3]
-    straight = run("train.py", *common, "--out", tmp_path / "a")
-    paused = run("train.py", *common, "--out", tmp_path / "b", "--pause-at", 4)
+    straight = run_python("train.py", *common, "--out", tmp_path / "a")
+    paused = run_python("train.py", *common, "--out", tmp_path / "b", "--pause-at", 4)
     assert straight.returncode == 0 and paused.returncode == 0, paused.stderr[-2000:]
     assert "paused at step 4" in paused.stdout and not (tmp_path / "b" / "metrics.json").exists()
-    resumed = run("train.py", "--resume", tmp_path / "b")
+    resumed = run_python("train.py", "--resume", tmp_path / "b")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in "ab")
     assert a["step"] == b["step"] == 8
@@ -537,10 +531,9 @@ def test_resumed_run_equals_uninterrupted_run(toy_root, tmp_path):
 
 
 def torchrun(*args, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """train.py under torchrun with two processes on this machine (gloo on CPU), one thread each."""
+    return run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args,
+                      timeout=timeout, env={"OMP_NUM_THREADS": "1"})
 
 
 def test_two_ranks_end_identical_evaluate_each_row_once_and_stop_together(toy_root, tmp_path):
@@ -558,40 +551,69 @@ def test_two_ranks_end_identical_evaluate_each_row_once_and_stop_together(toy_ro
 # Bad input: one `error:` line, exit 2, no traceback
 
 
-def test_bad_input_is_one_clear_line(toy_root, lora_run, mf_ckpt, tmp_path):
-    base = ["--llm", "tiny", "--data", "toy", "--data-root", toy_root, "--out", tmp_path]
-    assert_one_line_error(run("train.py", "--stage", "cie", *base), "--stage cie needs --ckpt")
-    assert_one_line_error(run("train.py", "--stage", "cie", "--ckpt", tmp_path / "nope.pt", *base), "nope.pt", "not found")
-    assert_one_line_error(run("train.py", "--stage", "lora", *base[2:], "--llm", str(tmp_path / "no-such-model")),
-                          "--llm", "no-such-model")
-    # a stage-1 checkpoint of another backbone
-    other = torch.load(lora_run[0] / "best.pt", weights_only=True)
+# One case per bad input: each builds what it needs in `tmp` and returns (command line, words the
+# error line must name). Training commands get --data-root and --out from the test.
+BASE = ["--llm", "tiny", "--data", "toy"]
+
+
+def _other_backbone(tmp, toy_root, lora_dir, mf_ckpt):
+    """a stage-1 checkpoint of another backbone"""
+    other = torch.load(lora_dir / "best.pt", weights_only=True)
     other["config"]["llm"] = "smollm2-135m"
-    torch.save(other, tmp_path / "other.pt")
-    assert_one_line_error(run("train.py", "--stage", "cie", *base, "--ckpt", tmp_path / "other.pt", "--rec-ckpt", mf_ckpt),
-                          "other.pt", "smollm2-135m", "expected")
-    # a collaborative model whose tables do not fit the data
-    small = tmp_path / "small"
+    torch.save(other, tmp / "other.pt")
+    return ["train.py", "--stage", "cie", *BASE, "--ckpt", tmp / "other.pt", "--rec-ckpt", mf_ckpt], \
+        ["other.pt", "smollm2-135m", "expected"]
+
+
+def _tables_do_not_fit(tmp, toy_root, lora_dir, mf_ckpt):
+    """a collaborative model whose tables do not fit the data"""
+    small = tmp / "small"
     collab.main(["--model", "mf", "--data", "toy", "--data-root", str(toy_root), "--out", str(small), "--epochs", "1"])
     ck = torch.load(small / "model.pt", weights_only=True)
     ck["config"]["user_num"] = 5
     for key in ("user.weight", "user_seen"):  # as if trained on a dataset with 5 user ids
         ck["state_dict"][key] = ck["state_dict"][key][:5]
     torch.save(ck, small / "model.pt")
-    assert_one_line_error(run("train.py", "--stage", "cie", *base, "--ckpt", lora_run[0] / "best.pt",
-                              "--rec-ckpt", small / "model.pt"), "model.pt", "expected")
-    # a prompt longer than the model's context (the tiny LLaMA has 2048 positions)
-    long = tmp_path / "long.txt"
-    long.write_text("#Question: " + "very " * 3000 + "<ItemTitleList> <TargetItemTitle>? \\n#Answer:")
-    assert_one_line_error(run("train.py", "--stage", "lora", *base, "--template", long), "longer than", "context")
-    # a template without the placeholders the stage needs
-    bad = tmp_path / "bad.txt"
-    bad.write_text("#Question: <ItemTitleList>? \\n#Answer:")
-    assert_one_line_error(run("train.py", "--stage", "lora", *base, "--template", bad), "bad.txt", "<TargetItemTitle>")
-    assert_one_line_error(run("train.py", "--stage", "lora", *base, "--batch-size", 0, "--lr", -1),
-                          "--batch-size", "--lr")
-    assert_one_line_error(run("eval.py", "--ckpt", mf_ckpt), "not a train.py checkpoint")
-    assert_one_line_error(run("train.py", "--resume", tmp_path / "empty"), "no last.pt")
+    return ["train.py", "--stage", "cie", *BASE, "--ckpt", lora_dir / "best.pt", "--rec-ckpt", small / "model.pt"], \
+        ["model.pt", "expected"]
+
+
+def _prompt_too_long(tmp, toy_root, lora_dir, mf_ckpt):
+    """a prompt longer than the model's context (the tiny LLaMA has 2048 positions)"""
+    (tmp / "long.txt").write_text("#Question: " + "very " * 3000 + "<ItemTitleList> <TargetItemTitle>? \\n#Answer:")
+    return ["train.py", "--stage", "lora", *BASE, "--template", tmp / "long.txt"], ["longer than", "context"]
+
+
+def _template_without_target(tmp, toy_root, lora_dir, mf_ckpt):
+    """a template without the placeholders the stage needs"""
+    (tmp / "bad.txt").write_text("#Question: <ItemTitleList>? \\n#Answer:")
+    return ["train.py", "--stage", "lora", *BASE, "--template", tmp / "bad.txt"], ["bad.txt", "<TargetItemTitle>"]
+
+
+BAD_INPUTS = {  # case: (tmp, toy_root, lora_dir, mf_ckpt) -> (command line, words)
+    "cie without --ckpt": lambda *_: (["train.py", "--stage", "cie", *BASE], ["--stage cie needs --ckpt"]),
+    "missing --ckpt file": lambda tmp, *_: (["train.py", "--stage", "cie", "--ckpt", tmp / "nope.pt", *BASE],
+                                            ["nope.pt", "not found"]),
+    "unknown --llm": lambda tmp, *_: (["train.py", "--stage", "lora", *BASE, "--llm", tmp / "no-such-model"],
+                                      ["--llm", "no-such-model"]),
+    "other backbone": _other_backbone,
+    "tables do not fit": _tables_do_not_fit,
+    "prompt too long": _prompt_too_long,
+    "template without target": _template_without_target,
+    "every bad number at once": lambda *_: (["train.py", "--stage", "lora", *BASE, "--batch-size", 0, "--lr", -1],
+                                            ["--batch-size", "--lr"]),
+    "--evaluate a collab.py model": lambda tmp, root, lora_dir, mf_ckpt: (["train.py", "--evaluate", "--ckpt", mf_ckpt],
+                                                                          ["not a train.py checkpoint"]),
+    "--resume without last.pt": lambda tmp, *_: (["train.py", "--resume", tmp / "empty"], ["no last.pt"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_clear_line(toy_root, lora_run, mf_ckpt, tmp_path, case):
+    argv, words = BAD_INPUTS[case](tmp_path, toy_root, lora_run[0], mf_ckpt)
+    if "--evaluate" not in argv and "--resume" not in argv:
+        argv += ["--data-root", toy_root, "--out", tmp_path]
+    assert_one_line_error(run_python(*argv), *words)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,14 +623,14 @@ def test_bad_input_is_one_clear_line(toy_root, lora_run, mf_ckpt, tmp_path):
 def test_real_split_end_to_end_with_tiny_llm(real_root, tmp_path):
     common = [*TINY, "--data", "ml-1m", "--data-root", real_root, "--max-steps", 30, "--eval-every", 15,
               "--eval-rows", 64, "--test-rows", 64, "--lr", 3e-3]
-    r1 = run("train.py", "--stage", "lora", *common, "--out", tmp_path / "lora")
+    r1 = run_python("train.py", "--stage", "lora", *common, "--out", tmp_path / "lora")
     assert r1.returncode == 0, r1.stderr[-3000:]
     collab.main(["--model", "mf", "--data", "ml-1m", "--data-root", str(real_root), "--out", str(tmp_path / "mf"),
                  "--epochs", "2"])
-    r2 = run("train.py", "--stage", "cie", *common, "--out", tmp_path / "cie", "--ckpt", tmp_path / "lora" / "best.pt",
+    r2 = run_python("train.py", "--stage", "cie", *common, "--out", tmp_path / "cie", "--ckpt", tmp_path / "lora" / "best.pt",
              "--rec-ckpt", tmp_path / "mf" / "model.pt", "--lr", 1e-2)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    r3 = run("eval.py", "--ckpt", tmp_path / "cie" / "best.pt", "--rows", 256)
+    r3 = run_python("train.py", "--evaluate", "--ckpt", tmp_path / "cie" / "best.pt", "--rows", 256)
     assert r3.returncode == 0, r3.stderr[-3000:]
     m = json.load(open(tmp_path / "cie" / "metrics.json"))
     assert m["test"]["rows"] == 256 and m["valid"]["rows"] == 64
@@ -623,13 +645,13 @@ def test_smollm2_both_stages_in_the_native_dtype(real_root, tmp_path):
     common = ["--llm", "smollm2-135m", "--data", "ml-1m", "--data-root", real_root,
               "--batch-size", "4", "--max-steps", 3, "--eval-every", 3, "--eval-rows", 16, "--test-rows", 16,
               "--cache-dir", os.path.join(ROOT, "cache")]
-    r1 = run("train.py", "--stage", "lora", *common, "--out", tmp_path / "lora")
+    r1 = run_python("train.py", "--stage", "lora", *common, "--out", tmp_path / "lora")
     assert r1.returncode == 0, r1.stderr[-3000:]
     lora = torch.load(tmp_path / "lora" / "best.pt", weights_only=True)["lora"]
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # B starts at zero: it trained
     collab.main(["--model", "mf", "--data", "ml-1m", "--data-root", str(real_root), "--out", str(tmp_path / "mf"),
                  "--epochs", "1"])
-    r2 = run("train.py", "--stage", "cie", *common, "--out", tmp_path / "cie", "--ckpt", tmp_path / "lora" / "best.pt",
+    r2 = run_python("train.py", "--stage", "cie", *common, "--out", tmp_path / "cie", "--ckpt", tmp_path / "lora" / "best.pt",
              "--rec-ckpt", tmp_path / "mf" / "model.pt")
     assert r2.returncode == 0, r2.stderr[-3000:]
     m = json.load(open(tmp_path / "cie" / "metrics.json"))
