@@ -200,16 +200,26 @@ CPUINFO = "/proc/cpuinfo"
 
 
 def cpu_has_bf16_units():
-    """True when the CPU has bf16 matrix instructions, read from the kernel's CPU flags (Linux).
-    torch's own check (torch.ops.mkldnn._is_mkldnn_bf16_supported) only asks for AVX-512, which
-    CPUs without bf16 units have too. Where /proc/cpuinfo does not exist we cannot tell, so False:
-    fp32 is never wrong, at worst slower."""
+    """True when the CPU has bf16 matrix instructions AND torch's CPU matmul library (oneDNN) may use
+    them. The instructions are read from the kernel's CPU flags (Linux): torch's own check
+    (torch.ops.mkldnn._is_mkldnn_bf16_supported) asks oneDNN, which on x86 says yes for any AVX-512
+    CPU, bf16 units or not. But oneDNN's answer follows ONEDNN_MAX_CPU_ISA: capped below the units
+    (=AVX2, say, as the README's AVX2 measurements were taken), bf16 runs slowly again, so both must
+    say yes. Where /proc/cpuinfo does not exist we cannot tell, so False: fp32 is never wrong, at worst slower."""
     try:
         with open(CPUINFO) as f:
             flags = {w for line in f if line.startswith(("flags", "Features")) for w in line.split(":", 1)[1].split()}
     except OSError:
         return False
-    return bool(flags & BF16_CPU_FLAGS)
+    return bool(flags & BF16_CPU_FLAGS) and onednn_runs_bf16()
+
+
+def onednn_runs_bf16():
+    """oneDNN's own answer: False where ONEDNN_MAX_CPU_ISA caps it below the bf16 instructions."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN: the flags alone decide
+        return True
 
 
 def native_dtype(device):
@@ -220,7 +230,7 @@ def native_dtype(device):
         return "fp16", "the GPU has no bf16 (fp16 with loss scaling)"
     if cpu_has_bf16_units():
         return "bf16", "the CPU has bf16 matrix units (AVX-512 BF16 / AMX)"
-    return "fp32", "the CPU has no bf16 matrix units, where bf16 runs ~500x slower than fp32"
+    return "fp32", "the CPU has no bf16 matrix units torch may use, without which bf16 runs ~500x slower than fp32"
 
 
 def compute_dtype(choice, device):
