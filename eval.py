@@ -448,14 +448,19 @@ def plot_runs(run_dirs, out):
         path, m = read_metrics(run, "--plot")
         curves.append((os.path.basename(os.path.dirname(os.path.abspath(path))), m.get("config", {}).get("eval_split",
                        "valid"), *learning_curve(m, path)))
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+    # The loss panel only where some run logged losses (metrics.json of runs older than loss_log have none)
+    with_loss = any(len(c[5]) for c in curves)
+    fig, axes = plt.subplots(2 if with_loss else 1, 1, figsize=(7, 7 if with_loss else 4), sharex=True, squeeze=False)
+    top, bottom = axes[0, 0], axes[-1, 0]
     for name, split, x_auc, auc_values, x_loss, loss_values in curves:
         top.plot(x_auc, auc_values, marker="o", label=f"{name} ({split})")
-        bottom.plot(x_loss, loss_values, label=name)
+        if with_loss:
+            bottom.plot(x_loss, loss_values, label=name)
     top.set_ylabel("valid AUC")
     top.axhline(0.5, color="grey", linewidth=0.5)  # chance: where an untrained ranking sits
     top.legend()
-    bottom.set_ylabel("training loss (mean over a log window)")
+    if with_loss:
+        bottom.set_ylabel("training loss (mean over a log window)")
     bottom.set_xlabel("samples seen")
     fig.tight_layout()
     data.write_atomic(out, lambda tmp: fig.savefig(tmp, format=os.path.splitext(out)[1][1:] or "png"))

@@ -118,6 +118,17 @@ def test_plot_draws_a_png(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "curves.png"]  # no temporary file left
 
 
+def test_plot_of_runs_without_a_loss_log_has_only_the_auc_panel(tmp_path):
+    """Runs older than loss_log: no empty loss panel, the picture is the AUC panel alone (shorter)."""
+    pytest.importorskip("matplotlib", reason="matplotlib is optional (eval.py --plot only)")
+    heights = []
+    for name, logged in (("with", (1, 2, 3, 4)), ("without", ())):
+        run = fake_run(tmp_path / name, logged_steps=logged)[0]
+        metrics.main(["--plot", str(run), "--out", str(tmp_path / f"{name}.png")])
+        heights.append(int.from_bytes((tmp_path / f"{name}.png").read_bytes()[20:24], "big"))  # PNG header: height
+    assert heights[1] < heights[0]
+
+
 def test_plot_without_matplotlib_is_one_clear_error(tmp_path, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an environment without it looks like to import
