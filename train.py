@@ -608,6 +608,7 @@ def train(cfg):
         print(f"paused at step {run.step}; continue with: python train.py --resume {run.out}")
     result = None if paused else finish(run)
     if run.world > 1:
+        dist.barrier()  # rank 0 may still be writing metrics.json: no rank tears down while another works
         dist.destroy_process_group()
     return result
 
