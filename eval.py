@@ -449,7 +449,7 @@ def plot_runs(run_dirs, out):
         curves.append((os.path.basename(os.path.dirname(os.path.abspath(path))), m.get("config", {}).get("eval_split",
                        "valid"), *learning_curve(m, path)))
     # The loss panel only where some run logged losses (metrics.json of runs older than loss_log have none)
-    with_loss = any(len(c[5]) for c in curves)
+    with_loss = any(len(loss_values) for *_, loss_values in curves)
     fig, axes = plt.subplots(2 if with_loss else 1, 1, figsize=(7, 7 if with_loss else 4), sharex=True, squeeze=False)
     top, bottom = axes[0, 0], axes[-1, 0]
     for name, split, x_auc, auc_values, x_loss, loss_values in curves:
