@@ -114,17 +114,24 @@ def matmul_attention(module, query, key, value, attention_mask, scaling, dropout
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    groups = query.shape[1] // key.shape[1]  # grouped-query attention: a key/value head serves `groups` query heads
-    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)  # (B, heads, T, D)
-    scores = (query @ key.transpose(-1, -2)) * scaling  # (B, heads, T, T)
+    B, heads, Tq, D = query.shape
+    kv_heads, Tk = key.shape[1], key.shape[2]
+    # Grouped-query attention: query heads h*g .. h*g+g-1 all read key/value head h (g = heads / kv_heads).
+    # Stacking a group's queries as one taller matrix lets each key/value head serve them in one
+    # matmul, with no g-fold copy of the keys and values (transformers' repeat_kv makes one).
+    g = heads // kv_heads
+    scores = (query.reshape(B, kv_heads, g * Tq, D) @ key.transpose(-1, -2)) * scaling  # (B, kv_heads, g*Tq, Tk)
+    scores = scores.view(B, kv_heads, g, Tq, Tk)
     if attention_mask is None:  # causal: query i sees keys 0..i (shifted when earlier keys are cached)
-        Tq, Tk = query.shape[2], key.shape[2]
         attention_mask = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(Tk - Tq)
+    else:
+        attention_mask = attention_mask[:, :, None]  # (B, 1, 1, Tq, Tk): the same for every head
     scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     # A bf16 softmax accumulates in fp32 on CPU and rounds once: the numbers of an fp32 softmax cast
     # back, without keeping an fp32 (B, heads, T, T) copy for the backward.
-    probs = torch.softmax(scores, -1)
-    return (probs @ value).transpose(1, 2).contiguous(), None  # (B, T, heads, D)
+    probs = torch.softmax(scores, -1).view(B, kv_heads, g * Tq, Tk)
+    out = (probs @ value).view(B, heads, Tq, D)
+    return out.transpose(1, 2).contiguous(), None  # (B, T, heads, D)
 
 
 def use_matmul_attention(llm):
@@ -312,15 +319,14 @@ class CoLLM(nn.Module):
 
     # -----------------------------------------------------------------------------------------
     # Paying only for what is trained and what differs. A causal LM's keys and values at position t
-    # depend on tokens 0..t alone. So the decoder can run in two calls: the first p positions, whose
-    # keys and values are kept (the KV cache a generating LLM keeps), then positions p.. attending
-    # to them. Two places use it:
+    # depend on tokens 0..t alone. So the first p positions can run apart: their keys and values are
+    # kept (the KV cache a generating LLM keeps) and positions p.. attend to them. Two places use it:
     #   - stage 2 training: LoRA and the LLM are frozen and nothing before the first slot depends on
     #     the projector, so positions before the batch's first slot need no backward at all
     #     (on ML-1M about 2/3 of the tokens: the instruction and the ten history titles);
     #   - scoring: rows of one user with the same history share every token before the target
     #     title (7,331 ML-1M test rows hold 4,138 distinct users-with-history), so each distinct
-    #     prefix in a batch is computed once and its keys and values are copied to its rows.
+    #     prefix in a batch is computed once and each of its rows reads its keys and values.
     # Stage 1 training trains LoRA in every position, so it runs the whole prompt in one call.
 
     def prefix_split(self, slots, shared):
@@ -337,11 +343,42 @@ class CoLLM(nn.Module):
 
     def decode_after_prefix(self, decoder, embed, p):
         """The decoder's last hidden states for positions p.. of `embed`, the first p positions run
-        once per DISTINCT prefix, without gradients. Equal to the one-call result up to rounding."""
+        once per DISTINCT prefix, without gradients. Equal to the one-call result up to rounding.
+        Layer by layer, not prefix-call-then-rest-call: each layer runs the prefixes, then the rest
+        of every row reading that layer's prefix keys and values, which are then dropped. So only one
+        layer's cache is alive at a time (a two-call version holds all 30 layers' at once, and a
+        scoring batch then took more memory than the whole prompt in one call)."""
         with torch.no_grad():
             # identical embeddings give identical keys and values: keep one row per distinct prefix
             # (in stage 2 the user slot's vector is part of it, so two users never share)
             prefix, row_of = torch.unique(embed[:, :p].flatten(1), dim=0, return_inverse=True)
-            cache = decoder(inputs_embeds=prefix.view(len(prefix), p, -1), use_cache=True).cache
-        cache.reorder_cache(row_of)  # each row gets its prefix's keys and values
-        return decoder(inputs_embeds=embed[:, p:], cache=cache, use_cache=True).last_hidden_state
+            prefix = prefix.view(len(prefix), p, -1)                      # (U, p, H)
+        T = embed.shape[1]
+        pos = torch.arange(T, device=embed.device)[None]                  # (1, T) the rows' positions
+        rope_prefix, rope_rest = decoder.rotary_emb(prefix, pos[:, :p]), decoder.rotary_emb(embed, pos[:, p:])
+        # position p + t of the rest reads every prefix key and the rest's keys up to its own
+        mask = torch.ones(T - p, T, dtype=torch.bool, device=embed.device).tril(p)[None, None]
+        rest = embed[:, p:]
+        for layer in decoder.layers[:decoder.config.num_hidden_layers]:
+            kv = SharedPrefixKV(row_of)
+            with torch.no_grad():
+                prefix = layer(prefix, position_embeddings=rope_prefix, position_ids=pos[:, :p], cache=kv)
+            rest = layer(rest, attention_mask=mask, position_embeddings=rope_rest, position_ids=pos[:, p:], cache=kv)
+        return decoder.norm(rest)
+
+
+class SharedPrefixKV:
+    """The KV cache one decoder layer's attention sees in CoLLM.decode_after_prefix (the attention
+    only ever calls update). First call, the distinct prefixes: their keys and values,
+    (U, kv_heads, p, head_dim), are kept. Second call, every row's rest: each row gets its prefix's
+    (row_of, (B,)) followed by its own new positions', and nothing more is kept."""
+
+    def __init__(self, row_of):
+        self.row_of, self.keys, self.values = row_of, None, None
+
+    def update(self, keys, values, *args, **kwargs):
+        if self.keys is None:
+            self.keys, self.values = keys, values
+            return keys, values
+        return (torch.cat([self.keys[self.row_of], keys], dim=-2),
+                torch.cat([self.values[self.row_of], values], dim=-2))

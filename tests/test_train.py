@@ -331,8 +331,8 @@ def test_grad_checkpoint_recomputes_layers_and_gives_the_same_gradients(toy_root
     # twice (the prefix, then the rest); with it, in one call (a checkpointed layer keeps no cache) + a replay.
     assert calls == ([1, 2] if stage == "lora" else [2, 2])
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(results[0][1], results[1][1]):  # stage 2: prefix path vs one call, fp32 rounding apart
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
