@@ -333,6 +333,8 @@ class CoLLM(nn.Module):
         """-> p, the number of leading positions to run first without gradients (0 = one call)."""
         if not self.prefix_cache:
             return 0
+        if self.llm.get_base_model().config.model_type not in ("llama", "qwen2"):
+            return 0  # decode_after_prefix repeats these decoders' forward; others run in one call
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.llm.parameters()):
             return 0  # stage 1: the prefix has trainable LoRA weights, it needs its backward
         if torch.is_grad_enabled() and self.llm.get_base_model().is_activation_checkpointing:
@@ -347,7 +349,8 @@ class CoLLM(nn.Module):
         Layer by layer, not prefix-call-then-rest-call: each layer runs the prefixes, then the rest
         of every row reading that layer's prefix keys and values, which are then dropped. So only one
         layer's cache is alive at a time (a two-call version holds all 30 layers' at once, and a
-        scoring batch then took more memory than the whole prompt in one call)."""
+        scoring batch then took more memory than the whole prompt in one call). The steps are those
+        of LlamaModel.forward / Qwen2Model.forward: rotary position embeddings, the layers, the norm."""
         with torch.no_grad():
             # identical embeddings give identical keys and values: keep one row per distinct prefix
             # (in stage 2 the user slot's vector is part of it, so two users never share)

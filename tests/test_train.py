@@ -172,6 +172,12 @@ def test_tiny_llama_and_qwen2_with_the_real_tokenizers(toy_root, arch):
     batch = one_batch(ds, tok, "collm", n=4)
     losses = fit(model, batch, lr=2e-2, steps=40)  # LoRA + projector
     assert losses[-1] < 0.5 * losses[0]
+    model.eval()  # scoring: the shared-prefix path repeats Qwen2's decoder as well as LLaMA's
+    assert int(batch["shared"].min()) > 0  # so the prefix path does run
+    with torch.no_grad():
+        cached = model(**batch)
+        model.prefix_cache = False
+        torch.testing.assert_close(cached, model(**batch), rtol=1e-4, atol=1e-4)
 
 
 def test_a_tokenizer_without_a_single_yes_token_is_refused():
