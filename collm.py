@@ -338,7 +338,7 @@ class CoLLM(nn.Module):
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.llm.parameters()):
             return 0  # stage 1: the prefix has trainable LoRA weights, it needs its backward
         if torch.is_grad_enabled() and self.llm.get_base_model().is_activation_checkpointing:
-            return 0  # a checkpointed layer drops the cache (its backward replay would write it twice)
+            return 0  # transformers hands a checkpointed layer cache=None: the rest would lose its prefix
         if torch.is_grad_enabled():  # stage 2 training: everything before the first slot is constant
             return int(slots[:, 0].min()) if self.rec is not None else 0
         return int(shared.min()) if shared is not None else 0  # scoring: up to the target title
