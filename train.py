@@ -442,6 +442,7 @@ def set_up(cfg):
         run.scaler.load_state_dict(state["scaler"])
         run.step, run.best, run.bad_evals, run.history = state["step"], state["best"], state["bad_evals"], state["history"]
         run.loss_log = state.get("loss_log", [])
+        run.t0 -= state.get("seconds", 0.0)  # metrics.json's seconds: every sitting's wall time, summed
     if cfg.calibrate and state is None:
         shift = calibrate(model, enc_train, ds.splits["train"], run.eval_batch_size, run.pad, device, dtype, cfg.seed)
         if run.master:
@@ -526,7 +527,7 @@ def save(run, name, with_state):
     ckpt = {"config": asdict(run.cfg), **model_tensors(run.model), "step": run.step, "best": run.best}
     if with_state:
         ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), bad_evals=run.bad_evals,
-                    history=run.history, loss_log=run.loss_log)
+                    history=run.history, loss_log=run.loss_log, seconds=time.time() - run.t0)
     data.write_atomic(os.path.join(run.out, name), lambda tmp: torch.save(ckpt, tmp))
 
 

@@ -527,6 +527,10 @@ def test_resumed_run_equals_uninterrupted_run(toy_root, tmp_path):
     paused = run_python("train.py", *common, "--out", tmp_path / "b", "--pause-at", 4)
     assert straight.returncode == 0 and paused.returncode == 0, paused.stderr[-2000:]
     assert "paused at step 4" in paused.stdout and not (tmp_path / "b" / "metrics.json").exists()
+    state = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert 0 < state["seconds"] < 600
+    state["seconds"] = 1e6  # as if the first sitting had run for 11 days: the resumed run's seconds add up
+    torch.save(state, tmp_path / "b" / "last.pt")
     resumed = run_python("train.py", "--resume", tmp_path / "b")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in "ab")
@@ -535,6 +539,7 @@ def test_resumed_run_equals_uninterrupted_run(toy_root, tmp_path):
         assert torch.equal(a["lora"][k], b["lora"][k]), k
     ma, mb = (json.load(open(tmp_path / d / "metrics.json")) for d in "ab")
     assert ma["test"] == mb["test"] and ma["history"] == mb["history"]
+    assert ma["seconds"] < 600 and 1e6 < mb["seconds"] < 1e6 + 600
 
 
 def torchrun(*args, timeout=300):
