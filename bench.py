@@ -18,8 +18,9 @@ The chapter that measures the others. It answers three questions about one train
 
 Each measurement runs in a child process of its own (`--only NAME` runs one and prints it as a JSON
 line), so each path's peak memory is its own: on CPU the peak resident set size (reset after the
-model and data are loaded, so it is the steps' peak with the weights resident, not the load's), on
-CUDA torch.cuda.max_memory_allocated. Times are wall clock on CPU, CUDA events on a GPU; each path
+model and data are loaded, so it is the steps' peak with the weights resident, not the load's) and,
+from one more untimed pass, the peak bytes of live tensors (TensorPeak); on CUDA
+torch.cuda.max_memory_allocated. Times are wall clock on CPU, CUDA events on a GPU; each path
 runs `--steps` batches after `--warmup` untimed ones, `--repeats` times, and the fastest pass counts.
 
 FLOPs are counted, not profiled. Per REAL (non-pad) token a model with frozen weights does about
@@ -37,11 +38,14 @@ import platform
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import collab
 import collm
@@ -174,6 +178,43 @@ def peak_memory(device):
     return rss if platform.system() == "Darwin" else rss * 1024  # bytes on macOS, kB on Linux
 
 
+class TensorPeak(TorchDispatchMode):
+    """The CPU's counterpart of torch.cuda.max_memory_allocated: the most bytes held at once by the
+    tensors that ops create while it is active (each counted from the op that made it until its
+    storage is freed). A process's peak RSS also holds what the libraries keep per shape (oneDNN's
+    kernel caches, the allocator's free lists) and repeats to only +-0.06 GB between identical runs
+    here, coarser than the gap between two scoring paths; this count repeats to the byte. It sees
+    every op, so it runs one untimed eager pass of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.held = 0, 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key not in self.held and storage.nbytes():  # a view of a counted tensor is not new memory
+                    self.held.add(key)
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self.release, key, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+    def release(self, key, nbytes):
+        self.held.discard(key)
+        self.live -= nbytes
+
+
+def tensor_peak(run_pass):
+    """-> the bytes TensorPeak counts over one eager run_pass() (compiled layers run eager meanwhile)."""
+    with torch.compiler.set_stance("force_eager"), TensorPeak() as gauge:
+        run_pass()
+    return gauge.peak
+
+
 def timed_passes(device, args, run_pass):
     """Run `run_pass` (the warm-up already done) `--repeats` times -> (fastest seconds, all of them)."""
     times = [clock(device, run_pass) for _ in range(args.repeats)]
@@ -181,15 +222,18 @@ def timed_passes(device, args, run_pass):
 
 
 def measure(device, args, warm_up, run_pass):
-    """warm_up() once, then the timed passes -> dict(seconds, times, mem_base, mem_peak).
+    """warm_up() once, then the timed passes -> dict(seconds, times, mem_base, mem_peak, mem_tensors).
 
     mem_base is the memory once the model and data are loaded; the peak counts from after the warm-up
-    (its one-off costs: kernel choice, compiling; what a training step holds stays resident)."""
+    (its one-off costs: kernel choice, compiling; what a training step holds stays resident).
+    mem_tensors (CPU): TensorPeak over one more, untimed pass (on CUDA, mem_peak is already that count)."""
     base = memory_now(device)
     warm_up()
     reset_peak_memory(device)
     best, times = timed_passes(device, args, run_pass)
-    return dict(seconds=best, times=times, mem_base=base, mem_peak=peak_memory(device))
+    peak = peak_memory(device)
+    tensors = tensor_peak(run_pass) if device.type == "cpu" else peak - base
+    return dict(seconds=best, times=times, mem_base=base, mem_peak=peak, mem_tensors=tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,9 +583,10 @@ def print_rate_table(args, device, res, train_rate, eval_rate):
              (("ours", "ours-eval"), ("whole prompt", "whole-eval"), ("reference", "ref-eval"))]
     mem_kind = "peak alloc" if device.type == "cuda" else "peak RSS"
     print(f"\n{'':<22}{'samples/s':>10}{'tokens/s':>10}{'GFLOP/s':>9}{'of peak':>8}{'padding':>9}"
-          f"{mem_kind:>12}{'over base':>11}")
+          f"{mem_kind:>12}{'over base':>11}{'tensors':>9}")
     for label, r, raw in rows:
-        mem = f"{gb(raw['mem_peak']):>12}{gb(raw['mem_peak'] - raw['mem_base']):>11}" if raw else f"{'':>12}{'':>11}"
+        mem = f"{gb(raw['mem_peak']):>12}{gb(raw['mem_peak'] - raw['mem_base']):>11}{gb(raw['mem_tensors']):>9}" \
+            if raw else f"{'':>12}{'':>11}{'':>9}"
         print(f"{label:<22}{r['samples']:>10.2f}{r['tokens']:>10.0f}{r['flops'] / 1e9:>9.1f}"
               f"{r['flops'] / peak:>8.2f}{r['padding']:>9.1%}{mem}")
     return rows
@@ -564,6 +609,10 @@ def report(args, device, dtype_name, res, load):
     speedup_eval = te["samples"] / eval_rate(eval_ref)["samples"]
     prefix_train = tr["samples"] / train_rate(train_whole)["samples"] if train_whole else None
     prefix_eval = te["samples"] / eval_rate(eval_whole)["samples"]
+    ratio = lambda a, b, key: a[key] / max(1, b[key])  # shared prefixes / whole prompt: peak RSS, live tensors
+    prefix_mem_train = ratio(train_ours, train_whole, "mem_peak") if train_whole else None
+    prefix_tensors_train = ratio(train_ours, train_whole, "mem_tensors") if train_whole else None
+    prefix_mem_eval, prefix_tensors_eval = ratio(eval_ours, eval_whole, "mem_peak"), ratio(eval_ours, eval_whole, "mem_tensors")
     mem_train = train_ours["mem_peak"] / train_ref["mem_peak"]
     mem_over = (train_ours["mem_peak"] - train_ours["mem_base"]) / max(1, train_ref["mem_peak"] - train_ref["mem_base"])
     print(f"\nours / reference: train {speedup_train:.2f}x samples/s, eval {speedup_eval:.2f}x samples/s; "
@@ -572,8 +621,8 @@ def report(args, device, dtype_name, res, load):
     print(f"shared prefixes / whole prompt: train " + (f"{prefix_train:.2f}x" if train_whole else "- (stage 1 trains every position)")
           + f", eval {prefix_eval:.2f}x ({eval_ours['samples']} test rows in split order, {eval_ours['prefixes']} distinct "
           f"prefixes, {eval_ours['shared_share']:.0%} of their tokens before the target title); peak memory "
-          + (f"train {train_ours['mem_peak'] / train_whole['mem_peak']:.2f}x, " if train_whole else "")
-          + f"eval {eval_ours['mem_peak'] / eval_whole['mem_peak']:.2f}x")
+          + (f"train {prefix_mem_train:.2f}x, " if train_whole else "") + f"eval {prefix_mem_eval:.2f}x, "
+          + "tensors " + (f"train {prefix_tensors_train:.2f}x, " if train_whole else "") + f"eval {prefix_tensors_eval:.2f}x")
     print(f"samples/s: real tokens/s over the mean prompt, {train_ours['mean_len']:.0f} tokens (train split) and "
           f"{eval_ours['mean_len']:.0f} (the scored test rows): an epoch's rate, whatever rows the timed batches drew")
     print(f"padding over a whole epoch: ours {train_ours['padding_epoch']:.1%} of train tokens (length-bucketed), "
@@ -584,7 +633,9 @@ def report(args, device, dtype_name, res, load):
                 padding_share=round(train_ours["padding_epoch"], 4), ref_padding_share=round(train_ours["ref_padding_epoch"], 4),
                 speedup_train=round(speedup_train, 3), speedup_eval=round(speedup_eval, 3),
                 prefix_speedup_train=round(prefix_train, 3) if train_whole else None,
-                prefix_speedup_eval=round(prefix_eval, 3), mem_ratio_train=round(mem_train, 3), device=device.type,
+                prefix_speedup_eval=round(prefix_eval, 3), prefix_mem_train=round(prefix_mem_train, 3) if train_whole else None,
+                prefix_mem_eval=round(prefix_mem_eval, 3), prefix_tensors_train=round(prefix_tensors_train, 3) if train_whole else None,
+                prefix_tensors_eval=round(prefix_tensors_eval, 3), mem_ratio_train=round(mem_train, 3), device=device.type,
                 dtype=dtype_name, cpu_capability=torch.backends.cpu.get_cpu_capability(),
                 cpu_bf16_units=train.cpu_has_bf16_units(), llm=args.llm, stage=args.stage, compile=args.compile,
                 grad_checkpoint=args.grad_checkpoint, peak_flops=peak, n_params=N, eval_padding_share=round(te["padding"], 4),

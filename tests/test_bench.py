@@ -7,8 +7,8 @@ import pytest
 from conftest import assert_error_line, run_python
 
 KEYS = ("train_samples_per_s", "eval_samples_per_s", "train_peak_share", "eval_peak_share", "padding_share",
-        "ref_padding_share", "speedup_train", "speedup_eval", "mem_ratio_train", "prefix_speedup_eval", "device", "dtype", "cpu_capability",
-        "cpu_bf16_units", "llm")
+        "ref_padding_share", "speedup_train", "speedup_eval", "mem_ratio_train", "prefix_speedup_eval", "prefix_mem_eval",
+        "prefix_tensors_eval", "device", "dtype", "cpu_capability", "cpu_bf16_units", "llm")
 
 
 def bench(*args):
@@ -27,9 +27,10 @@ def test_one_tiny_step_per_path_ends_with_the_json_line(toy_root, stage):
     out = json.loads(lines[-1])
     assert set(KEYS) <= set(out), set(KEYS) - set(out)
     assert (out["device"], out["dtype"], out["llm"]) == ("cpu", "fp32", "tiny")
-    for k in KEYS[:10]:
+    for k in KEYS[:12]:
         assert out[k] > 0, (k, out[k])
-    assert (out["prefix_speedup_train"] is None) is (stage == "lora")  # stage 1 has no prefix to skip
+    for k in ("prefix_speedup_train", "prefix_mem_train", "prefix_tensors_train"):
+        assert (out[k] is None) is (stage == "lora"), k  # stage 1 has no prefix to skip
     for k in ("padding_share", "ref_padding_share"):
         assert 0 <= out[k] <= 1, (k, out[k])
     for label in ("train  ours", "train  reference", "eval   ours", "eval   whole prompt", "eval   reference"):  # the table, a row per path
@@ -44,7 +45,20 @@ def test_stage_two_paths_run_alone(toy_root, path):
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["seconds"] > 0 and out["samples"] == 2 and 0 < out["tokens"] <= out["padded"]
-    assert out["mem_peak"] >= out["mem_base"] > 0
+    assert out["mem_peak"] >= out["mem_base"] > 0 and out["mem_tensors"] > 0
+
+
+def test_tensor_peak_counts_live_tensors_once():
+    """TensorPeak: ten 1 MB tensors alive at once (and a view of each, no new memory) peak at 10 MB,
+    even if each is freed before the next ten are made."""
+    import torch
+    import bench
+    def run_pass():
+        for _ in range(3):
+            held = [torch.ones(256, 1024) for _ in range(10)]   # 1 MiB of fp32 each
+            views = [t[:, :10] for t in held]
+            del held, views
+    assert bench.tensor_peak(run_pass) == 10 * 2 ** 20
 
 
 def test_bad_flags_are_one_clear_line():
