@@ -193,7 +193,8 @@ def export_model(model, tok, state, template, folder, with_base=False):
     seg = data.SegmentTokenizer(tok)
     info = {
         "what": "a CoLLM checkpoint exported by train.py --evaluate --export (arXiv 2310.19488)",
-        "stage": cfg["stage"], "llm": cfg["llm"], "step": state.get("step"), "config": cfg,
+        "stage": cfg["stage"], "llm": cfg["llm"], "step": state.get("step"),
+        "samples_seen": state.get("samples_seen"), "config": cfg,
         "base_model": "base (in this folder)" if with_base else
                       (os.path.abspath(name) if os.path.isdir(name) else name),
         "lora": {"files": list(ADAPTER_FILES), "format": "peft LoRA adapter",
@@ -280,6 +281,8 @@ def load_export(folder):
         config["llm"] = os.path.join(folder, "base")
     state = {"config": config, "step": info.get("step"), "lora": load_file(os.path.join(folder, ADAPTER_FILES[1])),
              "score_bias": info.get("score_bias", 0.0)}
+    if info.get("samples_seen") is not None:
+        state["samples_seen"] = info["samples_seen"]
     if "rec" in info:
         state["proj"] = load_file(os.path.join(folder, info["projector"]["file"]))
         state["rec"] = {"model": info["rec"]["model"], "config": info["rec"]["config"],
@@ -390,14 +393,14 @@ def results_table(run_dirs):
                 llm, dataset = m["llm"], m["config"]["data"]
             else:  # collab.py
                 method, llm, dataset = REC_NAMES[m["config"]["model"]], "-", m["config"]["data"]
-            t, w, c, seen = m["test"], m["test_warm"], m["test_cold"], m["samples_seen"]
+            t, w, c, seen = m["test"], m["test_warm"], m["test_cold"], m.get("samples_seen")
             row = (f"{t['auc']:.4f} | {t['uauc']:.4f} | {w['auc']:.4f} | {c['auc']:.4f}", t["rows"])
         except (ValueError, KeyError, TypeError) as e:
             raise data.UsageError(f"--table {path}: not a finished train.py or collab.py metrics.json "
                                   f"({type(e).__name__}: {e})")
         paper = PAPER_ML1M.get(method) if dataset == "ml-1m" else None
         name = os.path.basename(os.path.dirname(os.path.abspath(path)))
-        lines.append(f"| {name} | {method} | {llm} | {seen:,} | {row[1]:,} | {row[0]} | "
+        lines.append(f"| {name} | {method} | {llm} | {'-' if seen is None else f'{seen:,}'} | {row[1]:,} | {row[0]} | "
                      f"{f'{paper[0]:.4f} / {paper[1]:.4f}' if paper else '-'} |")
     return "\n".join(lines)
 

@@ -524,7 +524,9 @@ def log_step(run, bar, lr, window):
 def save(run, name, with_state):
     """best.pt holds the trained tensors and settings; last.pt also the optimizer and loop state that
     --resume needs. Only rank 0 writes (every rank holds the same weights)."""
-    ckpt = {"config": asdict(run.cfg), **model_tensors(run.model), "step": run.step, "best": run.best}
+    samples_seen = run.step * run.cfg.batch_size * run.cfg.grad_accum * run.world  # what these weights learned from
+    ckpt = {"config": asdict(run.cfg), **model_tensors(run.model), "step": run.step, "best": run.best,
+            "samples_seen": samples_seen}
     if with_state:
         ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), bad_evals=run.bad_evals,
                     history=run.history, loss_log=run.loss_log, seconds=time.time() - run.t0)
@@ -767,6 +769,12 @@ def evaluate(args):
     result = metrics.read_metrics(path, "--out")[1] if os.path.exists(path) else {}
     result.update({**metrics.split_block(rep, args.split), "stage": cfg.stage, "llm": cfg.llm,
                    f"{args.split}_dtype": dtype_name})
+    # a folder of its own (--out, or a checkpoint copied elsewhere) also gets what `eval.py --table`
+    # reads: the run's settings and how many samples these weights were trained on (checkpoints
+    # written before train.py saved that number leave it out; the table then shows "-")
+    result.setdefault("config", asdict(cfg))
+    if "samples_seen" in state:
+        result.setdefault("samples_seen", state["samples_seen"])
     metrics.write_metrics(path, result)
     print(f"-> {path}")
 

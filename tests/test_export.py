@@ -116,7 +116,9 @@ def test_stage2_export_reloads_to_the_same_scores(runs, toy_root, tmp_path):
     assert "<UserID>" in info["prompt"]["template"] and "slot_token_id" in info["prompt"]
     original, tok, cfg, ds = rebuilt(ckpt, toy_root)
     batch = a_batch(original, tok, cfg, ds)
-    reloaded, *_ = rebuilt(metrics.load_export(str(out)), toy_root)
+    state = metrics.load_export(str(out))
+    assert (state["step"], state["samples_seen"]) == (ckpt["step"], ckpt["samples_seen"])  # what --table shows
+    reloaded, *_ = rebuilt(state, toy_root)
     np.testing.assert_allclose(our_scores(reloaded, batch), our_scores(original, batch), atol=1e-5)
 
 

@@ -223,6 +223,7 @@ def test_compiled_decoder_scores_and_gradients_equal_eager(toy_root):
     ds = data.load_dataset("toy", toy_root)
     models = [train.build_model(cfg_for(toy_root, stage="lora", lora_dropout=0.0), ds, None)[0] for _ in range(2)]
     collm.compile_decoder(models[1])
+    assert torch._dynamo.config.recompile_limit >= 32  # training's and scoring's kinds of call all stay compiled
     assert all(layer._compiled_call_impl is not None for layer in models[1].llm.get_base_model().get_decoder().layers)
     batch = one_batch(ds, collm.tiny_tokenizer(), "text", n=4)
     grads = []
@@ -518,6 +519,18 @@ def test_results_table_reads_the_runs(lora_run, mf_ckpt, tmp_path):
     assert res.stdout.strip().endswith("| 0.7097 / 0.6818 |"), res.stdout
     (tmp_path / "metrics.json").write_text("{}")
     assert_one_line_error(run_python("eval.py", "--table", tmp_path), "metrics.json", "not a finished")
+    # a checkpoint scored into a folder of its own (train.py --evaluate --out) is a row too: its samples
+    # are those its weights learned from (best.pt's step, not the run's end); "-" where a file lacks them
+    ev = tmp_path / "ev"
+    assert run_python("train.py", "--evaluate", "--ckpt", lora_dir / "best.pt", "--out", ev).returncode == 0
+    res = run_python("eval.py", "--table", ev)
+    assert res.returncode == 0, res.stderr[-3000:]
+    row = res.stdout.strip().splitlines()[-1]
+    assert row.startswith(f"| ev | TALLRec | tiny | {m1['best_step'] * 4:,} | 93 | {m1['test']['auc']:.4f} |"), row
+    m = json.load(open(ev / "metrics.json"))
+    del m["samples_seen"]
+    json.dump(m, open(ev / "metrics.json", "w"))
+    assert "| ev | TALLRec | tiny | - | 93 |" in run_python("eval.py", "--table", ev).stdout
 
 
 def test_resumed_run_equals_uninterrupted_run(toy_root, tmp_path):
