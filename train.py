@@ -406,6 +406,10 @@ class Run:
     def master(self):
         return self.rank == 0
 
+    @property
+    def samples_per_step(self):  # the global batch: what the learning rate is tuned for
+        return self.cfg.batch_size * self.cfg.grad_accum * self.world
+
 
 def set_up(cfg):
     """Chapter 1: processes, data, the model and its optimizer; resuming, the loop state of last.pt."""
@@ -451,7 +455,7 @@ def set_up(cfg):
         os.makedirs(run.out, exist_ok=True)
         # derived quantities said once, up front: the global batch is what the learning rate is tuned for
         print(f"=> stage {cfg.stage} | llm {cfg.llm} | {device} {dtype_name} ({dtype_reason}) "
-              f"| processes {world} | global batch {cfg.batch_size * cfg.grad_accum * world} "
+              f"| processes {world} | global batch {run.samples_per_step} "
               f"| trainable {sum(p.numel() for p in trainable.values()):,} in {len(trainable)} tensors | out {run.out}")
     return run
 
@@ -524,9 +528,8 @@ def log_step(run, bar, lr, window):
 def save(run, name, with_state):
     """best.pt holds the trained tensors and settings; last.pt also the optimizer and loop state that
     --resume needs. Only rank 0 writes (every rank holds the same weights)."""
-    samples_seen = run.step * run.cfg.batch_size * run.cfg.grad_accum * run.world  # what these weights learned from
     ckpt = {"config": asdict(run.cfg), **model_tensors(run.model), "step": run.step, "best": run.best,
-            "samples_seen": samples_seen}
+            "samples_seen": run.step * run.samples_per_step}  # what these weights learned from
     if with_state:
         ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), bad_evals=run.bad_evals,
                     history=run.history, loss_log=run.loss_log, seconds=time.time() - run.t0)
@@ -568,11 +571,10 @@ def finish(run):
     test = metrics.report(ds.splits["test"], test_scores, test_rows)
     digests = rank_digests(run.trainable, run.world)
     result = metrics.metrics_block({k: run.best[k] for k in ("auc", "uauc", "uauc_users", "rows")}, test)
-    samples_per_step = cfg.batch_size * cfg.grad_accum * run.world
     result.update(stage=cfg.stage, llm=cfg.llm, rec=cfg.rec if cfg.stage == "cie" else None, dtype=run.dtype_name,
                   dtype_reason=run.dtype_reason, data_source=ds.source, random_weights=cfg.llm.startswith("random:"),
-                  best_step=run.best["step"], samples_seen=run.step * samples_per_step,
-                  samples_per_step=samples_per_step, seconds=round(time.time() - run.t0, 1), rank_digests=digests,
+                  best_step=run.best["step"], samples_seen=run.step * run.samples_per_step,
+                  samples_per_step=run.samples_per_step, seconds=round(time.time() - run.t0, 1), rank_digests=digests,
                   config=asdict(cfg), history=run.history, loss_log=run.loss_log)
     if run.master:
         metrics.write_metrics(os.path.join(run.out, "metrics.json"), result)
