@@ -380,29 +380,68 @@ PAPER_ML1M = {"MF": (0.6482, 0.6361), "LightGCN": (0.5959, 0.6499), "SASRec": (0
 REC_NAMES = {"mf": "MF", "lightgcn": "LightGCN", "sasrec": "SASRec", "din": "DIN", "pop": "Pop"}
 
 
-def results_table(run_dirs):
-    """Runs' metrics.json files (train.py's or collab.py's) -> one Markdown table, a row per run."""
+def variant(config):
+    """How much of CoLLM stage 2 trained, in the words of the reference's switches: `frozen` (the
+    projector alone), `tune-rec` (the collaborative model too, from its collab.py checkpoint),
+    `tune-rec-scratch` (the same, from a fresh initialisation), each with `+tune-lora` when stage 1's
+    LoRA trained on as well."""
+    name = "frozen"
+    if config.get("tune_rec"):
+        name = "tune-rec" if config.get("rec_ckpt") else "tune-rec-scratch"
+    return name + ("+tune-lora" if config.get("tune_lora") else "")
+
+
+def result_row(run):
+    """A run folder (train.py's or collab.py's) -> one results row: what the table prints and what
+    --json keeps."""
     import os
-    lines = ["| run | method | llm | samples seen | test rows | test AUC | test UAUC | warm AUC | cold AUC | paper AUC / UAUC |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for run in run_dirs:
-        path, m = read_metrics(run, "--table")
-        try:
-            if "stage" in m:  # train.py: stage 1 is TALLRec, stage 2 CoLLM with its collaborative model
-                method = "TALLRec" if m["stage"] == "lora" else f"CoLLM-{REC_NAMES[m['rec']]}"
-                llm, dataset = m["llm"], m["config"]["data"]
-            else:  # collab.py
-                method, llm, dataset = REC_NAMES[m["config"]["model"]], "-", m["config"]["data"]
-            t, w, c, seen = m["test"], m["test_warm"], m["test_cold"], m.get("samples_seen")
-            row = (f"{t['auc']:.4f} | {t['uauc']:.4f} | {w['auc']:.4f} | {c['auc']:.4f}", t["rows"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise data.UsageError(f"--table {path}: not a finished train.py or collab.py metrics.json "
-                                  f"({type(e).__name__}: {e})")
-        paper = PAPER_ML1M.get(method) if dataset == "ml-1m" else None
-        name = os.path.basename(os.path.dirname(os.path.abspath(path)))
-        lines.append(f"| {name} | {method} | {llm} | {'-' if seen is None else f'{seen:,}'} | {row[1]:,} | {row[0]} | "
+    path, m = read_metrics(run, "--table")
+    try:
+        config = m["config"]
+        if "stage" in m:  # train.py: stage 1 is TALLRec, stage 2 CoLLM with its collaborative model
+            method = "TALLRec" if m["stage"] == "lora" else f"CoLLM-{REC_NAMES[m['rec']]}"
+            llm, rec = m["llm"], (m["rec"] if m["stage"] == "cie" else None)
+            kind, stage1 = (variant(config), config.get("ckpt")) if m["stage"] == "cie" else ("-", None)
+        else:  # collab.py
+            method, llm, rec, kind, stage1 = REC_NAMES[config["model"]], "-", config["model"], "-", None
+        t, w, c = m["test"], m["test_warm"], m["test_cold"]
+        row = {"name": os.path.basename(os.path.dirname(os.path.abspath(path))), "method": method, "llm": llm,
+               "rec": rec, "variant": kind, "seed": config.get("seed"), "stage1": stage1,
+               "samples_seen": m.get("samples_seen"), "test_rows": t["rows"], "test_auc": t["auc"],
+               "test_uauc": t["uauc"], "warm_auc": w["auc"], "cold_auc": c["auc"],
+               "valid_auc": m.get("valid", {}).get("auc"), "command": m.get("command"), "data": config["data"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise data.UsageError(f"--table {path}: not a finished train.py or collab.py metrics.json "
+                              f"({type(e).__name__}: {e})")
+    return row
+
+
+def results_table(rows):
+    """Result rows -> one Markdown table, with the paper's ML-1M numbers beside ours."""
+    lines = ["| run | method | variant | llm | samples seen | test rows | test AUC | test UAUC | warm AUC | cold AUC "
+             "| paper AUC / UAUC |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        paper = PAPER_ML1M.get(r["method"]) if r["data"] == "ml-1m" else None
+        seen = "-" if r["samples_seen"] is None else f"{r['samples_seen']:,}"
+        lines.append(f"| {r['name']} | {r['method']} | {r['variant']} | {r['llm']} | {seen} | {r['test_rows']:,} | "
+                     f"{r['test_auc']:.4f} | {r['test_uauc']:.4f} | {r['warm_auc']:.4f} | {r['cold_auc']:.4f} | "
                      f"{f'{paper[0]:.4f} / {paper[1]:.4f}' if paper else '-'} |")
     return "\n".join(lines)
+
+
+def write_results_json(rows, path):
+    """--json FILE: the rows as a JSON list; `shipped` says whether a folder of the run's name stands
+    beside FILE (checkpoints/results.json lists every run, and ships some as export folders)."""
+    import json
+    import os
+    here = os.path.dirname(os.path.abspath(path))
+    rows = [{**r, "shipped": os.path.isdir(os.path.join(here, r["name"]))} for r in rows]
+
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            json.dump(rows, f, indent=1)
+    data.write_atomic(path, dump)
+    return rows
 
 
 def read_metrics(run, flag):
@@ -482,14 +521,22 @@ def main(argv=None):
     p.add_argument("--plot", nargs="+", metavar="RUN_DIR",
                    help="draw valid AUC and training loss against samples seen for these train.py output "
                         "folders into --out (needs matplotlib)")
+    p.add_argument("--json", metavar="FILE", help="--table: also write its rows, with each run's command, "
+                   "variant, seed and valid AUC, to FILE as a JSON list (checkpoints/results.json)")
     p.add_argument("--out", help="--plot: the picture to write (.png, .pdf, .svg)")
     args = p.parse_args(argv)
     if bool(args.table) == bool(args.plot):
         raise data.UsageError("give --table RUN_DIR ... or --plot RUN_DIR ... --out FILE.png (one of them); "
                               "to score a checkpoint: python train.py --evaluate --ckpt CHECKPOINT")
     if args.table:
-        print(results_table(args.table))
+        rows = [result_row(run) for run in args.table]
+        print(results_table(rows))
+        if args.json:
+            write_results_json(rows, args.json)
+            print(f"-> {args.json}")
         return
+    if args.json:
+        raise data.UsageError("--json goes with --table")
     if not args.out:
         raise data.UsageError("--plot needs --out FILE.png")
     print(f"-> {plot_runs(args.plot, args.out)}")

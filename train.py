@@ -8,8 +8,11 @@
 
 Stage 1 trains only the LoRA adapters, on prompts made of titles alone. Stage 2 loads those adapters
 and freezes them, loads a trained collaborative model (collab.py) and freezes it too, and trains only
-the projector that maps its user/item embeddings into the two prompt slots (`--tune-rec` trains the
-collaborative model as well, the paper's section 5.3.2 variant).
+the projector that maps its user/item embeddings into the two prompt slots. Two switches of the
+reference's stage-2 config open more of it to training: `--tune-rec` trains the collaborative model as
+well (its `freeze_rec: False`; from `--rec-ckpt`, or from scratch without one, its `pretrained_path`),
+the "whole CIE module" of the paper's section 5.3.2; `--tune-lora` trains stage 1's LoRA on
+(its `freeze_lora: False`).
 
 What the loop does, step by step: AdamW with linear warmup then cosine decay driven by the global
 step; gradient accumulation; clipping; bf16/fp16 autocast; evaluation on a fixed valid subset every
@@ -61,10 +64,16 @@ class Config:
     llm: str = opt("smollm2-135m", "tiny | smollm2-135m | a model folder | a hub id (e.g. lmsys/vicuna-7b-v1.3) | "
                                    "random:vicuna-7b, random:qwen2-1.5b, random:smollm2-135m (the real shapes with "
                                    "random weights: speed and memory only)")
-    ckpt: str = opt(None, "stage 2: the stage-1 checkpoint (its best.pt) whose LoRA is loaded and frozen")
+    ckpt: str = opt(None, "stage 2: the stage-1 checkpoint whose LoRA is loaded (and frozen unless --tune-lora): "
+                          "its best.pt, or an --export folder of it such as checkpoints/tallrec-smollm2")
     rec: str = opt("mf", "stage 2: the collaborative model", choices=tuple(collab.MODELS))
-    rec_ckpt: str = opt(None, "stage 2: a collab.py model.pt (frozen unless --tune-rec)")
-    tune_rec: bool = opt(False, "stage 2: train the collaborative model too (from --rec-ckpt, or from scratch)")
+    rec_ckpt: str = opt(None, "stage 2: a collab.py model.pt (frozen unless --tune-rec); the reference's "
+                              "pretrained_path")
+    tune_rec: bool = opt(False, "stage 2: train the collaborative model too, the paper's whole-CIE tuning "
+                                "(section 5.3.2; the reference's freeze_rec: False): from --rec-ckpt, or from "
+                                "scratch without it")
+    tune_lora: bool = opt(False, "stage 2: train stage 1's LoRA on too (the reference's freeze_lora: False); the "
+                                 "whole prompt then runs with gradients, as in stage 1, so a step costs about 1.5x")
     data: str = opt(*DATA_FLAGS["data"])
     data_root: str = opt(*DATA_FLAGS["data_root"])
     template: str = opt(None, "prompt template file (default prompts/<domain>_<text|collm>.txt)")
@@ -79,14 +88,16 @@ class Config:
     eval_batch_size: int = opt(0, "rows per scoring batch (0 = twice --batch-size)")
     lr: float = opt(1e-3, "peak learning rate (the reference's ML-1M value for both stages)")
     min_lr: float = opt(8e-5, "learning rate at the end of the cosine decay")
-    warmup_steps: int = opt(200, "linear warmup length in optimizer steps")
+    warmup_steps: int = opt(50, "linear warmup length in optimizer steps (the reference: 200)")
     warmup_start_lr: float = opt(1e-5, "learning rate at step 0")
     weight_decay: float = opt(1e-3, "AdamW weight decay, on matrices only (not biases)")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
-    max_steps: int = opt(2000, "optimizer steps; also the length of the cosine schedule")
-    eval_every: int = opt(50, "evaluate (and save last.pt) every N steps (the reference's 'epoch' = 50 steps)")
+    max_steps: int = opt(1750, "optimizer steps; also the length of the cosine schedule (the defaults are the "
+                               "recipe of the shipped SmolLM2 stage-1 checkpoint, checkpoints/README.md)")
+    eval_every: int = opt(250, "evaluate (and save last.pt) every N steps (the reference: 50, its 'epoch')")
     eval_split: str = opt("valid_small", "split used for model selection", choices=("valid_small", "valid"))
-    eval_rows: int = opt(0, "score only the first N rows of --eval-split while training (0 = all)")
+    eval_rows: int = opt(1000, "score only the first N rows of --eval-split while training (0 = all 5,200 of "
+                               "valid_small, the reference's; 1,000 keeps scoring to a minute or two on a CPU)")
     test_rows: int = opt(0, "score only the first N test rows at the end (0 = all)")
     patience: int = opt(20, "stop after this many evaluations without a better valid AUC")
     seed: int = opt(2023, "seed for initialisation, batch order and dropout")
@@ -105,9 +116,10 @@ class Config:
     lora_targets: str = opt("q_proj,v_proj", "comma-separated module names that get LoRA")
     lora_layers: int = opt(0, "LoRA in the top N decoder layers only; the layers below then run forward-only "
                               "(0 = every layer, the paper's)")
-    calibrate: bool = opt(False, "before the first step, shift the score by a constant so that the mean logit on "
-                                 "256 train rows is the logit of the train positive rate (a small LLM's untrained "
-                                 "'Yes' logit is far off: SmolLM2's first loss is ~4.7); AUC is unchanged by it")
+    calibrate: bool = opt(True, "stage 1: before the first step, shift the score by a constant so that the mean "
+                                "logit on 256 train rows is the logit of the train positive rate (a small LLM's "
+                                "untrained 'Yes' logit is far off: SmolLM2's first loss is ~4.7); AUC is unchanged "
+                                "by it, and stage 2 starts from stage 1's shift (--no-calibrate: the reference's start)")
 
 
 def parse_config(argv=None):
@@ -127,12 +139,26 @@ def parse_config(argv=None):
     if cfg.stage == "cie" and not cfg.resume:
         # Stage 2 loads stage 1's adapters, so their shape is stage 1's whatever this command says;
         # recorded in this run's settings, so that --resume and --evaluate rebuild the same shape.
-        saved = load_checkpoint(cfg.ckpt).get("config", {})
+        saved = load_stage1(cfg.ckpt).get("config", {})
         cfg = replace(cfg, **{k: saved[k] for k in LORA_SHAPE if k in saved})
     return cfg
 
 
 LORA_SHAPE = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_layers")
+
+
+def command_line(cfg, world=1):
+    """The shortest command that makes this run again: every setting that differs from its default
+    (metrics.json keeps it, and eval.py --table --json puts it beside the run's numbers)."""
+    flags = []
+    for f in fields(Config):
+        value = getattr(cfg, f.name)
+        if value == f.default or f.name in ("resume", "pause_at"):  # sittings, not settings
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        flags.append((flag if value else "--no-" + flag[2:]) if f.type is bool else f"{flag} {value}")
+    launcher = f"torchrun --nproc-per-node {world} train.py" if world > 1 else "python train.py"
+    return " ".join([launcher, *flags])
 
 
 def check_config(cfg):
@@ -151,11 +177,14 @@ def check_config(cfg):
     if cfg.stage == "cie" and cfg.rec == "pop":
         problems.append("--rec pop: the popularity baseline has no user or item embeddings to put in CoLLM's "
                         "slots; use mf, lightgcn, sasrec or din")
+    for name in ("tune_rec", "tune_lora"):
+        if cfg.stage == "lora" and getattr(cfg, name):
+            problems.append(f"--{name.replace('_', '-')} is a stage-2 switch (--stage cie); stage 1 trains LoRA alone")
     if cfg.stage == "cie" and not cfg.rec_ckpt and not cfg.tune_rec:
         problems.append("--stage cie needs --rec-ckpt (a collab.py model.pt), or --tune-rec to train one from scratch")
-    for name in ("ckpt", "rec_ckpt"):
+    for name in ("ckpt", "rec_ckpt"):  # --ckpt may also be an export folder (load_stage1)
         path = getattr(cfg, name)
-        if path and not os.path.isfile(path):
+        if path and not (os.path.isfile(path) or (name == "ckpt" and os.path.isdir(path))):
             problems.append(f"--{name.replace('_', '-')} {path}: file not found")
     if problems:
         raise UsageError("; ".join(problems))
@@ -260,6 +289,12 @@ def load_checkpoint(path):
         raise UsageError(f"{path}: not a train.py checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
 
 
+def load_stage1(path):
+    """Stage 2's --ckpt: a stage-1 checkpoint file (best.pt), or an --export folder of one, such as the
+    shipped checkpoints/ folders, which hold the same tensors as safetensors."""
+    return metrics.load_export(path) if os.path.isdir(path) else load_checkpoint(path)
+
+
 def model_tensors(model):
     """What a checkpoint keeps of the model: LoRA, the projector and the collaborative model."""
     from peft import get_peft_model_state_dict
@@ -280,7 +315,7 @@ def build_model(cfg, data_set, dtype, state=None):
     from peft import set_peft_model_state_dict
     stage1 = None
     if cfg.stage == "cie" and state is None:
-        stage1 = load_checkpoint(cfg.ckpt)
+        stage1 = load_stage1(cfg.ckpt)
         if "lora" not in stage1 or "llm" not in stage1.get("config", {}):  # e.g. a collab.py model.pt
             what = f"a collab.py {stage1['model']} model.pt" if "state_dict" in stage1 and "model" in stage1 else \
                 "not a train.py checkpoint"
@@ -318,10 +353,12 @@ def build_model(cfg, data_set, dtype, state=None):
     model.score_bias.fill_((state or stage1 or {}).get("score_bias", 0.0))  # stage 2 starts from stage 1's
     if state is not None and rec is not None:
         model.proj.load_state_dict(state["proj"])
-    # Exactly the tensors this stage trains: LoRA in stage 1; the projector (+ rec) in stage 2.
+    # Exactly the tensors this stage trains: LoRA in stage 1; the projector in stage 2, plus the
+    # collaborative model with --tune-rec and LoRA with --tune-lora.
     for name, p in model.named_parameters():
         p.requires_grad_(("lora_" in name) if cfg.stage == "lora" else
-                         name.startswith("proj.") or (cfg.tune_rec and name.startswith("rec.")))
+                         name.startswith("proj.") or (cfg.tune_rec and name.startswith("rec."))
+                         or (cfg.tune_lora and "lora_" in name))
     return model, tok
 
 
@@ -447,7 +484,7 @@ def set_up(cfg):
         run.step, run.best, run.bad_evals, run.history = state["step"], state["best"], state["bad_evals"], state["history"]
         run.loss_log = state.get("loss_log", [])
         run.t0 -= state.get("seconds", 0.0)  # metrics.json's seconds: every sitting's wall time, summed
-    if cfg.calibrate and state is None:
+    if cfg.calibrate and state is None and cfg.stage == "lora":
         shift = calibrate(model, enc_train, ds.splits["train"], run.eval_batch_size, run.pad, device, dtype, cfg.seed)
         if run.master:
             print(f"calibrated: every score shifted by {shift:+.3f} (now {float(model.score_bias):+.3f})")
@@ -575,7 +612,8 @@ def finish(run):
                   dtype_reason=run.dtype_reason, data_source=ds.source, random_weights=cfg.llm.startswith("random:"),
                   best_step=run.best["step"], samples_seen=run.step * run.samples_per_step,
                   samples_per_step=run.samples_per_step, seconds=round(time.time() - run.t0, 1), rank_digests=digests,
-                  config=asdict(cfg), history=run.history, loss_log=run.loss_log)
+                  config=asdict(cfg), command=command_line(cfg, run.world), history=run.history,
+                  loss_log=run.loss_log)
     if run.master:
         metrics.write_metrics(os.path.join(run.out, "metrics.json"), result)
         if result["random_weights"]:

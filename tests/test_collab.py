@@ -385,10 +385,11 @@ def test_results_table_knows_the_new_models(tmp_path):
         m = {"valid": block, "test": block, "test_warm": block, "test_cold": block, "samples_seen": 5,
              "config": {"model": name, "data": "ml-1m"}}
         (tmp_path / name / "metrics.json").write_text(json.dumps(m))
-    lines = metrics.results_table([tmp_path / n for n in ("sasrec", "din", "pop")]).splitlines()
-    assert lines[2].startswith("| sasrec | SASRec |") and lines[2].endswith("| 0.7078 / 0.6884 |")
-    assert lines[3].startswith("| din | DIN |") and lines[3].endswith("| 0.7166 / 0.6459 |")
-    assert lines[4].startswith("| pop | Pop |") and lines[4].endswith("| - |")
+    rows = [metrics.result_row(tmp_path / n) for n in ("sasrec", "din", "pop")]
+    lines = metrics.results_table(rows).splitlines()
+    assert lines[2].startswith("| sasrec | SASRec | - | - |") and lines[2].endswith("| 0.7078 / 0.6884 |")
+    assert lines[3].startswith("| din | DIN | - | - |") and lines[3].endswith("| 0.7166 / 0.6459 |")
+    assert lines[4].startswith("| pop | Pop | - | - |") and lines[4].endswith("| - |")
     assert metrics.PAPER_ML1M["CoLLM-SASRec"] == (0.7235, 0.6990) and metrics.PAPER_ML1M["CoLLM-DIN"] == (0.7243, 0.6897)
 
 

@@ -437,6 +437,92 @@ def test_tune_rec_from_scratch_for_a_history_model(toy_root, lora_run):
     assert not torch.equal(model.rec.item.weight, before)
 
 
+# The reference's stage-2 switches: freeze_rec (--tune-rec), pretrained_path (--rec-ckpt or scratch),
+# freeze_lora (--tune-lora). Every combination, every collaborative model.
+SWITCHES = [(tune_rec, scratch, tune_lora) for tune_rec in (False, True) for scratch in (False, True)
+            for tune_lora in (False, True) if tune_rec or not scratch]  # a frozen rec model needs a checkpoint
+
+
+@pytest.mark.parametrize("rec", ["mf", "lightgcn", "sasrec", "din"])
+@pytest.mark.parametrize("tune_rec, scratch, tune_lora", SWITCHES)
+def test_gradients_reach_exactly_what_the_stage2_switches_name(toy_root, lora_run, rec_ckpts, rec, tune_rec,
+                                                                scratch, tune_lora):
+    model, batch, _, _ = cie_model(toy_root, lora_run, rec, None if scratch else rec_ckpts[rec],
+                                   tune_rec=tune_rec, tune_lora=tune_lora)
+    names = [n for n, _ in model.named_parameters()]
+    named = {n for n in names if n.startswith("proj.") or (tune_rec and n.startswith("rec."))
+             or (tune_lora and "lora_" in n)}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == named
+    model.train()
+    F.binary_cross_entropy_with_logits(model(**batch), batch["label"]).backward()
+    # DIN's own prediction head scores DIN alone; CoLLM reads its embed(), so no gradient reaches the head
+    unread = {n for n in names if n.startswith("rec.head.")}
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == named - unread
+    assert any("lora_" in n for n in names) and any(n.startswith("rec.") for n in names)
+
+
+def test_the_stage2_switches_are_refused_in_stage1(toy_root, tmp_path):
+    for flag in ("--tune-rec", "--tune-lora"):
+        res = run_python("train.py", "--stage", "lora", *TINY, "--data", "toy", "--data-root", toy_root,
+                         "--out", tmp_path, flag)
+        assert_one_line_error(res, flag, "stage-2 switch")
+
+
+@pytest.fixture(scope="module")
+def lora_run_no_dropout(toy_root, tmp_path_factory):
+    """A stage-1 run without LoRA dropout: runs whose dropout draws differ (one process vs two) can then
+    be compared weight for weight."""
+    out = tmp_path_factory.mktemp("lora-nodrop")
+    res = run_python("train.py", "--stage", "lora", *TINY, "--data", "toy", "--data-root", toy_root, "--out", out,
+                     "--max-steps", 10, "--eval-every", 10, "--lr", 3e-3, "--lora-dropout", 0)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out / "best.pt"
+
+
+def whole_cie(toy_root, stage1, mf_ckpt, out, *extra):
+    """A stage-2 command line with the collaborative model and LoRA both tuned (the widest switch set)."""
+    return ["train.py", "--stage", "cie", *TINY, "--data", "toy", "--data-root", toy_root, "--out", out,
+            "--ckpt", stage1, "--rec", "mf", "--rec-ckpt", mf_ckpt, "--tune-rec", "--tune-lora",
+            "--max-steps", 6, "--eval-every", 3, "--test-rows", 40, "--lr", 3e-3, *extra]
+
+
+def test_whole_cie_tuning_resumes_exactly(toy_root, lora_run_no_dropout, mf_ckpt, tmp_path):
+    straight = run_python(*whole_cie(toy_root, lora_run_no_dropout, mf_ckpt, tmp_path / "a"))
+    paused = run_python(*whole_cie(toy_root, lora_run_no_dropout, mf_ckpt, tmp_path / "b", "--pause-at", 3))
+    assert straight.returncode == 0 and paused.returncode == 0, paused.stderr[-2000:]
+    resumed = run_python("train.py", "--resume", tmp_path / "b")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in "ab")
+    for part in ("lora", "proj"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    for k in a["rec"]["state_dict"]:
+        assert torch.equal(a["rec"]["state_dict"][k], b["rec"]["state_dict"][k]), k
+    start = torch.load(lora_run_no_dropout, weights_only=True)["lora"]
+    assert any(not torch.equal(a["lora"][k], start[k]) for k in start)  # --tune-lora moved stage 1's LoRA
+    ma, mb = (json.load(open(tmp_path / d / "metrics.json")) for d in "ab")
+    assert ma["test"] == mb["test"] and ma["history"] == mb["history"]
+
+
+def test_whole_cie_tuning_on_two_ranks_equals_one_process(toy_root, lora_run_no_dropout, mf_ckpt, tmp_path):
+    """Two processes of 4 rows each take the same steps as one process accumulating two batches of 4."""
+    args = whole_cie(toy_root, lora_run_no_dropout, mf_ckpt, tmp_path / "two")[1:]
+    res = torchrun(*args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = run_python(*whole_cie(toy_root, lora_run_no_dropout, mf_ckpt, tmp_path / "one", "--grad-accum", 2),
+                     env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    two, one = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("two", "one"))
+    for part in ("lora", "proj"):
+        for k in one[part]:
+            torch.testing.assert_close(two[part][k], one[part][k], atol=1e-5, rtol=1e-4, msg=f"{part} {k}")
+    for k in one["rec"]["state_dict"]:
+        torch.testing.assert_close(two["rec"]["state_dict"][k], one["rec"]["state_dict"][k], atol=1e-5, rtol=1e-4)
+    m = json.load(open(tmp_path / "two" / "metrics.json"))
+    assert m["rank_digests"][0] == m["rank_digests"][1]
+    assert m["test"]["auc"] == pytest.approx(json.load(open(tmp_path / "one" / "metrics.json"))["test"]["auc"], abs=1e-4)
+
+
 def test_a_history_model_through_train_and_eval(toy_root, lora_run, rec_ckpts, tmp_path):
     """train.py's loop and its --evaluate scoring both hand DIN the history (data.collate's "his")."""
     out = tmp_path / "cie-din"
@@ -449,6 +535,19 @@ def test_a_history_model_through_train_and_eval(toy_root, lora_run, rec_ckpts, t
     res = run_python("train.py", "--evaluate", "--ckpt", out / "best.pt", "--out", tmp_path / "ev")
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.load(open(tmp_path / "ev" / "metrics.json"))["test"] == pytest.approx(m["test"])
+    # eval.py --table --json: the run's variant, and a command that parses back to the run's settings
+    table = tmp_path / "table"
+    table.mkdir()
+    res = run_python("eval.py", "--table", out, "--json", table / "results.json")
+    assert res.returncode == 0 and "| cie-din | CoLLM-DIN | tune-rec | tiny |" in res.stdout, res.stderr[-3000:]
+    row, = json.load(open(table / "results.json"))
+    assert (row["variant"], row["rec"], row["shipped"], row["test_auc"]) == ("tune-rec", "din", False, m["test"]["auc"])
+    assert row["command"].startswith("python train.py --stage cie") and "--tune-rec" in row["command"]
+    again = dataclasses.asdict(train.parse_config(row["command"].split()[2:]))
+    assert again == {**m["config"], "resume": None, "pause_at": 0}
+    (table / "cie-din").mkdir()  # a folder of the run's name beside results.json: shipped
+    assert run_python("eval.py", "--table", out, "--json", table / "results.json").returncode == 0
+    assert json.load(open(table / "results.json"))[0]["shipped"] is True
 
 
 def test_bad_collaborative_inputs_are_one_clear_line(toy_root, lora_run, rec_ckpts, tmp_path):
@@ -508,10 +607,10 @@ def test_results_table_reads_the_runs(lora_run, mf_ckpt, tmp_path):
     res = run_python("eval.py", "--table", mf_dir, lora_dir)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
-    assert lines[0].startswith("| run | method | llm | samples seen |") and len(lines) == 4
+    assert lines[0].startswith("| run | method | variant | llm | samples seen |") and len(lines) == 4
     mf, m1 = (json.load(open(os.path.join(d, "metrics.json"))) for d in (mf_dir, lora_dir))
-    assert lines[2].startswith(f"| {os.path.basename(mf_dir)} | MF | - |") and f"| {mf['test']['auc']:.4f} | {mf['test']['uauc']:.4f} |" in lines[2]
-    assert lines[3].startswith(f"| {lora_dir.name} | TALLRec | tiny | {m1['samples_seen']:,} | 93 | {m1['test']['auc']:.4f} |")
+    assert lines[2].startswith(f"| {os.path.basename(mf_dir)} | MF | - | - |") and f"| {mf['test']['auc']:.4f} | {mf['test']['uauc']:.4f} |" in lines[2]
+    assert lines[3].startswith(f"| {lora_dir.name} | TALLRec | - | tiny | {m1['samples_seen']:,} | 93 | {m1['test']['auc']:.4f} |")
     assert lines[3].endswith("| - |")  # toy data: no published numbers beside it
     m1["config"]["data"] = "ml-1m"  # the paper's column appears for ML-1M runs
     json.dump(m1, open(tmp_path / "metrics.json", "w"))
@@ -526,11 +625,11 @@ def test_results_table_reads_the_runs(lora_run, mf_ckpt, tmp_path):
     res = run_python("eval.py", "--table", ev)
     assert res.returncode == 0, res.stderr[-3000:]
     row = res.stdout.strip().splitlines()[-1]
-    assert row.startswith(f"| ev | TALLRec | tiny | {m1['best_step'] * 4:,} | 93 | {m1['test']['auc']:.4f} |"), row
+    assert row.startswith(f"| ev | TALLRec | - | tiny | {m1['best_step'] * 4:,} | 93 | {m1['test']['auc']:.4f} |"), row
     m = json.load(open(ev / "metrics.json"))
     del m["samples_seen"]
     json.dump(m, open(ev / "metrics.json", "w"))
-    assert "| ev | TALLRec | tiny | - | 93 |" in run_python("eval.py", "--table", ev).stdout
+    assert "| ev | TALLRec | - | tiny | - | 93 |" in run_python("eval.py", "--table", ev).stdout
 
 
 def test_resumed_run_equals_uninterrupted_run(toy_root, tmp_path):
