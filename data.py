@@ -883,15 +883,21 @@ def collate(enc, split, rows, pad_id, his_len=0):
 # CLI
 
 
-def untitled_items(data):
-    """-> ids of the items in the data (as targets or in histories) whose title is ''. The Amazon-Book
-    notebook keeps books whose metadata has no title (its fillna('')), and so do we: their prompts
-    quote an empty title. Worth knowing before training on them, so --stats says how many."""
+def items_in_data(data):
+    """-> (item_num,) bool, True for the ids that occur in the data, as a target or in a history (a
+    title cannot tell: an Amazon book may have an empty one)."""
     seen = np.zeros(data.item_num, bool)
     for sp in data.splits.values():
         seen[sp.iid] = True
         seen[sp.his_items] = True
-    return [i for i in np.flatnonzero(seen).tolist() if data.titles[i] == ""]
+    return seen
+
+
+def untitled_items(data):
+    """-> ids of the items in the data whose title is ''. The Amazon-Book notebook keeps books whose
+    metadata has no title (its fillna('')), and so do we: their prompts quote an empty title. Worth
+    knowing before training on them, so --stats says how many."""
+    return [i for i in np.flatnonzero(items_in_data(data)).tolist() if data.titles[i] == ""]
 
 
 def print_stats(data):

@@ -192,7 +192,12 @@ def test_rank_given_items_and_from_an_export(runs, toy_root, tmp_path, monkeypat
     (["--user", 3, "--items", "2,21,0"], ["21,0", "1..20"]),
     (["--user", 3, "--items", "2,x"], ["--items 2,x"]),
     (["--items", "2"], ["--user"]),
-], ids=["user beyond the table", "user 0", "unknown items", "items not ids", "items without user"])
+    (["--user", 3, "--items", ","], ["--items ','", "no ids"]),  # never read as "no --items": the test rows
+    (["--user", 3, "--items", "2", "--candidates", "unseen"], ["--items", "--candidates unseen"]),
+    (["--candidates", "unseen"], ["--user"]),
+    (["--user", "3,x"], ["--user 3,x"]),
+], ids=["user beyond the table", "user 0", "unknown items", "items not ids", "items without user", "items with no id",
+        "items and unseen", "unseen without user", "users not ids"])
 def test_rank_refuses_unknown_ids(runs, monkeypatch, capsys, args, words):
     code, _, err = cli(monkeypatch, capsys, "--ckpt", runs / "lora" / "best.pt", *args)
     assert_error_line(code, err, *words)
@@ -217,3 +222,69 @@ def test_candidates_without_test_rows_are_unrated_items_with_the_current_history
                             for i in splits[s].iid[(splits[s].uid == user) & (splits[s].label > 0.5)]}
     assert liked(ds.splits) <= set(split.history(0).tolist()) <= liked(data.load_dataset("toy", str(toy_root)).splits)
     assert "never rated" in note
+
+
+# ---------------------------------------------------------------------------------------------
+# The catalog: every item a user has no rating of, the prompt prefix run once for them all
+
+
+@pytest.fixture(scope="module")
+def sparse_root(tmp_path_factory):
+    """The toy data (where everyone rated everything) with users 1 and 2's dislikes taken out: those
+    items become unseen. Dislikes never enter a history, so every history stays as it was."""
+    from conftest import toy_frames, write_dataset
+    root = tmp_path_factory.mktemp("sparse")
+    parts = {s: df[~(df.uid.isin([1, 2]) & (df.label == 0))] for s, df in toy_frames().items()}
+    write_dataset(root, "toy", **parts)
+    return root
+
+
+def catalog_of(model, tok, cfg, ds, user):
+    """-> (the candidate split, its encoding) of user's unseen items, as train.py --evaluate builds them."""
+    import dataclasses
+    split, _, _ = metrics.candidates(ds, user, unseen=True)
+    enc = train.encode(cfg, dataclasses.replace(ds, splits={**ds.splits, "rank": split}), tok, "rank", model)
+    return split, enc
+
+
+@pytest.mark.parametrize("stage, rec", [("lora", None), ("cie", None), ("cie", "din")],
+                         ids=["stage 1", "stage 2 MF", "stage 2 DIN (the user slot depends on the item)"])
+def test_catalog_scores_equal_scoring_each_row_alone(runs, sparse_root, stage, rec):
+    import collm
+    model, tok, cfg, ds = rebuilt(train.load_checkpoint(str(runs / stage / "best.pt")), sparse_root)
+    if rec:  # a DIN reads the target item to pool the history: user vectors differ from row to row
+        torch.manual_seed(0)
+        model = collm.CoLLM(model.llm, model.yes_id, collab.new_rec(rec, ds)).eval()
+    split, enc = catalog_of(model, tok, cfg, ds, 1)
+    assert len(split) >= 5 and len(set(enc.shared.tolist())) == 1
+    pad, cpu = data.SegmentTokenizer(tok).pad_id, torch.device("cpu")
+    got = metrics.score_catalog(model, enc, split, 4, pad, cpu)
+    model.prefix_cache = False  # each row's whole prompt, alone: no prefix shared with anything
+    alone = metrics.score_rows(model, enc, split, np.arange(len(split)), 1, pad, cpu)
+    np.testing.assert_allclose(got, alone, rtol=0, atol=2e-5)
+
+
+def test_catalog_ranks_every_unseen_item_once(runs, sparse_root, monkeypatch, capsys):
+    ds = data.load_dataset("toy", str(sparse_root))
+    code, out, err = cli(monkeypatch, capsys, "--ckpt", runs / "cie" / "best.pt", "--data-root", sparse_root,
+                         "--user", "1,2", "--candidates", "unseen", "--json")
+    assert code == 0, err
+    lines = out.strip().splitlines()  # stdout holds the JSON alone, one object a user
+    assert len(lines) == 2
+    for user, line in zip((1, 2), lines):
+        got = json.loads(line)
+        rows = metrics.user_rows(ds, user)
+        rated = {int(ds.splits[s].iid[r]) for s, rs in rows.items() for r in rs}
+        items = [x["item"] for x in got["items"]]
+        assert got["user"] == user and got["candidates"] == len(items) > 0
+        assert sorted(items) == sorted(set(range(1, ds.item_num)) - rated)  # every unseen item, once, no rated one
+        scores = [x["score"] for x in got["items"]]
+        assert scores == sorted(scores, reverse=True)
+        for x in got["items"]:
+            assert x["probability"] == pytest.approx(1 / (1 + np.exp(-x["score"])))
+            assert x["title"] == f"Item {x['item']}" and x["label"] is None
+    # --top K: the best K of the same ranking
+    code, out, err = cli(monkeypatch, capsys, "--ckpt", runs / "cie" / "best.pt", "--data-root", sparse_root,
+                         "--user", 1, "--candidates", "unseen", "--top", 3, "--json")
+    assert code == 0, err
+    assert json.loads(out)["items"] == json.loads(lines[0])["items"][:3]
