@@ -133,33 +133,45 @@ def score_rows(model, enc, split, rows, batch_size, pad_id, device, dtype=None, 
     return scores
 
 
-def score_catalog(model, enc, split, batch_size, pad_id, device, dtype=None):
-    """-> (len(split),) float64 scores, like score_rows, for rows that all begin with the same prompt
-    up to the target title: one user's candidates with one history (train.py --evaluate --user U
-    --candidates unseen). That prefix runs once for them all (collm.CoLLM.run_prefix) and each batch
-    runs only its rows' own tokens, the title and the question's end: on ML-1M about 35 of 190
-    tokens a row. Rows that do not share one prefix, or a model that cannot run one apart, go to
-    score_rows instead, which gives the same scores."""
+def score_catalog(model, enc, split, batch_size, pad_id, device, dtype=None, rows=None):
+    """-> (len(rows),) float64 scores of `rows` (default: every row), equal to score_rows's, for rows
+    that mostly begin with the same prompt up to the target title: one user's candidates with one
+    history (train.py --evaluate --user U --candidates unseen). Each distinct prefix (data.prefix_groups)
+    runs once for all its rows (collm.CoLLM.run_prefix), and each batch runs only its rows' own tokens,
+    the title and the end of the question. A title whose first characters merge with the quote before
+    it (a BPE token such as ' "(') changes a token before the title: such rows form prefix groups of
+    their own, scored exactly all the same. A model that cannot run a prefix apart goes to score_rows."""
     import torch
-    rows = np.arange(len(split))
-    one_prefix = len(rows) > 0 and len(set(data.prefix_groups(enc, rows).tolist())) == 1
-    if not (one_prefix and getattr(model, "shares_prefixes", lambda: False)()):
+    rows = np.arange(len(split)) if rows is None else np.asarray(rows)
+    if not model.shares_prefixes():
         return score_rows(model, enc, split, rows, batch_size, pad_id, device, dtype)
-    to_device = lambda batch: {k: v.to(device) for k, v in batch.items()}
-    first = to_device(data.collate(enc, split, rows[:1], pad_id, model.his_len))
-    # every row's collaborative ids (stage 2): run_prefix checks whether the user slot differs among them
-    ids = dict(uid=torch.from_numpy(split.uid).to(device), iid=torch.from_numpy(split.iid).to(device),
-               his=torch.from_numpy(data.padded_history(split, model.his_len)).to(device) if model.his_len else None)
+    groups = data.prefix_groups(enc, rows)
     scores = np.full(len(rows), np.nan)
     was_training = model.training
     model.eval()
     amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
-    with torch.no_grad(), amp:
-        prefix = model.run_prefix(first, int(enc.shared[0]), **ids)
-        for b in tqdm(data.eval_batches(enc.lengths, batch_size), desc=f"scoring {len(rows):,} candidates", leave=False):
-            scores[b] = model(**to_device(data.collate(enc, split, rows[b], pad_id, model.his_len)),
-                              prefix=prefix).float().cpu().numpy()
+    with torch.no_grad(), amp, tqdm(total=len(rows), desc=f"scoring {len(rows):,} candidates", leave=False) as bar:
+        for g in np.unique(groups):
+            mine = np.flatnonzero(groups == g)
+            scores[mine] = score_one_prefix(model, enc, split, rows[mine], batch_size, pad_id, device, bar)
     model.train(was_training)
+    return scores
+
+
+def score_one_prefix(model, enc, split, rows, batch_size, pad_id, device, bar):
+    """score_catalog's scores of `rows`, which all share their first enc.shared tokens: those run once."""
+    import torch
+    to_device = lambda batch: {k: v.to(device) for k, v in batch.items()}
+    first = to_device(data.collate(enc, split, rows[:1], pad_id, model.his_len))
+    # every row's collaborative ids (stage 2): run_prefix checks whether the user slot differs among them
+    ids = dict(uid=torch.from_numpy(split.uid[rows]).to(device), iid=torch.from_numpy(split.iid[rows]).to(device),
+               his=torch.from_numpy(data.padded_history(split, model.his_len, rows)).to(device) if model.his_len else None)
+    prefix = model.run_prefix(first, int(enc.shared[rows[0]]), **ids)
+    scores = np.full(len(rows), np.nan)
+    for b in data.eval_batches(enc.lengths[rows], batch_size):
+        batch = to_device(data.collate(enc, split, rows[b], pad_id, model.his_len))
+        scores[b] = model(**batch, prefix=prefix).float().cpu().numpy()
+        bar.update(len(b))
     return scores
 
 
