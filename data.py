@@ -676,6 +676,7 @@ NEEDS = {"text": PLACEHOLDERS[:2], "collm": PLACEHOLDERS}
 MAX_TITLES = 10           # the last 10 liked items go into the prompt (the reference's choice)
 EMPTY_HISTORY = "none"    # the reference writes the typo `unkow` for a user with no liked items yet
 SLOT = None               # marks a slot in a segment list
+GLUE = ",.?!;:"           # a punctuation mark right after a title joins the title's segment
 
 
 def load_template(domain, mode, path=None):
@@ -708,7 +709,7 @@ def prompt_segments(template, history_titles, target_title):
         lead = ""
         if segs[-1].endswith(" "):  # the space before a placeholder moves into it
             segs[-1], lead = segs[-1][:-1], " "
-        glue = after[:1] if after[:1] in ",.?!;:" else ""  # punctuation right after it joins it
+        glue = after[:1] if after[:1] in GLUE else ""  # punctuation right after it joins it
         if ph in ("<UserID>", "<TargetItemID>"):
             segs += [SLOT, after]  # the slot stands for " <UserID>"; nothing is glued to it
             continue

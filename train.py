@@ -763,7 +763,7 @@ def evaluate(args):
     what = f"({cfg.stage}, {cfg.llm}, step {state['step']})"
     if args.export:
         template = data.load_template(ds.domain, "text" if cfg.stage == "lora" else "collm", cfg.template)
-        metrics.export_model(model, tok, state, template, args.export, args.with_base)
+        metrics.export_model(model, tok, state, template, args.export, args.with_base, collm.llm_source(cfg.llm))
         print(f"exported {args.ckpt} {what} -> {args.export}")
         return
     if cfg.compile:  # scored as the run was trained (train.py --compile)
