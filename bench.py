@@ -15,6 +15,7 @@ The chapter that measures the others. It answers three questions about one train
     python bench.py --llm smollm2-135m --dtype bf16 --batch-size 8 --steps 5                 # stage 1
     python bench.py --llm smollm2-135m --dtype bf16 --batch-size 8 --steps 5 --stage cie     # stage 2
     python bench.py --llm smollm2-135m --dtype bf16 --batch-size 8 --steps 5 --device cuda
+    python bench.py --llm smollm2-135m --stage cie --only catalog --eval-rows 32 --repeats 1  # one user's catalog
 
 A fourth, about using a trained model: how much faster is one user's whole catalog (train.py
 --evaluate --user U --candidates unseen: the prompt up to the target title run once, then only each
@@ -499,6 +500,7 @@ def catalog(args, ds, device, dtype):
     out = dict(catalog_rows_per_s=rate(True, sample), plain_rows_per_s=rate(False, plain),
                batched_rows_per_s=rate(True, plain), sample_rows=len(rows), mean_len=float(enc.lengths.mean()),
                mean_rest_len=float((enc.lengths - enc.shared).mean()))
+    print(json.dumps(out), file=sys.stderr, flush=True)  # the rates now: the whole catalog can take minutes
     t = time.perf_counter()
     whole, whole_enc = user_catalog(args, ds, model, tok, cfg)
     out.update(user=int(whole.uid[0]), catalog_rows=len(whole), catalog_encode_seconds=time.perf_counter() - t)

@@ -17,6 +17,7 @@ commands that start from a checkpoint are `python train.py --evaluate ...`:
     python train.py --evaluate --ckpt runs/cie-mf/best.pt --split test          # AUC / UAUC of a checkpoint
     python train.py --evaluate --ckpt runs/cie-mf/best.pt --export out/cie-mf   # LoRA for peft, the rest as safetensors
     python train.py --evaluate --ckpt runs/cie-mf/best.pt --user 17 --show-prompt   # rank one user's items
+    python train.py --evaluate --ckpt runs/cie-mf/best.pt --user 17 --candidates unseen --top 10 --json  # recommend
 """
 import numpy as np
 from tqdm import tqdm
