@@ -15,6 +15,11 @@ The chapter that measures the others. It answers three questions about one train
     python bench.py --llm smollm2-135m --dtype bf16 --batch-size 8 --steps 5                 # stage 1
     python bench.py --llm smollm2-135m --dtype bf16 --batch-size 8 --steps 5 --stage cie     # stage 2
     python bench.py --llm smollm2-135m --dtype bf16 --batch-size 8 --steps 5 --device cuda
+    python bench.py --llm smollm2-135m --stage cie --only catalog --eval-rows 32 --repeats 1  # one user's catalog
+
+A fourth, about using a trained model: how much faster is one user's whole catalog (train.py
+--evaluate --user U --candidates unseen: the prompt up to the target title run once, then only each
+candidate's own tokens) than plain scoring of the same rows? `--only catalog` answers it alone.
 
 Each measurement runs in a child process of its own (`--only NAME` runs one and prints it as a JSON
 line), so each path's peak memory is its own: on CPU the peak resident set size (reset after the
@@ -54,7 +59,7 @@ import eval as metrics  # our eval.py, by what it holds (a plain `import eval` w
 import train
 from data import UsageError
 
-CHILDREN = ("baseline", "ours-train", "whole-train", "ours-eval", "whole-eval", "ref-train", "ref-eval")
+CHILDREN = ("baseline", "ours-train", "whole-train", "ours-eval", "whole-eval", "ref-train", "ref-eval", "catalog")
 FIXED_LEN = 190  # tokens per row of the fixed-shape baseline: the mean ML-1M prompt in LLaMA tokens
 
 
@@ -460,6 +465,54 @@ def ref_eval(args, ds, device, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
+# One user's catalog (train.py --evaluate --user U --candidates unseen): thousands of rows with one
+# history, so one prompt prefix up to the target title
+
+
+def user_catalog(args, ds, model, tok, cfg, n=None):
+    """-> (the candidate split, its encoding): the first test row's user, every item they have no
+    rating of, with their current history (the first n of them, if n). On data where that user rated
+    every item (the toy data of the tests), every item instead: the same prompts, rated or not."""
+    user = int(ds.splits["test"].uid[0])
+    split, _, _ = metrics.candidates(ds, user, unseen=True)
+    items = split.iid.tolist() or np.flatnonzero(data.items_in_data(ds)).tolist()
+    split, _, _ = metrics.candidates(ds, user, items=items[:n])
+    enc = train.encode(cfg, replace(ds, splits={**ds.splits, "rank": split}), tok, "rank", model)
+    return split, enc
+
+
+def catalog(args, ds, device, dtype):
+    """Rows/s of the catalog path (eval.score_catalog: the prefix once, then each row's own tokens)
+    against plain scoring of the same first --eval-rows candidates: eval.score_rows with each row's
+    whole prompt in one call ("plain"), and score_rows as it scores a split, the prefix run once per
+    batch ("batched"). Then the wall time of the catalog path over the user's whole catalog, once."""
+    model, tok, cfg = build(args, ds, dtype, device, with_rec=args.stage == "cie")
+    pad, batch_size = data.SegmentTokenizer(tok).pad_id, args.eval_batch_size
+    split, enc = user_catalog(args, ds, model, tok, cfg, args.eval_rows)
+    rows = np.arange(len(split))
+
+    def rate(prefix_cache, score):  # rows/s, the best of --repeats passes after one warm-up batch
+        model.prefix_cache = prefix_cache
+        score(rows[:batch_size])
+        return len(rows) / timed_passes(device, args, lambda: score(rows))[0]
+    plain = lambda rs: metrics.score_rows(model, enc, split, rs, batch_size, pad, device, dtype)
+    sample = lambda rs: metrics.score_catalog(model, enc, split, batch_size, pad, device, dtype, rs)
+    out = dict(catalog_rows_per_s=rate(True, sample), plain_rows_per_s=rate(False, plain),
+               batched_rows_per_s=rate(True, plain), sample_rows=len(rows), mean_len=float(enc.lengths.mean()),
+               mean_rest_len=float((enc.lengths - enc.shared).mean()))
+    print(json.dumps(out), file=sys.stderr, flush=True)  # the rates now: the whole catalog can take minutes
+    t = time.perf_counter()
+    whole, whole_enc = user_catalog(args, ds, model, tok, cfg)
+    out.update(user=int(whole.uid[0]), catalog_rows=len(whole), catalog_encode_seconds=time.perf_counter() - t)
+    model.prefix_cache = True
+    out["catalog_seconds"] = clock(device, lambda: metrics.score_catalog(model, whole_enc, whole, batch_size, pad,
+                                                                         device, dtype))
+    out.update(catalog_speedup=out["catalog_rows_per_s"] / out["plain_rows_per_s"],
+               catalog_speedup_batched=out["catalog_rows_per_s"] / out["batched_rows_per_s"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # The baseline: the device's matmul peak, and our model alone on one fixed-shape batch
 
 
@@ -499,7 +552,7 @@ def baseline(args, ds, device, dtype):
 
 MEASURE = {"baseline": baseline, "ours-train": ours_train, "ours-eval": ours_eval, "ref-train": ref_train,
            "ref-eval": ref_eval, "whole-train": lambda *args: ours_train(*args, prefix_cache=False),
-           "whole-eval": lambda *args: ours_eval(*args, prefix_cache=False)}
+           "whole-eval": lambda *args: ours_eval(*args, prefix_cache=False), "catalog": catalog}
 
 
 def run_child(args, device, dtype):
@@ -623,6 +676,11 @@ def report(args, device, dtype_name, res, load):
           f"prefixes, {eval_ours['shared_share']:.0%} of their tokens before the target title); peak memory "
           + (f"train {prefix_mem_train:.2f}x, " if train_whole else "") + f"eval {prefix_mem_eval:.2f}x, "
           + "tensors " + (f"train {prefix_tensors_train:.2f}x, " if train_whole else "") + f"eval {prefix_tensors_eval:.2f}x")
+    cat = res["catalog"]
+    print(f"one user's catalog (user {cat['user']}, {cat['catalog_rows']:,} unseen items): prefix once, then "
+          f"{cat['mean_rest_len']:.0f} of {cat['mean_len']:.0f} tokens a row: {cat['catalog_rows_per_s']:.1f} rows/s, "
+          f"{cat['catalog_speedup']:.2f}x plain scoring, {cat['catalog_speedup_batched']:.2f}x the prefix once per batch; "
+          f"whole catalog {cat['catalog_seconds']:.1f} s (+ {cat['catalog_encode_seconds']:.1f} s building its prompts)")
     print(f"samples/s: real tokens/s over the mean prompt, {train_ours['mean_len']:.0f} tokens (train split) and "
           f"{eval_ours['mean_len']:.0f} (the scored test rows): an epoch's rate, whatever rows the timed batches drew")
     print(f"padding over a whole epoch: ours {train_ours['padding_epoch']:.1%} of train tokens (length-bucketed), "
@@ -641,7 +699,9 @@ def report(args, device, dtype_name, res, load):
                 grad_checkpoint=args.grad_checkpoint, peak_flops=peak, n_params=N, eval_padding_share=round(te["padding"], 4),
                 fixed_train_peak_share=round(f_train * args.batch_size * FIXED_LEN / base["train_seconds"] / peak, 4),
                 fixed_eval_peak_share=round(f_eval * args.eval_batch_size * FIXED_LEN / base["eval_seconds"] / peak, 4),
-                mem_ratio_train_over_base=round(mem_over, 3), load_average=load)
+                mem_ratio_train_over_base=round(mem_over, 3), load_average=load,
+                catalog_speedup=round(cat["catalog_speedup"], 3), catalog_speedup_batched=round(cat["catalog_speedup_batched"], 3),
+                catalog_rows=cat["catalog_rows"], catalog_seconds=round(cat["catalog_seconds"], 2))
 
 
 def main(argv=None):

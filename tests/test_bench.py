@@ -8,7 +8,7 @@ from conftest import assert_error_line, run_python
 
 KEYS = ("train_samples_per_s", "eval_samples_per_s", "train_peak_share", "eval_peak_share", "padding_share",
         "ref_padding_share", "speedup_train", "speedup_eval", "mem_ratio_train", "prefix_speedup_eval", "prefix_mem_eval",
-        "prefix_tensors_eval", "device", "dtype", "cpu_capability", "cpu_bf16_units", "llm")
+        "prefix_tensors_eval", "catalog_speedup", "device", "dtype", "cpu_capability", "cpu_bf16_units", "llm")
 
 
 def bench(*args):
@@ -27,7 +27,7 @@ def test_one_tiny_step_per_path_ends_with_the_json_line(toy_root, stage):
     out = json.loads(lines[-1])
     assert set(KEYS) <= set(out), set(KEYS) - set(out)
     assert (out["device"], out["dtype"], out["llm"]) == ("cpu", "fp32", "tiny")
-    for k in KEYS[:12]:
+    for k in KEYS[:12] + ("catalog_speedup", "catalog_seconds", "catalog_rows"):
         assert out[k] > 0, (k, out[k])
     for k in ("prefix_speedup_train", "prefix_mem_train", "prefix_tensors_train"):
         assert (out[k] is None) is (stage == "lora"), k  # stage 1 has no prefix to skip
@@ -35,6 +35,16 @@ def test_one_tiny_step_per_path_ends_with_the_json_line(toy_root, stage):
         assert 0 <= out[k] <= 1, (k, out[k])
     for label in ("train  ours", "train  reference", "eval   ours", "eval   whole prompt", "eval   reference"):  # the table, a row per path
         assert any(line.startswith(label) for line in lines), label
+
+
+def test_catalog_alone(toy_root):
+    """--only catalog: one user's candidates scored with the prefix once and plainly, rows/s of both."""
+    res = bench(*TINY, "--data-root", toy_root, "--stage", "cie", "--only", "catalog")
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (out["catalog_rows"], out["sample_rows"]) == (20, 12) and out["mean_rest_len"] < out["mean_len"]
+    for k in ("catalog_speedup", "catalog_speedup_batched", "catalog_rows_per_s", "plain_rows_per_s", "catalog_seconds"):
+        assert out[k] > 0, (k, out[k])
 
 
 @pytest.mark.parametrize("path", ["ours-train", "whole-train", "ref-train"])

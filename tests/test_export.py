@@ -95,6 +95,7 @@ def test_stage1_export_loads_with_plain_transformers_and_peft(runs, toy_root, tm
     plain = json.loads(res.stdout.strip().splitlines()[-1])
     info = json.loads((out / "collm_export.json").read_text())
     assert plain["yes_id"] == model.yes_id == info["yes_token_id"]
+    assert info["base_model"] == "base" == json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert info["score_bias"] == pytest.approx(float(model.score_bias)) != 0  # --calibrate's constant, written down
     np.testing.assert_allclose(np.array(plain["lora"]) + info["score_bias"], our_scores(model, batch), atol=1e-4)
     # the adapters were loaded and change the answer (a LoRA left at B = 0 would pass the line above)
@@ -122,6 +123,77 @@ def test_stage2_export_reloads_to_the_same_scores(runs, toy_root, tmp_path):
     np.testing.assert_allclose(our_scores(reloaded, batch), our_scores(original, batch), atol=1e-5)
 
 
+@pytest.mark.parametrize("loaded_from", ["folder", "hub"])
+def test_an_export_names_no_path_of_this_machine(runs, toy_root, tmp_path, loaded_from):
+    """An LLM loaded from a folder here (SmolLM2's converted copy in cache/) is named by where it comes
+    from, never by that path: base_model null (or base/ with --with-base), in collm_export.json,
+    adapter_config.json and peft's README.md alike. A hub id stays, it means the same everywhere."""
+    model, tok, cfg, ds = rebuilt(train.load_checkpoint(str(runs / "lora" / "best.pt")), toy_root)
+    here = tmp_path / "cache" / "an-llm"
+    here.mkdir(parents=True)
+    name = str(here) if loaded_from == "folder" else "some-org/some-llm"
+    model.llm.get_base_model().config._name_or_path = name
+    state = train.load_checkpoint(str(runs / "lora" / "best.pt"))
+    template = data.load_template(ds.domain, "text")
+    info = metrics.export_model(model, tok, state, template, str(tmp_path / "out"), source="where it comes from")
+    want = None if loaded_from == "folder" else name
+    assert info["base_model"] == want and info["base_model_source"] == "where it comes from"
+    assert "--with-base" in info["base_model_note"] and not (tmp_path / "out" / "base").exists()
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"] == want
+    for f in os.listdir(tmp_path / "out"):
+        assert str(here) not in (tmp_path / "out" / f).read_text(errors="replace"), f
+
+
+def doc_example(path, containing, **values):
+    """The python block of a doc file that holds `containing`, its input lines (`name = ...`) set to `values`."""
+    import re
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)) as f:
+        code = next(c for c in re.findall(r"```python\n(.*?)```", f.read(), re.S) if containing in c)
+    for name, value in values.items():
+        code, n = re.subn(rf"^{re.escape(name)} = .*$", f"{name} = {value!r}", code, count=1, flags=re.M)
+        assert n == 1, f"{path}: no line '{name} = ...'"
+    return code
+
+
+def score_by_the_example(ckpt, export, doc, toy_root, tmp_path):
+    """-> (the score the doc's script prints for one user and item, ours for the same prompt). The
+    user with the longest history, so that the script must keep its last 10 titles itself."""
+    import dataclasses
+    model, tok, cfg, ds = rebuilt(train.load_checkpoint(str(ckpt)), toy_root)
+    user = max(range(1, ds.user_num), key=lambda u: len(metrics.current_history(ds, metrics.user_rows(ds, u))[1]))
+    item = 5
+    split, _, _ = metrics.candidates(ds, user, items=[item])
+    enc = train.encode(cfg, dataclasses.replace(ds, splits={**ds.splits, "rank": split}), tok, "rank", model)
+    want = metrics.score_rows(model, enc, split, [0], 1, data.SegmentTokenizer(tok).pad_id, torch.device("cpu"))[0]
+    liked = [ds.titles[i] for i in split.history(0)]
+    assert len(liked) > data.MAX_TITLES
+    if doc == "README.md":  # stage 1
+        code = doc_example(doc, "collm_export.json", folder=str(export), titles=liked, target=ds.titles[item])
+    else:
+        code = doc_example(doc, "collm_export.json", folder=str(export), **{"user, item": (user, item)}, liked=liked,
+                           target=ds.titles[item])
+    res = run_python("-I", "-c", code, cwd=tmp_path, timeout=120)  # -I: no module of ours importable
+    assert res.returncode == 0, res.stderr[-3000:]
+    words = res.stdout.split()
+    assert words[0] == "score" and words[2] == "probability", res.stdout
+    return float(words[1]), want
+
+
+def test_the_stage1_example_adds_score_bias(runs, toy_root, tmp_path):
+    """The README's stage-1 script, plain transformers + peft, on a --calibrate run's export (base/ in it)."""
+    out = tmp_path / "export"
+    train.main(["--evaluate", "--export", str(out), "--ckpt", str(runs / "lora" / "best.pt")])
+    got, want = score_by_the_example(runs / "lora" / "best.pt", out, "README.md", toy_root, tmp_path)
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_the_stage2_example_scores_as_we_do_without_our_code(cie_export, runs, toy_root, tmp_path):
+    """docs/export.md's script, plain torch + transformers + peft + safetensors, rebuilds our tokens and
+    slots by the rules of collm_export.json and gives our score."""
+    got, want = score_by_the_example(runs / "cie" / "best.pt", cie_export, "docs/export.md", toy_root, tmp_path)
+    assert got == pytest.approx(want, abs=1e-5)
+
+
 def cli(monkeypatch, capsys, *args):
     """train.py --evaluate as a user runs it (data.cli_main: a UsageError becomes one `error:` line, exit 2)."""
     monkeypatch.setattr(sys, "argv", ["train.py", "--evaluate", *map(str, args)])
@@ -141,6 +213,48 @@ def test_export_refuses_a_non_empty_folder(runs, tmp_path, monkeypatch, capsys):
     code, _, err = cli(monkeypatch, capsys, "--export", out, "--ckpt", runs / "lora" / "best.pt")
     assert_error_line(code, err, str(out), "not an empty folder")
     assert os.listdir(out) == ["notes.txt"] and not [p for p in os.listdir(tmp_path) if "tmp" in p]
+
+
+@pytest.fixture(scope="module")
+def cie_export(runs, tmp_path_factory):
+    """A stage-2 export of the toy run (tiny LLaMA: its base/ is in the folder)."""
+    out = tmp_path_factory.mktemp("exports") / "cie"
+    train.main(["--evaluate", "--export", str(out), "--ckpt", str(runs / "cie" / "best.pt")])
+    return out
+
+
+def _no_adapter_config(folder):
+    os.remove(folder / "adapter_config.json")
+    return "adapter_config.json", "not found"
+
+
+def _truncated_adapter(folder):
+    blob = (folder / "adapter_model.safetensors").read_bytes()
+    (folder / "adapter_model.safetensors").write_bytes(blob[:len(blob) // 2])
+    return "adapter_model.safetensors", "cannot be read"
+
+
+def _bad_json(folder):
+    text = (folder / "collm_export.json").read_text()
+    (folder / "collm_export.json").write_text(text[:len(text) // 2])
+    return "collm_export.json", "cannot be read"
+
+
+def _no_projector(folder):
+    os.remove(folder / "projector.safetensors")
+    return "projector.safetensors", "not found"
+
+
+@pytest.mark.parametrize("damage", [_no_adapter_config, _truncated_adapter, _bad_json, _no_projector],
+                         ids=["no adapter_config.json", "truncated adapter_model.safetensors",
+                              "collm_export.json not JSON", "no projector.safetensors"])
+def test_a_damaged_export_is_one_error_line_naming_the_file(cie_export, tmp_path, monkeypatch, capsys, damage):
+    import shutil
+    folder = tmp_path / "copy"
+    shutil.copytree(cie_export, folder)
+    name, words = damage(folder)
+    code, _, err = cli(monkeypatch, capsys, "--ckpt", folder, "--rows", 2)
+    assert_error_line(code, err, str(folder / name), words)
 
 
 def table_rows(out):
@@ -192,7 +306,12 @@ def test_rank_given_items_and_from_an_export(runs, toy_root, tmp_path, monkeypat
     (["--user", 3, "--items", "2,21,0"], ["21,0", "1..20"]),
     (["--user", 3, "--items", "2,x"], ["--items 2,x"]),
     (["--items", "2"], ["--user"]),
-], ids=["user beyond the table", "user 0", "unknown items", "items not ids", "items without user"])
+    (["--user", 3, "--items", ","], ["--items ','", "no ids"]),  # never read as "no --items": the test rows
+    (["--user", 3, "--items", "2", "--candidates", "unseen"], ["--items", "--candidates unseen"]),
+    (["--candidates", "unseen"], ["--user"]),
+    (["--user", "3,x"], ["--user 3,x"]),
+], ids=["user beyond the table", "user 0", "unknown items", "items not ids", "items without user", "items with no id",
+        "items and unseen", "unseen without user", "users not ids"])
 def test_rank_refuses_unknown_ids(runs, monkeypatch, capsys, args, words):
     code, _, err = cli(monkeypatch, capsys, "--ckpt", runs / "lora" / "best.pt", *args)
     assert_error_line(code, err, *words)
@@ -217,3 +336,74 @@ def test_candidates_without_test_rows_are_unrated_items_with_the_current_history
                             for i in splits[s].iid[(splits[s].uid == user) & (splits[s].label > 0.5)]}
     assert liked(ds.splits) <= set(split.history(0).tolist()) <= liked(data.load_dataset("toy", str(toy_root)).splits)
     assert "never rated" in note
+
+
+# ---------------------------------------------------------------------------------------------
+# The catalog: every item a user has no rating of, the prompt prefix run once for them all
+
+
+@pytest.fixture(scope="module")
+def sparse_root(tmp_path_factory):
+    """The toy data (where everyone rated everything) with users 1 and 2's dislikes taken out: those
+    items become unseen. Dislikes never enter a history, so every history stays as it was."""
+    from conftest import toy_frames, write_dataset
+    root = tmp_path_factory.mktemp("sparse")
+    parts = {s: df[~(df.uid.isin([1, 2]) & (df.label == 0))] for s, df in toy_frames().items()}
+    write_dataset(root, "toy", **parts)
+    return root
+
+
+def catalog_of(model, tok, cfg, ds, user):
+    """-> (the candidate split, its encoding) of user's unseen items, as train.py --evaluate builds them."""
+    import dataclasses
+    split, _, _ = metrics.candidates(ds, user, unseen=True)
+    enc = train.encode(cfg, dataclasses.replace(ds, splits={**ds.splits, "rank": split}), tok, "rank", model)
+    return split, enc
+
+
+@pytest.mark.parametrize("stage, rec", [("lora", None), ("cie", None), ("cie", "din")],
+                         ids=["stage 1", "stage 2 MF", "stage 2 DIN (the user slot depends on the item)"])
+def test_catalog_scores_equal_scoring_each_row_alone(runs, sparse_root, stage, rec):
+    import collm
+    model, tok, cfg, ds = rebuilt(train.load_checkpoint(str(runs / stage / "best.pt")), sparse_root)
+    if rec:  # a DIN reads the target item to pool the history: user vectors differ from row to row
+        torch.manual_seed(0)
+        model = collm.CoLLM(model.llm, model.yes_id, collab.new_rec(rec, ds)).eval()
+    split, enc = catalog_of(model, tok, cfg, ds, 1)
+    assert len(split) >= 5 and len(set(enc.shared.tolist())) == 1
+    pad, cpu = data.SegmentTokenizer(tok).pad_id, torch.device("cpu")
+    got = metrics.score_catalog(model, enc, split, 4, pad, cpu)
+    # test rows: one prefix group per history, each run once for its rows
+    te, enc_te, some = ds.splits["test"], train.encode(cfg, ds, tok, "test", model), np.arange(12)
+    got_te = metrics.score_catalog(model, enc_te, te, 4, pad, cpu, rows=some)
+    assert len(set(data.prefix_groups(enc_te, some).tolist())) > 1
+    model.prefix_cache = False  # each row's whole prompt, alone: no prefix shared with anything
+    alone = metrics.score_rows(model, enc, split, np.arange(len(split)), 1, pad, cpu)
+    np.testing.assert_allclose(got, alone, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(got_te, metrics.score_rows(model, enc_te, te, some, 1, pad, cpu), rtol=0, atol=2e-5)
+
+
+def test_catalog_ranks_every_unseen_item_once(runs, sparse_root, monkeypatch, capsys):
+    ds = data.load_dataset("toy", str(sparse_root))
+    code, out, err = cli(monkeypatch, capsys, "--ckpt", runs / "cie" / "best.pt", "--data-root", sparse_root,
+                         "--user", "1,2", "--candidates", "unseen", "--json")
+    assert code == 0, err
+    lines = out.strip().splitlines()  # stdout holds the JSON alone, one object a user
+    assert len(lines) == 2
+    for user, line in zip((1, 2), lines):
+        got = json.loads(line)
+        rows = metrics.user_rows(ds, user)
+        rated = {int(ds.splits[s].iid[r]) for s, rs in rows.items() for r in rs}
+        items = [x["item"] for x in got["items"]]
+        assert got["user"] == user and got["candidates"] == len(items) > 0
+        assert sorted(items) == sorted(set(range(1, ds.item_num)) - rated)  # every unseen item, once, no rated one
+        scores = [x["score"] for x in got["items"]]
+        assert scores == sorted(scores, reverse=True)
+        for x in got["items"]:
+            assert x["probability"] == pytest.approx(1 / (1 + np.exp(-x["score"])))
+            assert x["title"] == f"Item {x['item']}" and x["label"] is None
+    # --top K: the best K of the same ranking
+    code, out, err = cli(monkeypatch, capsys, "--ckpt", runs / "cie" / "best.pt", "--data-root", sparse_root,
+                         "--user", 1, "--candidates", "unseen", "--top", 3, "--json")
+    assert code == 0, err
+    assert json.loads(out)["items"] == json.loads(lines[0])["items"][:3]
