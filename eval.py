@@ -214,7 +214,7 @@ def describe(tensors, notes, owner):
                 "is": notes.get(k, f"a tensor of {owner}'s state_dict")} for k, v in tensors.items()}
 
 
-def export_model(model, tok, state, template, folder, with_base=False, source=""):
+def export_model(model, tok, state, template, folder, with_base=False, source="", dtype=None):
     """Write a rebuilt CoLLM (train.build_model) and its checkpoint `state` to `folder`, nothing pickled:
 
         adapter_config.json, adapter_model.safetensors   the LoRA, in peft's own format:
@@ -226,7 +226,9 @@ def export_model(model, tok, state, template, folder, with_base=False, source=""
         collm_export.json                                what each file and tensor is, the prompt, its
                                                           tokenisation, the score
 
-    `source`: where the base LLM comes from, in words (collm.llm_source). Written into a temporary
+    `source`: where the base LLM comes from, in words (collm.llm_source); `dtype`: what the trained
+    tensors are stored in (None: as trained, float32; float16 halves the files, and loading casts them
+    back into the model's float32 parameters). Written into a temporary
     sibling folder and renamed at the end (data.write_atomic): a crash leaves no half export."""
     import os
     check_export_folder(folder)
@@ -256,7 +258,7 @@ def export_model(model, tok, state, template, folder, with_base=False, source=""
         "yes_token_id": model.yes_id,
         "prompt": prompt_rules(template, data.SegmentTokenizer(tok)),
     }
-    data.write_atomic(os.path.abspath(folder), lambda tmp: write_export(model, tok, state, info, tmp, with_base))
+    data.write_atomic(os.path.abspath(folder), lambda tmp: write_export(model, tok, state, info, tmp, with_base, dtype))
     return info
 
 
@@ -286,11 +288,15 @@ def prompt_rules(template, seg):
     }
 
 
-def write_export(model, tok, state, info, tmp, with_base):
+def write_export(model, tok, state, info, tmp, with_base, dtype=None):
     """The files of export_model, into the folder `tmp`; adds the stage-2 parts to `info`."""
     import json
     import os
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
+
+    def stored(tensors):  # contiguous copies (safetensors refuses views and shared memory), floats in `dtype`
+        return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+                .clone() for k, v in tensors.items()}
     seg = data.SegmentTokenizer(tok)
     os.makedirs(tmp)
     # peft names the base model in adapter_config.json and its README.md by the path it was loaded from
@@ -305,24 +311,25 @@ def write_export(model, tok, state, info, tmp, with_base):
         adapter = json.load(f)
     with open(os.path.join(tmp, ADAPTER_FILES[0]), "w") as f:
         json.dump({**adapter, "base_model_name_or_path": info["base_model"]}, f, indent=2)
+    if dtype is not None:  # peft saved the adapters as trained: store them again in `dtype`
+        path = os.path.join(tmp, ADAPTER_FILES[1])
+        save_file(stored(load_file(path)), path, metadata={"format": "pt"})
+        info["lora"]["dtype"] = str(dtype).replace("torch.", "")
     if state.get("proj") is not None:
-        rec = state["rec"]
-        # contiguous copies: safetensors refuses views and tensors that share memory
-        save_file({k: v.detach().cpu().contiguous() for k, v in state["proj"].items()},
-                  os.path.join(tmp, "projector.safetensors"))
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in rec["state_dict"].items()},
-                  os.path.join(tmp, "rec.safetensors"))
+        rec, proj, rec_tensors = state["rec"], stored(state["proj"]), stored(state["rec"]["state_dict"])
+        save_file(proj, os.path.join(tmp, "projector.safetensors"))
+        save_file(rec_tensors, os.path.join(tmp, "rec.safetensors"))
         info["prompt"]["slot_token_id"] = seg.slot_id
         info["prompt"]["slots"] = ("<UserID> and <TargetItemID> are one token each (slot_token_id); their input "
                                    "embeddings are replaced by proj(user embedding) and proj(item embedding) "
                                    "before the LLM runs (docs/export.md rebuilds a stage-2 score by hand)")
         info["projector"] = {"file": "projector.safetensors", "applied": "in float32, outside any autocast",
                              "architecture": "Linear(d, 10d) -> ReLU -> Linear(10d, H), one MLP for users and items",
-                             "tensors": describe(state["proj"], PROJ_TENSOR_NOTES, "the projector")}
+                             "tensors": describe(proj, PROJ_TENSOR_NOTES, "the projector")}
         info["rec"] = {"file": "rec.safetensors", "model": rec["model"], "config": rec["config"],
                        "embeddings": f"the user and item embeddings of collab.py's {rec['model']} model "
                                      f"rebuilt from this state_dict and config",
-                       "tensors": describe(rec["state_dict"], REC_TENSOR_NOTES, rec["model"])}
+                       "tensors": describe(rec_tensors, REC_TENSOR_NOTES, rec["model"])}
     if with_base:
         # peft's unload() takes the LoRA layers back out WITHOUT merging them: the base as it was loaded.
         # The model is spent after this; the adapters were saved above.

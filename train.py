@@ -27,6 +27,7 @@ evaluate_and_save, finish, and train() that calls them), and last `--evaluate`, 
 saved run's model to score, export or rank with it.
 """
 import argparse
+import json
 import math
 import os
 import sys
@@ -292,7 +293,14 @@ def load_checkpoint(path):
 def load_stage1(path):
     """Stage 2's --ckpt: a stage-1 checkpoint file (best.pt), or an --export folder of one, such as the
     shipped checkpoints/ folders, which hold the same tensors as safetensors."""
-    return metrics.load_export(path) if os.path.isdir(path) else load_checkpoint(path)
+    if not os.path.isdir(path):
+        return load_checkpoint(path)
+    state = metrics.load_export(path)
+    # load_export points "llm" at the folder's base/ copy when it has one; stage 2 checks the LLM by
+    # the name the run trained with (its --llm), which the export records
+    with open(os.path.join(path, metrics.EXPORT_JSON)) as f:
+        state["config"]["llm"] = json.load(f)["llm"]
+    return state
 
 
 def model_tensors(model):
@@ -733,6 +741,9 @@ def parse_evaluate(argv=None):
                    "stage 2 the projector and collaborative model as safetensors; collm_export.json says what is what")
     p.add_argument("--with-base", action="store_true", help="--export: save the base LLM and tokenizer in DIR/base "
                    "too (always done for --llm tiny, which is built in code)")
+    p.add_argument("--export-dtype", default="fp32", choices=("fp32", "fp16"), help="--export: store the trained "
+                   "tensors in this dtype (default fp32, as trained; fp16 halves the files, and loading casts them "
+                   "back to fp32: the shipped checkpoints/ are fp16)")
     p.add_argument("--user", help="instead of scoring: rank candidate items for this user id, or for each of "
                    "several (1,2,3: the model is built once)")
     p.add_argument("--candidates", default="test", choices=("test", "unseen"),
@@ -757,8 +768,8 @@ def parse_evaluate(argv=None):
         problems.append("--items, --candidates, --top, --json and --show-prompt go with --user")
     if args.items is not None and args.candidates == "unseen":
         problems.append("--items and --candidates unseen: one at a time (the given items, or every unseen one)")
-    if args.with_base and not args.export:
-        problems.append("--with-base goes with --export")
+    if (args.with_base or args.export_dtype != "fp32") and not args.export:
+        problems.append("--with-base and --export-dtype go with --export")
     if problems:
         raise UsageError("; ".join(problems))
     if args.user is not None:
@@ -801,7 +812,8 @@ def evaluate(args):
     what = f"({cfg.stage}, {cfg.llm}, step {state['step']})"
     if args.export:
         template = data.load_template(ds.domain, "text" if cfg.stage == "lora" else "collm", cfg.template)
-        metrics.export_model(model, tok, state, template, args.export, args.with_base, collm.llm_source(cfg.llm))
+        metrics.export_model(model, tok, state, template, args.export, args.with_base, collm.llm_source(cfg.llm),
+                             DTYPES[args.export_dtype])
         print(f"exported {args.ckpt} {what} -> {args.export}")
         return
     if cfg.compile:  # scored as the run was trained (train.py --compile)
@@ -817,6 +829,9 @@ def evaluate(args):
     rep = metrics.report(split, scores, rows)
     metrics.print_table(f"{args.ckpt} on {cfg.data} {args.split} {what}", rep)
     # into the run's metrics.json (or --out's), beside what training wrote: the keys of this split only
+    if os.path.isdir(args.ckpt) and not args.out:  # an export folder is kept as exported (checkpoints/)
+        print("(metrics.json not written: --ckpt is an export folder; --out DIR writes it there)")
+        return
     out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "metrics.json")

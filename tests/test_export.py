@@ -194,6 +194,41 @@ def test_the_stage2_example_scores_as_we_do_without_our_code(cie_export, runs, t
     assert got == pytest.approx(want, abs=1e-5)
 
 
+def test_an_fp16_export_is_half_the_size_and_scores_as_the_run(runs, toy_root, tmp_path):
+    """--export-dtype fp16 (how checkpoints/ ships its models): every float tensor stored in half precision,
+    read back into the float32 model, scores equal up to that rounding."""
+    ckpt = str(runs / "cie" / "best.pt")
+    for dtype in ("fp32", "fp16"):
+        train.main(["--evaluate", "--export", str(tmp_path / dtype), "--ckpt", ckpt, "--export-dtype", dtype])
+    from safetensors.torch import load_file
+    for name in ("adapter_model.safetensors", "projector.safetensors", "rec.safetensors"):
+        half, full = load_file(tmp_path / "fp16" / name), load_file(tmp_path / "fp32" / name)
+        assert {k: (v.dtype if v.dtype != torch.float32 else torch.float16) for k, v in full.items()} == \
+               {k: v.dtype for k, v in half.items()}, name  # floats halved, the bool "seen" masks kept
+        assert os.path.getsize(tmp_path / "fp16" / name) < 0.6 * os.path.getsize(tmp_path / "fp32" / name)
+    assert json.loads((tmp_path / "fp16" / "collm_export.json").read_text())["lora"]["dtype"] == "float16"
+    original, tok, cfg, ds = rebuilt(train.load_checkpoint(ckpt), toy_root)
+    batch = a_batch(original, tok, cfg, ds)
+    reloaded, *_ = rebuilt(metrics.load_export(str(tmp_path / "fp16")), toy_root)
+    assert all(p.dtype == torch.float32 for p in reloaded.parameters())
+    np.testing.assert_allclose(our_scores(reloaded, batch), our_scores(original, batch), atol=2e-2)
+
+
+def test_stage2_starts_from_an_exported_stage1_as_from_its_checkpoint(runs, toy_root, tmp_path):
+    """checkpoints/ ships stage 1 as an export folder: --ckpt FOLDER builds the stage-2 model that
+    --ckpt best.pt builds (the tiny LLM's export carries base/, yet the run still names --llm tiny)."""
+    train.main(["--evaluate", "--export", str(tmp_path / "lora"), "--ckpt", str(runs / "lora" / "best.pt")])
+    ds = data.load_dataset("toy", str(toy_root))
+    models = []
+    for ckpt in (runs / "lora" / "best.pt", tmp_path / "lora"):
+        cfg = train.parse_config(["--stage", "cie", *TINY, "--data", "toy", "--data-root", str(toy_root), "--ckpt",
+                                  str(ckpt), "--rec-ckpt", str(runs / "mf" / "model.pt"), "--out", str(tmp_path)])
+        models.append(train.build_model(cfg, ds, None)[0])
+    a, b = ({n: p for n, p in m.named_parameters() if "lora_" in n} for m in models)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert float(models[0].score_bias) == float(models[1].score_bias) != 0
+
+
 def cli(monkeypatch, capsys, *args):
     """train.py --evaluate as a user runs it (data.cli_main: a UsageError becomes one `error:` line, exit 2)."""
     monkeypatch.setattr(sys, "argv", ["train.py", "--evaluate", *map(str, args)])

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The stage-2 study behind the README's results, as a queue per CPU core: each line below is one run
+# of scripts/stage2.sh. Start (or continue, in a later sitting) with one queue per core:
+#
+#   scripts/study.sh 0 &  scripts/study.sh 1 &
+#
+# A run whose runs/NAME/metrics.json exists is done and skipped; an unfinished one resumes from its
+# last.pt. Runs are chosen on valid AUC (their history in metrics.json; eval.py --plot draws it) and
+# score only 16 test rows; the chosen settings are then scored on the whole test split with
+#   python train.py --evaluate --ckpt runs/NAME/best.pt --split test
+# which rewrites the test entries of runs/NAME/metrics.json (eval.py --table reads them from there).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+core=$1
+# core  name                 flags (after scripts/stage2.sh's shared ones)
+QUEUE='
+0 din-tune-rec          --rec din --rec-ckpt runs/din/model.pt --tune-rec
+1 mf                    --rec mf --rec-ckpt runs/mf/model.pt
+0 din                   --rec din --rec-ckpt runs/din/model.pt
+1 mf-tune-rec           --rec mf --rec-ckpt runs/mf/model.pt --tune-rec
+0 sasrec-tune-rec       --rec sasrec --rec-ckpt runs/sasrec/model.pt --tune-rec
+1 lightgcn-tune-rec     --rec lightgcn --rec-ckpt runs/lightgcn/model.pt --tune-rec
+0 sasrec                --rec sasrec --rec-ckpt runs/sasrec/model.pt
+1 lightgcn              --rec lightgcn --rec-ckpt runs/lightgcn/model.pt
+0 mf-tune-rec-scratch   --rec mf --tune-rec
+1 din-tune-lora         --rec din --rec-ckpt runs/din/model.pt --tune-lora
+'
+# the four collaborative models the runs read (collab.py's defaults, seed 0; one queue trains them,
+# the other waits on the lock)
+mkdir -p runs
+flock runs/.collab.lock bash -c 'for m in mf lightgcn sasrec din; do
+  [ -f runs/$m/model.pt ] || OMP_NUM_THREADS=1 python collab.py --model $m --out runs/$m > runs/$m.log 2>&1
+done'
+echo "$QUEUE" | while read -r c name flags; do
+  [ "$c" = "$core" ] || continue
+  [ -f "runs/cie-$name/metrics.json" ] && continue
+  echo "core $core: cie-$name"
+  # shellcheck disable=SC2086  # the flags are words
+  scripts/stage2.sh "$core" "cie-$name" --test-rows 16 $flags
+done
