@@ -308,7 +308,7 @@ def build_model(cfg, data_set, dtype, state=None):
         if state is not None:
             rec = collab.rec_from_checkpoint(state["rec"], data_set.user_num, data_set.item_num, "checkpoint")
         elif cfg.rec_ckpt:
-            rec = collab.load_rec(cfg.rec_ckpt, data_set.user_num, data_set.item_num)
+            rec = collab.load_rec(cfg.rec_ckpt, data_set.user_num, data_set.item_num, data.fingerprint(data_set))
         else:  # --tune-rec from scratch
             rec = collab.new_rec(cfg.rec, data_set)
         if collab.model_name(rec) != cfg.rec:  # a DIN checkpoint would fill the slots of a run that says MF

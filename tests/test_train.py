@@ -15,7 +15,7 @@ import collm
 import data
 import eval as metrics  # our eval.py
 import train
-from conftest import ROOT, assert_error_line, run_python, shared_tokenizer
+from conftest import ROOT, assert_error_line, run_python, shared_tokenizer, toy_frames, write_dataset
 
 TINY = ["--llm", "tiny", "--dtype", "fp32", "--batch-size", "4", "--warmup-steps", "2", "--log-every", "1"]
 
@@ -603,6 +603,15 @@ def _tables_do_not_fit(tmp, toy_root, lora_dir, mf_ckpt):
         ["model.pt", "expected"]
 
 
+def _rec_of_other_data(tmp, toy_root, lora_dir, mf_ckpt):
+    """a collaborative model trained on other data with the same table sizes (the toy data of seed 1)"""
+    write_dataset(tmp / "other", "toy", **toy_frames(seed=1))
+    collab.main(["--model", "mf", "--data", "toy", "--data-root", str(tmp / "other"), "--out", str(tmp / "mf"),
+                 "--dim", "4", "--epochs", "1"])
+    return ["train.py", "--stage", "cie", *BASE, "--ckpt", lora_dir / "best.pt", "--rec-ckpt", tmp / "mf" / "model.pt"], \
+        ["mf/model.pt", "trained on another split"]
+
+
 def _prompt_too_long(tmp, toy_root, lora_dir, mf_ckpt):
     """a prompt longer than the model's context (the tiny LLaMA has 2048 positions)"""
     (tmp / "long.txt").write_text("#Question: " + "very " * 3000 + "<ItemTitleList> <TargetItemTitle>? \\n#Answer:")
@@ -623,6 +632,7 @@ BAD_INPUTS = {  # case: (tmp, toy_root, lora_dir, mf_ckpt) -> (command line, wor
                                       ["--llm", "no-such-model"]),
     "other backbone": _other_backbone,
     "tables do not fit": _tables_do_not_fit,
+    "rec of other data": _rec_of_other_data,
     "prompt too long": _prompt_too_long,
     "template without target": _template_without_target,
     "every bad number at once": lambda *_: (["train.py", "--stage", "lora", *BASE, "--batch-size", 0, "--lr", -1],
