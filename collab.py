@@ -426,15 +426,32 @@ def rec_from_checkpoint(ckpt, user_num=None, item_num=None, where="checkpoint"):
     return model.eval()
 
 
-def load_rec(path, user_num=None, item_num=None):
-    """A model from a model.pt of this script, in eval mode; checks table sizes if given."""
+def load_rec(path, user_num=None, item_num=None, fingerprint=None):
+    """A model from a model.pt of this script, in eval mode; checks table sizes if given, and that it
+    was trained on the split of this data.fingerprint if given."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise data.UsageError(f"{path}: file not found")
     except Exception as e:  # a truncated file, not a torch file
         raise data.UsageError(f"{path}: not a collab.py checkpoint ({type(e).__name__}: {e})")
-    return rec_from_checkpoint(ckpt, user_num, item_num, where=path)
+    model = rec_from_checkpoint(ckpt, user_num, item_num, where=path)
+    if fingerprint is not None:
+        check_trained_on(ckpt["config"], fingerprint, path)
+    return model
+
+
+def check_trained_on(cfg, fingerprint, path):
+    """Same table sizes is not same data: a model trained on another split of equal sizes loads and
+    runs, and its embeddings describe other users. model.pt records its split's data.fingerprint
+    (main); a file written before it did still loads, with a warning, as it always did."""
+    saved = cfg.get("data_fingerprint")
+    if saved is None:
+        print(f"warning: {path} records no fingerprint of the split it was trained on (written by an older "
+              f"collab.py): not checked against this data", flush=True)
+    elif saved != fingerprint:
+        raise data.UsageError(f"{path}: trained on another split (--data {cfg.get('data')}, fingerprint {saved}) "
+                              f"than this one (fingerprint {fingerprint}); train it on this data with collab.py")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,7 +615,7 @@ def main(argv=None):
                                   unseen=args.unseen, dropout=args.dropout, prior=args.prior)
     finally:  # main() also runs inside other programs (tests): leave their thread count as it was
         torch.set_num_threads(threads)
-    result["config"]["data"] = ds.name
+    result["config"].update(data=ds.name, data_fingerprint=data.fingerprint(ds))  # which split it learned
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "model.pt")
     ckpt = rec_checkpoint(model, result["config"])  # config: every setting of the run, the table sizes first

@@ -85,7 +85,7 @@ def write_atomic(path, write):
     checkpoints, metrics.json, exports, converted models). An empty folder at `path` is replaced
     (a rename cannot replace a folder on every system); anything else there makes the rename fail."""
     tmp = f"{path}.tmp{os.getpid()}"  # the final name in front: torch.save refuses some dot-names
-    shutil.rmtree(tmp, ignore_errors=True)  # a killed earlier write by a process of the same id
+    remove_stale_temporaries(path)  # what killed earlier writes of the same path left behind
     try:
         write(tmp)
         if os.path.isdir(path) and not os.listdir(path) and os.path.isdir(tmp):
@@ -96,6 +96,33 @@ def write_atomic(path, write):
             shutil.rmtree(tmp, ignore_errors=True)
         elif os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temporaries(path):
+    """Remove `path.tmpPID` files and folders whose writer is gone: a write killed mid-way (kill -9,
+    a power cut) never reaches its `finally`, and without this its temporary stayed forever. A
+    writer is gone when no process on this machine has its id; one with our own id is an earlier
+    write of ours that died the same way (ids are reused). A live writer's temporary is left alone."""
+    folder, base = os.path.split(os.path.abspath(path))
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        m = re.fullmatch(re.escape(base) + r"\.tmp(\d+)", name)
+        if m and (int(m.group(1)) == os.getpid() or not process_alive(int(m.group(1)))):
+            stale = os.path.join(folder, name)
+            if os.path.isdir(stale):  # a folder: an export, a converted model, a split being built
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                os.remove(stale)
+
+
+def process_alive(pid):
+    """True if a process with this id runs on this machine (signal 0 checks without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +197,9 @@ def _frame_to_split(df, where, titles):
     his, his_title = df["his"].tolist(), df["his_title"].tolist()
     lens = np.empty(len(df), np.int64)
     for r, (h, t) in enumerate(zip(his, his_title)):
+        for col, value in (("his", h), ("his_title", t)):  # a NaN cell (a lost list) has no len()
+            if not isinstance(value, (list, tuple, np.ndarray)):
+                raise UsageError(f"{where}: row {r}: {col} is {value!r}, expected a list (the 0 sentinel first)")
         if len(h) != len(t):
             raise UsageError(f"{where}: row {r}: history has {len(h)} items but {len(t)} titles")
         if len(h) == 0 or h[0] != 0:  # without the sentinel, dropping h[0] would shift every later row
@@ -220,9 +250,16 @@ def _pickles_in_zip(zpath, name):
     except zipfile.BadZipFile:
         raise UsageError(f"{zpath}: not a zip file")
     names = set(zf.namelist())
-    folders = [n[:-len("train_ood2.pkl")] for n in sorted(names) if n.endswith("train_ood2.pkl")]
-    folders = [f for f in folders if all(f"{f}{s}_ood2.pkl" in names for s in SPLITS)]
-    folder = f"{name}/" if f"{name}/" in folders else folders[0] if len(folders) == 1 else None
+    folders = sorted({n[:-len(f"{s}_ood2.pkl")] for n in names for s in SPLITS if n.endswith(f"/{s}_ood2.pkl")
+                      or n == f"{s}_ood2.pkl"})  # every folder holding any of the four ("" = the zip's top)
+    complete = [f for f in folders if all(f"{f}{s}_ood2.pkl" in names for s in SPLITS)]
+    folder = f"{name}/" if f"{name}/" in complete else complete[0] if len(complete) == 1 else None
+    if folder is None and folders and not complete:  # some of a split, not all: say which pickle is missing
+        f = f"{name}/" if f"{name}/" in folders else folders[0]
+        missing = [f"{f}{s}_ood2.pkl" for s in SPLITS if f"{f}{s}_ood2.pkl" not in names]
+        have = [f"{f}{s}_ood2.pkl" for s in SPLITS if f"{f}{s}_ood2.pkl" in names]
+        raise UsageError(f"{zpath}: holds {', '.join(have)} but no {', '.join(missing)}; a dataset zip needs all "
+                         f"four pickles")
     if folder is None:
         return None
     inner = {s: f"{folder}{s}_ood2.pkl" for s in SPLITS}
@@ -282,6 +319,19 @@ def load_dataset(name="ml-1m", root=None):
     base = os.path.basename(os.path.normpath(name))
     return Dataset(name=base, domain="book" if "book" in base.lower() else "movie", splits=splits,
                    titles=table, user_num=user_num, item_num=item_num, source=source)
+
+
+def fingerprint(ds):
+    """A short hash of which (user, item, label) rows each split holds, in order: what a model
+    trained on this data learned from. Two datasets with the same table sizes (another seed of a
+    build, another cut of the same ratings) fit each other's embedding tables, so sizes alone cannot
+    tell a collaborative model trained elsewhere; this can (collab.py records it, train.py checks it)."""
+    h = hashlib.sha1()
+    for s in SPLITS:
+        sp = ds.splits[s]
+        for column in (sp.uid, sp.iid, sp.label):
+            h.update(np.ascontiguousarray(column).tobytes())
+    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -162,17 +162,25 @@ def command_line(cfg, world=1):
     return " ".join([launcher, *flags])
 
 
+# Every numeric setting, by what its 0 means. Counts where 0 means nothing (0 steps, a batch of 0,
+# a log line every 0 steps) must be >= 1; where 0 means "all", "off" or "the default", >= 0. A
+# negative count is never meaningful, and some are worse than an error: `rows[:-1]` is Python's
+# "all but the last", so --test-rows -1 scored the wrong rows without a word.
+AT_LEAST_1 = ("batch_size", "grad_accum", "max_steps", "eval_every", "patience", "log_every", "lora_r", "lora_alpha")
+AT_LEAST_0 = ("eval_batch_size", "eval_rows", "test_rows", "warmup_steps", "pause_at", "lora_layers", "seed",
+              "weight_decay", "grad_clip")
+
+
 def check_config(cfg):
     """Report every bad setting at once, before anything slow happens."""
-    problems = []
-    for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "patience", "lora_r"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
-    if cfg.lora_layers < 0:
-        problems.append(f"--lora-layers must be >= 0 (got {cfg.lora_layers})")
-    for name in ("lr", "min_lr", "warmup_start_lr"):
-        if not getattr(cfg, name) > 0:
-            problems.append(f"--{name.replace('_', '-')} must be > 0 (got {getattr(cfg, name)})")
+    flag = lambda name: f"--{name.replace('_', '-')}"  # lora_r -> --lora-r
+    problems = [f"{flag(n)} must be >= 1 (got {getattr(cfg, n)})" for n in AT_LEAST_1 if not getattr(cfg, n) >= 1]
+    # `not x >= 0` rather than `x < 0`: a float NaN fails every comparison, and is refused too
+    problems += [f"{flag(n)} must be >= 0 (got {getattr(cfg, n)})" for n in AT_LEAST_0 if not getattr(cfg, n) >= 0]
+    problems += [f"{flag(n)} must be > 0 (got {getattr(cfg, n)})" for n in ("lr", "min_lr", "warmup_start_lr")
+                 if not getattr(cfg, n) > 0]
+    if not 0 <= cfg.lora_dropout < 1:
+        problems.append(f"--lora-dropout must be in [0, 1) (got {cfg.lora_dropout})")
     if cfg.stage == "cie" and not cfg.ckpt:
         problems.append("--stage cie needs --ckpt, the stage-1 checkpoint (e.g. runs/lora/best.pt)")
     if cfg.stage == "cie" and cfg.rec == "pop":
@@ -196,7 +204,7 @@ def resume_config(cfg):
     path = os.path.join(cfg.resume, "last.pt")
     if not os.path.isfile(path):
         raise UsageError(f"--resume {cfg.resume}: no last.pt there")
-    saved = load_checkpoint(path)["config"]
+    saved = load_checkpoint(path, LAST_KEYS)["config"]
     return Config(**{**saved, "resume": cfg.resume, "pause_at": cfg.pause_at, "out": cfg.resume})
 
 
@@ -283,11 +291,73 @@ def autocast(device, dtype):
 # Checkpoints: only the small tensors + settings + loop state, written atomically
 
 
-def load_checkpoint(path):
+# What each use of a checkpoint needs: scoring (best.pt, or last.pt) the tensors and the settings
+# that rebuild the model; --resume also the optimizer and loop state that only last.pt holds.
+BEST_KEYS = ("config", "lora", "step")
+LAST_KEYS = BEST_KEYS + ("optimizer", "scaler", "best", "bad_evals", "history")
+
+
+def load_checkpoint(path, need=()):
+    """A train.py checkpoint, checked before use: every fault is one line naming the file and what is
+    wrong with it (missing, empty, truncated, damaged, not ours, or without the keys `need` lists)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: file not found")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{path}: empty (0 bytes): a copy or a write that never finished")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a checkpoint, a pickle from elsewhere
-        raise UsageError(f"{path}: not a train.py checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        why = (str(e).strip().splitlines() or [""])[0][:120]  # some exceptions carry no message at all
+        raise UsageError(f"{path}: {unreadable(path)} ({type(e).__name__}: {why})")
+    if not isinstance(state, dict):
+        raise UsageError(f"{path}: holds a {type(state).__name__}, not a train.py checkpoint")
+    # torch.load does not check the zip's checksums: flipped bytes inside a tensor load as other
+    # numbers, silently. So every checkpoint carries a digest of its tensors (save), checked here;
+    # files written before it did have none and load as they always did.
+    if "digest" in state and state["digest"] != tensor_digest(tensors_in({**state, "digest": None})):
+        raise UsageError(f"{path}: damaged: its tensors do not match the digest saved with them (bytes changed "
+                         f"on disk or in a copy); use another copy of the run")
+    missing = [k for k in need if k not in state]
+    if "optimizer" in missing and "lora" in state:
+        raise UsageError(f"{path}: weights only, no optimizer state (a best.pt?); --resume continues from the "
+                         f"last.pt that train.py saves at every evaluation")
+    if missing:
+        raise UsageError(f"{path}: no {', '.join(missing)} in it; not a train.py checkpoint (best.pt or last.pt)")
+    return state
+
+
+def unreadable(path):
+    """Why torch could not read a file, in words: a checkpoint is a zip (torch.save's format), so a
+    zip's signature without the directory at its end means the file was cut short."""
+    import zipfile
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return f"truncated ({os.path.getsize(path):,} bytes, the end of the file is missing)"
+    return "not a train.py checkpoint"
+
+
+def tensors_in(obj):
+    """Every tensor inside nested dicts and lists, in their stored order (kept by pickling)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors_in(v)
+
+
+def tensor_digest(tensors):
+    """A SHA-1 of tensors' dtypes, shapes and raw bytes: equal iff the tensors are bit for bit equal.
+    Checkpoints carry one (checked on load) and metrics.json one per rank (rank_digests)."""
+    import hashlib
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
+    return h.hexdigest()
 
 
 def load_stage1(path):
@@ -351,7 +421,7 @@ def build_model(cfg, data_set, dtype, state=None):
         if state is not None:
             rec = collab.rec_from_checkpoint(state["rec"], data_set.user_num, data_set.item_num, "checkpoint")
         elif cfg.rec_ckpt:
-            rec = collab.load_rec(cfg.rec_ckpt, data_set.user_num, data_set.item_num)
+            rec = collab.load_rec(cfg.rec_ckpt, data_set.user_num, data_set.item_num, data.fingerprint(data_set))
         else:  # --tune-rec from scratch
             rec = collab.new_rec(cfg.rec, data_set)
         if collab.model_name(rec) != cfg.rec:  # a DIN checkpoint would fill the slots of a run that says MF
@@ -445,7 +515,10 @@ class Run:
     bad_evals: int = 0        # evaluations since the best one (early stop at --patience)
     history: list = field(default_factory=list)   # every evaluation's metrics
     loss_log: list = field(default_factory=list)  # the logged training losses (eval.py --plot)
+    # what the next log line averages: this window's summed step losses, steps, rows, start time
+    window: dict = field(default_factory=lambda: {"t": time.time(), "rows": 0, "loss": 0.0, "steps": 0})
     epoch_cache: dict = field(default_factory=dict)
+    lock: object = None       # rank 0's open lock file on `out` (claim_folder)
 
     @property
     def master(self):
@@ -460,10 +533,18 @@ def set_up(cfg):
     """Chapter 1: processes, data, the model and its optimizer; resuming, the loop state of last.pt."""
     t0 = time.time()
     rank, world, device = setup_distributed(cfg)
+    out = cfg.out or os.path.join("runs", cfg.stage)
+    lock = claim_folder(cfg, out) if rank == 0 else None  # only rank 0 writes the folder
     dtype, dtype_name, dtype_reason = compute_dtype(cfg.dtype, device)
-    state = load_checkpoint(os.path.join(cfg.resume, "last.pt")) if cfg.resume else None
+    state = load_checkpoint(os.path.join(cfg.resume, "last.pt"), LAST_KEYS) if cfg.resume else None
+    if state is not None:
+        check_same_world(state, cfg, world)
     torch.manual_seed(cfg.seed)  # identical LoRA/projector init on every rank
     ds = data.load_dataset(cfg.data, cfg.data_root)
+    eval_rows = np.arange(len(ds.splits[cfg.eval_split]))[:cfg.eval_rows or None]
+    check_both_classes(ds.splits[cfg.eval_split], eval_rows, f"--eval-split {cfg.eval_split} --eval-rows {cfg.eval_rows}")
+    check_both_classes(ds.splits["test"], np.arange(len(ds.splits["test"]))[:cfg.test_rows or None],
+                       f"--test-rows {cfg.test_rows}")
     model, tok = build_model(cfg, ds, dtype, state)
     enc_train, enc_eval = encode(cfg, ds, tok, "train", model), encode(cfg, ds, tok, cfg.eval_split, model)
     model.to(device)
@@ -481,28 +562,88 @@ def set_up(cfg):
     # takes every world-th batch: any step's batch can be recomputed, so a resume needs no data state.
     n_batches = len(data.train_batches(enc_train.lengths, cfg.batch_size, np.random.default_rng(0), False))
     run = Run(cfg=cfg, rank=rank, world=world, device=device, dtype=dtype, dtype_name=dtype_name,
-              dtype_reason=dtype_reason, out=cfg.out or os.path.join("runs", cfg.stage), ds=ds, tok=tok,
+              dtype_reason=dtype_reason, out=out, ds=ds, tok=tok, lock=lock,
               model=model, net=net, trainable=trainable, optimizer=build_optimizer(trainable.values(), cfg),
               scaler=scaler, enc_train=enc_train, enc_eval=enc_eval, pad=data.SegmentTokenizer(tok).pad_id,
-              eval_rows=np.arange(len(ds.splits[cfg.eval_split]))[:cfg.eval_rows or None],
+              eval_rows=eval_rows,
               eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, batches_per_rank=n_batches // world, t0=t0)
-    if state is not None:  # the optimizer's moments and the loop state, as the paused sitting left them
-        run.optimizer.load_state_dict(state["optimizer"])
-        run.scaler.load_state_dict(state["scaler"])
-        run.step, run.best, run.bad_evals, run.history = state["step"], state["best"], state["bad_evals"], state["history"]
-        run.loss_log = state.get("loss_log", [])
-        run.t0 -= state.get("seconds", 0.0)  # metrics.json's seconds: every sitting's wall time, summed
+    if state is not None:
+        restore_loop_state(run, state)
     if cfg.calibrate and state is None and cfg.stage == "lora":
         shift = calibrate(model, enc_train, ds.splits["train"], run.eval_batch_size, run.pad, device, dtype, cfg.seed)
         if run.master:
             print(f"calibrated: every score shifted by {shift:+.3f} (now {float(model.score_bias):+.3f})")
     if run.master:
-        os.makedirs(run.out, exist_ok=True)
         # derived quantities said once, up front: the global batch is what the learning rate is tuned for
         print(f"=> stage {cfg.stage} | llm {cfg.llm} | {device} {dtype_name} ({dtype_reason}) "
               f"| processes {world} | global batch {run.samples_per_step} "
               f"| trainable {sum(p.numel() for p in trainable.values()):,} in {len(trainable)} tensors | out {run.out}")
     return run
+
+
+RUN_FILES = ("best.pt", "last.pt", "metrics.json")  # what a run writes into its folder
+LOCK_FILE = "train.lock"
+
+
+def claim_folder(cfg, out):
+    """A run folder belongs to one run. Two processes writing one folder both ended "fine" with one
+    run's numbers lost; a new run beside an old one's files mixed them (the old metrics.json beside
+    the new best.pt). So: an exclusive lock on out/train.lock for the whole run, which the kernel
+    drops when the process ends however it ends (flock: a killed run leaves no stale lock), and a
+    new run refuses a folder that holds another run's files. -> the open lock file (held while open)."""
+    import fcntl
+    os.makedirs(out, exist_ok=True)
+    lock = open(os.path.join(out, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise UsageError(f"--out {out}: a running train.py (pid {holder}) holds this folder; wait for it to end, "
+                         f"or use another folder")
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")  # who holds it, for the message above
+    lock.flush()
+    theirs = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if theirs and not cfg.resume:
+        lock.close()
+        raise UsageError(f"--out {out} holds another run's {', '.join(theirs)}; continue that run with --resume "
+                         f"{out}, or start this one in another folder")
+    return lock
+
+
+def check_same_world(state, cfg, world):
+    """A resumed run continues exactly only with the process count that wrote last.pt: the global
+    batch (batch x accum x processes) and which rows each step sees both depend on it. Files from
+    before last.pt recorded the count give it by their samples_seen."""
+    saved = state.get("world") or state.get("samples_seen", 0) // max(1, state["step"] * cfg.batch_size * cfg.grad_accum)
+    if saved and saved != world:
+        run_it = f"torchrun --nproc-per-node {saved} train.py" if saved > 1 else "python train.py"
+        raise UsageError(f"--resume {cfg.resume}: last.pt was written by {saved} process(es), this run has {world}; "
+                         f"another count changes the global batch and the data order: run {run_it} --resume {cfg.resume}")
+
+
+def check_both_classes(split, rows, what):
+    """AUC ranks liked rows against the others, so rows of one class have none (nan): the run would
+    train for nothing, never write best.pt and fail at its end. Said before training instead."""
+    labels = np.unique(split.label[rows])
+    if len(labels) < 2:
+        held = f"all labelled {int(labels[0])}" if len(labels) else "none at all"
+        raise UsageError(f"{what}: {len(rows)} rows, {held}; AUC needs liked and not-liked rows: score more rows "
+                         f"(0 = all)")
+
+
+def restore_loop_state(run, state):
+    """--resume: the optimizer's moments and the loop state, as the paused sitting left them."""
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.step, run.best, run.bad_evals, run.history = state["step"], state["best"], state["bad_evals"], state["history"]
+    run.loss_log = state.get("loss_log", [])
+    # the log window the sitting ended in: the next log line averages all of its steps, not only
+    # those after the resume (files without one: the steps since the resume)
+    run.window.update(state.get("log_window", {}))
+    run.t0 -= state.get("seconds", 0.0)  # metrics.json's seconds: every sitting's wall time, summed
 
 
 def micro_batch(run, m):
@@ -553,6 +694,7 @@ def train_step(run, window):
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
+    window["steps"] += 1
     return lr
 
 
@@ -562,12 +704,12 @@ def log_step(run, bar, lr, window):
     if run.step % cfg.log_every != 0:
         return
     if run.master:
-        loss = window["loss"] / cfg.log_every
+        loss = window["loss"] / window["steps"]  # after a resume, the steps before it count too (log_window)
         rate = window["rows"] * run.world / (time.time() - window["t"])
         bar.write(f"step {run.step:>6} | loss {loss:.4f} | lr {lr:.2e} | {rate:.1f} samples/s")
         bar.set_postfix(loss=f"{loss:.4f}")
         run.loss_log.append({"step": run.step, "loss": loss})
-    window.update(t=time.time(), rows=0, loss=0.0)
+    window.update(t=time.time(), rows=0, loss=0.0, steps=0)
 
 
 def save(run, name, with_state):
@@ -575,9 +717,11 @@ def save(run, name, with_state):
     --resume needs. Only rank 0 writes (every rank holds the same weights)."""
     ckpt = {"config": asdict(run.cfg), **model_tensors(run.model), "step": run.step, "best": run.best,
             "samples_seen": run.step * run.samples_per_step}  # what these weights learned from
-    if with_state:
+    if with_state:  # world: the process count the data order and the global batch depend on
         ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), bad_evals=run.bad_evals,
-                    history=run.history, loss_log=run.loss_log, seconds=time.time() - run.t0)
+                    history=run.history, loss_log=run.loss_log, seconds=time.time() - run.t0, world=run.world,
+                    log_window={"loss": run.window["loss"], "steps": run.window["steps"]})
+    ckpt["digest"] = tensor_digest(tensors_in(ckpt))  # checked by load_checkpoint
     data.write_atomic(os.path.join(run.out, name), lambda tmp: torch.save(ckpt, tmp))
 
 
@@ -608,7 +752,7 @@ def evaluate_and_save(run, bar):
 def finish(run):
     """Chapter 4: reload the best weights, score the test split once, write metrics.json. -> the result."""
     cfg, ds = run.cfg, run.ds
-    restore_tensors(run.model, load_checkpoint(os.path.join(run.out, "best.pt")))
+    restore_tensors(run.model, load_checkpoint(os.path.join(run.out, "best.pt"), BEST_KEYS))
     test_rows = np.arange(len(ds.splits["test"]))[:cfg.test_rows or None]
     enc_test = encode(cfg, ds, run.tok, "test", run.model)
     test_scores = metrics.score_rows(run.model, enc_test, ds.splits["test"], test_rows, run.eval_batch_size, run.pad,
@@ -638,13 +782,12 @@ def train(cfg):
     metrics.json dict, or None when the sitting paused (--pause-at)."""
     run = set_up(cfg)
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc=cfg.stage, disable=not run.master, dynamic_ncols=True)
-    window = {"t": time.time(), "rows": 0, "loss": 0.0}  # what the next log line averages
     stop = False
     run.model.train()
     while run.step < cfg.max_steps and not stop:
-        lr = train_step(run, window)
+        lr = train_step(run, run.window)
         bar.update(1)
-        log_step(run, bar, lr, window)
+        log_step(run, bar, lr, run.window)
         at_eval = run.step % cfg.eval_every == 0 or run.step == cfg.max_steps
         if at_eval:
             stop = evaluate_and_save(run, bar)
@@ -655,12 +798,15 @@ def train(cfg):
         run.model.train()  # scoring switched dropout off
     bar.close()
     paused = run.step == cfg.pause_at and run.step < cfg.max_steps and not stop
-    if paused and run.master:
-        print(f"paused at step {run.step}; continue with: python train.py --resume {run.out}")
+    if paused and run.master:  # with as many processes as now: last.pt refuses another count
+        again = f"torchrun --nproc-per-node {run.world} train.py" if run.world > 1 else "python train.py"
+        print(f"paused at step {run.step}; continue with: {again} --resume {run.out}")
     result = None if paused else finish(run)
     if run.world > 1:
         dist.barrier()  # rank 0 may still be writing metrics.json: no rank tears down while another works
         dist.destroy_process_group()
+    if run.lock is not None:
+        run.lock.close()  # the folder is free again (a process that dies frees it as well)
     return result
 
 
@@ -694,14 +840,11 @@ def restore_tensors(model, state):
 def rank_digests(trainable, world):
     """A hash of the trained weights from every rank. DDP keeps the replicas bit-identical; if they
     ever differ (a parameter unfrozen after wrapping, say), the run says so instead of hiding it."""
-    import hashlib
-    h = hashlib.sha1()
-    for p in trainable.values():
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    digests = [h.hexdigest()]
+    mine = tensor_digest(trainable.values())
+    digests = [mine]
     if world > 1:
         digests = [None] * world
-        dist.all_gather_object(digests, h.hexdigest())
+        dist.all_gather_object(digests, mine)
     if len(set(digests)) > 1:
         print(f"warning: trained weights differ across ranks: {digests}")
     return digests
@@ -758,8 +901,10 @@ def parse_evaluate(argv=None):
     p.add_argument("--show-prompt", action="store_true", help="--user: print the first candidate's prompt")
     args = p.parse_args(argv)
     problems = []  # every bad flag at once
-    if args.batch_size < 1 or args.rows < 0:
-        problems.append("--batch-size must be >= 1 and --rows >= 0")
+    if args.batch_size < 1:  # -1 scored no row at all, and wrote AUC 0.5 with exit 0
+        problems.append(f"--batch-size must be >= 1 (got {args.batch_size})")
+    if args.rows < 0:  # rows[:-N] would be Python's "all but the last N"
+        problems.append(f"--rows must be >= 0 (got {args.rows})")
     if args.export and args.user is not None:
         problems.append("--export and --user: one at a time")
     if args.top < 0:
@@ -824,6 +969,7 @@ def evaluate(args):
         return
     split = ds.splits[args.split]
     rows = np.arange(len(split))[:args.rows or None]
+    check_both_classes(split, rows, f"--split {args.split} --rows {args.rows}")
     scores = metrics.score_rows(model, encode(cfg, ds, tok, args.split, model), split, rows, args.batch_size,
                                 data.SegmentTokenizer(tok).pad_id, device, dtype)
     rep = metrics.report(split, scores, rows)

@@ -12,7 +12,7 @@ import collab
 import data
 import eval as metrics  # our eval.py
 
-from conftest import TOY_ITEMS, TOY_USERS, assert_error_line, run_python
+from conftest import TOY_ITEMS, TOY_USERS, assert_error_line, run_python, toy_frames, write_dataset
 
 
 @pytest.fixture(autouse=True)
@@ -210,6 +210,26 @@ def test_checkpoint_dict_roundtrip():
         torch.testing.assert_close(a, b)
     with pytest.raises(data.UsageError, match="expected 4 x 6"):
         collab.rec_from_checkpoint(collab.rec_checkpoint(model), 4, 6)
+
+
+def test_model_pt_records_its_split_and_refuses_other_data(toy_root, tmp_path, capsys):
+    """Table sizes alike, data not: the toy dataset of another seed has the same users and items."""
+    other = tmp_path / "other"
+    write_dataset(other, "toy", **toy_frames(seed=1))
+    collab.main(["--model", "mf", "--data", "toy", "--data-root", str(other), "--out", str(tmp_path / "mf"),
+                 "--dim", "4", "--epochs", "1"])
+    here, there = (data.fingerprint(data.load_dataset("toy", str(r))) for r in (toy_root, other))
+    path = tmp_path / "mf" / "model.pt"
+    assert torch.load(path, weights_only=True)["config"]["data_fingerprint"] == there != here
+    collab.load_rec(path, USERS + 1, ITEMS + 1, there)  # its own data: fine
+    with pytest.raises(data.UsageError, match=f"model.pt: trained on another split .*{there}.*{here}"):
+        collab.load_rec(path, USERS + 1, ITEMS + 1, here)
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["data_fingerprint"]  # as collab.py wrote model.pt before it recorded one
+    torch.save(ckpt, path)
+    capsys.readouterr()
+    collab.load_rec(path, USERS + 1, ITEMS + 1, here)  # still loads, and says it could not check
+    assert "records no fingerprint" in capsys.readouterr().out
 
 
 def test_load_rec_bad_files(tmp_path):

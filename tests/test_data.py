@@ -554,8 +554,10 @@ def broken(rows, flag=-1, **columns):
     (dict(valid=broken(VALID, 0, his=[[0, 1, 3, 4], [0, 1, 0, 4], [0]])), ["valid_ood2.pkl", "row 1", "item id 0"]),
     (dict(test=broken(TEST, 1, his=[[0, 1, 3, 4, 99]] + [h for h in frame(TEST).his[1:]])),
      ["test_ood2.pkl", "history item id 99", "largest target item id 6"]),
+    (dict(test=broken(TEST, 1, his_title=[*frame(TEST).his_title[:2], float("nan"), *frame(TEST).his_title[3:]])),
+     ["test_ood2.pkl", "row 2", "his_title is nan", "expected a list"]),
 ], ids=["missing column", "uid 0", "negative iid", "fractional uid", "string iid", "label 2", "title count", "no sentinel", "history id 0",
-        "history id beyond table"])
+        "history id beyond table", "NaN title list"])
 def test_bad_pickles_name_file_and_row(tmp_path, frames, words):
     with pytest.raises(data.UsageError) as e:
         data.load_dataset(write_dataset(tmp_path, **frames), tmp_path)
@@ -577,6 +579,41 @@ def test_missing_files_name_what_is_missing(tmp_path):
     pd.to_pickle([1, 2, 3], tmp_path / "tiny" / "test_ood2.pkl")
     with pytest.raises(data.UsageError, match="test_ood2.pkl: holds a list, expected a pandas DataFrame"):
         data.load_dataset("tiny", tmp_path)
+
+
+def test_a_zip_missing_one_pickle_names_it(tmp_path):
+    """Three of the four pickles: was "put ml-1m.zip there", where it already was."""
+    write_dataset(tmp_path, "ml-1m")
+    with zipfile.ZipFile(tmp_path / "root.zip", "w") as zf:
+        for s in ("train", "valid", "test"):
+            zf.write(tmp_path / "ml-1m" / f"{s}_ood2.pkl", f"ml-1m/{s}_ood2.pkl")
+    os.makedirs(tmp_path / "root")
+    os.replace(tmp_path / "root.zip", tmp_path / "root" / "ml-1m.zip")
+    with pytest.raises(data.UsageError) as e:
+        data.load_dataset("ml-1m", tmp_path / "root")
+    assert str(e.value) == (f"{tmp_path / 'root' / 'ml-1m.zip'}: holds ml-1m/train_ood2.pkl, ml-1m/valid_ood2.pkl, "
+                            f"ml-1m/test_ood2.pkl but no ml-1m/valid_small_ood2.pkl; a dataset zip needs all four pickles")
+
+
+def test_killed_writes_leave_nothing_the_next_write_keeps(tmp_path):
+    """A write killed mid-way (no `finally`) leaves path.tmpPID; the next write of that path removes
+    it when its process is gone, and leaves a live writer's alone."""
+    gone = [int(run_python("-c", "import os; print(os.getpid())").stdout) for _ in range(2)]  # exited
+    (tmp_path / f"m.json.tmp{gone[0]}").write_text("half")
+    os.makedirs(tmp_path / f"m.json.tmp{gone[1]}" / "inner")  # a folder (an export, a split being built)
+    (tmp_path / f"m.json.tmp{os.getppid()}").write_text("being written")  # our parent: alive
+    (tmp_path / "other.json.tmp1").write_text("not this path's")
+    data.write_atomic(str(tmp_path / "m.json"), lambda tmp: open(tmp, "w").write("{}"))
+    assert sorted(os.listdir(tmp_path)) == ["m.json", f"m.json.tmp{os.getppid()}", "other.json.tmp1"]
+
+
+def test_fingerprint_tells_splits_of_one_size_apart(tmp_path):
+    a = data.load_dataset(write_dataset(tmp_path / "a"), tmp_path / "a")
+    flipped = frame(TRAIN)
+    flipped.loc[0, "label"] = 0  # one label differs; every id and table size is the same
+    b = data.load_dataset(write_dataset(tmp_path / "b", train=flipped), tmp_path / "b")
+    assert (a.user_num, a.item_num) == (b.user_num, b.item_num)
+    assert data.fingerprint(a) == data.fingerprint(data.load_dataset("tiny", tmp_path / "a")) != data.fingerprint(b)
 
 
 def test_templates_must_hold_the_placeholders_of_their_mode(tmp_path):

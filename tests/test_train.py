@@ -15,7 +15,7 @@ import collm
 import data
 import eval as metrics  # our eval.py
 import train
-from conftest import ROOT, assert_error_line, run_python, shared_tokenizer
+from conftest import ROOT, assert_error_line, run_python, shared_tokenizer, toy_frames, write_dataset
 
 TINY = ["--llm", "tiny", "--dtype", "fp32", "--batch-size", "4", "--warmup-steps", "2", "--log-every", "1"]
 
@@ -633,8 +633,10 @@ def test_results_table_reads_the_runs(lora_run, mf_ckpt, tmp_path):
 
 
 def test_resumed_run_equals_uninterrupted_run(toy_root, tmp_path):
+    # --log-every 3: the pause at step 4 falls inside a log window, whose step-6 entry must still
+    # average steps 4-6 (it once averaged the two after the resume, divided by three)
     common = ["--stage", "lora", *TINY, "--data", "toy", "--data-root", toy_root, "--max-steps", 8,
-              "--eval-every", 4, "--test-rows", 20, "--lr", 3e-3]
+              "--eval-every", 4, "--test-rows", 20, "--lr", 3e-3, "--log-every", 3]
     straight = run_python("train.py", *common, "--out", tmp_path / "a")
     paused = run_python("train.py", *common, "--out", tmp_path / "b", "--pause-at", 4)
     assert straight.returncode == 0 and paused.returncode == 0, paused.stderr[-2000:]
@@ -651,6 +653,7 @@ def test_resumed_run_equals_uninterrupted_run(toy_root, tmp_path):
         assert torch.equal(a["lora"][k], b["lora"][k]), k
     ma, mb = (json.load(open(tmp_path / d / "metrics.json")) for d in "ab")
     assert ma["test"] == mb["test"] and ma["history"] == mb["history"]
+    assert [x["step"] for x in mb["loss_log"]] == [3, 6] and ma["loss_log"] == mb["loss_log"]
     assert ma["seconds"] < 600 and 1e6 < mb["seconds"] < 1e6 + 600
 
 
@@ -669,6 +672,41 @@ def test_two_ranks_end_identical_evaluate_each_row_once_and_stop_together(toy_ro
     assert m["test"]["rows"] == 93 and m["valid"]["rows"] == 50   # 93 is odd: no padded duplicates
     # lr ~ 0 leaves the AUC where it was, so patience 1 stops at the second evaluation on both ranks
     assert [h["step"] for h in m["history"]] == [2, 4]
+
+
+def test_a_two_process_run_resumes_only_with_two(toy_root, tmp_path):
+    """One process would continue with half the global batch and another data order (and count
+    samples_seen wrong): refused, and the pause message says how to resume."""
+    res = torchrun("--stage", "lora", *TINY, "--data", "toy", "--data-root", toy_root, "--out", tmp_path,
+                   "--max-steps", 4, "--eval-every", 2, "--pause-at", 2, "--eval-rows", 8, "--test-rows", 8)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"continue with: torchrun --nproc-per-node 2 train.py --resume {tmp_path}" in res.stdout
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["world"] == 2
+    assert_one_line_error(run_python("train.py", "--resume", tmp_path), "written by 2 process(es), this run has 1",
+                          "torchrun --nproc-per-node 2")
+
+
+# ---------------------------------------------------------------------------------------------
+# A run folder belongs to one run
+
+
+def test_a_new_run_refuses_a_folder_with_another_runs_files(lora_run, toy_root):
+    before = {f: os.path.getmtime(lora_run[0] / f) for f in train.RUN_FILES if (lora_run[0] / f).exists()}
+    res = run_python("train.py", "--stage", "lora", *TINY, "--data", "toy", "--data-root", toy_root, "--out", lora_run[0])
+    assert_one_line_error(res, "holds another run's best.pt, last.pt, metrics.json", f"--resume {lora_run[0]}")
+    assert before == {f: os.path.getmtime(lora_run[0] / f) for f in before}  # nothing of it touched
+
+
+def test_a_live_run_holds_its_folder_and_a_killed_one_lets_go(toy_root, tmp_path):
+    argv = ["train.py", "--stage", "lora", *TINY, "--data", "nope", "--data-root", toy_root, "--out", tmp_path]
+    lock = train.claim_folder(train.Config(), str(tmp_path))  # as a live run holds it
+    assert_one_line_error(run_python(*argv), f"a running train.py (pid {os.getpid()}) holds this folder")
+    lock.close()
+    # a run killed while holding the lock (kill -9: no cleanup of any kind) leaves the file, not the lock
+    killed = run_python("-c", "import fcntl, os, signal; f = open('train.lock', 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+                              "os.kill(os.getpid(), signal.SIGKILL)", cwd=tmp_path)
+    assert killed.returncode == -9 and (tmp_path / "train.lock").exists()
+    assert_one_line_error(run_python(*argv), "--data nope")  # past the folder's checks, to the data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -702,6 +740,47 @@ def _tables_do_not_fit(tmp, toy_root, lora_dir, mf_ckpt):
         ["model.pt", "expected"]
 
 
+def _rec_of_other_data(tmp, toy_root, lora_dir, mf_ckpt):
+    """a collaborative model trained on other data with the same table sizes (the toy data of seed 1)"""
+    write_dataset(tmp / "other", "toy", **toy_frames(seed=1))
+    collab.main(["--model", "mf", "--data", "toy", "--data-root", str(tmp / "other"), "--out", str(tmp / "mf"),
+                 "--dim", "4", "--epochs", "1"])
+    return ["train.py", "--stage", "cie", *BASE, "--ckpt", lora_dir / "best.pt", "--rec-ckpt", tmp / "mf" / "model.pt"], \
+        ["mf/model.pt", "trained on another split"]
+
+
+def _damaged(tmp, toy_root, lora_dir, mf_ckpt):
+    """flipped bytes inside a tensor of best.pt (torch.load does not check the zip's checksums)"""
+    raw = bytearray((lora_dir / "best.pt").read_bytes())
+    tensor = next(iter(torch.load(lora_dir / "best.pt", weights_only=True)["lora"].values())).numpy().tobytes()
+    at = bytes(raw).index(tensor[:64])
+    raw[at:at + 64] = bytes(b ^ 0xFF for b in raw[at:at + 64])
+    (tmp / "best.pt").write_bytes(raw)
+    return ["train.py", "--evaluate", "--ckpt", tmp / "best.pt"], ["best.pt: damaged", "digest"]
+
+
+def _cut(tmp, lora_dir, size):
+    """best.pt's first `size` bytes (a copy or a write cut short)"""
+    (tmp / "best.pt").write_bytes((lora_dir / "best.pt").read_bytes()[:size])
+    return ["train.py", "--evaluate", "--ckpt", tmp / "best.pt"]
+
+
+def _best_as_last(tmp, toy_root, lora_dir, mf_ckpt):
+    """best.pt copied over last.pt (weights only, no optimizer state): was KeyError 'optimizer'"""
+    os.makedirs(tmp / "run")
+    (tmp / "run" / "last.pt").write_bytes((lora_dir / "best.pt").read_bytes())
+    return ["train.py", "--resume", tmp / "run"], ["last.pt: weights only, no optimizer state"]
+
+
+def _last_without_history(tmp, toy_root, lora_dir, mf_ckpt):
+    """a last.pt without one of the keys --resume needs"""
+    state = torch.load(lora_dir / "last.pt", weights_only=True)
+    del state["history"]
+    os.makedirs(tmp / "run")
+    torch.save(state, tmp / "run" / "last.pt")
+    return ["train.py", "--resume", tmp / "run"], ["last.pt: no history in it"]
+
+
 def _prompt_too_long(tmp, toy_root, lora_dir, mf_ckpt):
     """a prompt longer than the model's context (the tiny LLaMA has 2048 positions)"""
     (tmp / "long.txt").write_text("#Question: " + "very " * 3000 + "<ItemTitleList> <TargetItemTitle>? \\n#Answer:")
@@ -722,10 +801,16 @@ BAD_INPUTS = {  # case: (tmp, toy_root, lora_dir, mf_ckpt) -> (command line, wor
                                       ["--llm", "no-such-model"]),
     "other backbone": _other_backbone,
     "tables do not fit": _tables_do_not_fit,
+    "rec of other data": _rec_of_other_data,
     "prompt too long": _prompt_too_long,
     "template without target": _template_without_target,
-    "every bad number at once": lambda *_: (["train.py", "--stage", "lora", *BASE, "--batch-size", 0, "--lr", -1],
-                                            ["--batch-size", "--lr"]),
+    "every bad number at once": lambda *_: (["train.py", "--stage", "lora", *BASE, "--batch-size", 0, "--lr", -1,
+                                             "--eval-batch-size", -1, "--test-rows", -1, "--eval-rows", -3,
+                                             "--log-every", 0, "--seed", -1, "--weight-decay", "nan"],
+                                            ["--batch-size must be >= 1 (got 0)", "--lr", "--eval-batch-size must be >= 0",
+                                             "--test-rows", "--eval-rows must be >= 0 (got -3)", "--log-every",
+                                             "--seed", "--weight-decay must be >= 0 (got nan)"]),
+    "damaged checkpoint": _damaged,
     "--evaluate a collab.py model": lambda tmp, root, lora_dir, mf_ckpt: (["train.py", "--evaluate", "--ckpt", mf_ckpt],
                                                                           ["not a train.py checkpoint"]),
     "--resume without last.pt": lambda tmp, *_: (["train.py", "--resume", tmp / "empty"], ["no last.pt"]),
@@ -738,6 +823,37 @@ def test_bad_input_is_one_clear_line(toy_root, lora_run, mf_ckpt, tmp_path, case
     if "--evaluate" not in argv and "--resume" not in argv:
         argv += ["--data-root", toy_root, "--out", tmp_path]
     assert_one_line_error(run_python(*argv), *words)
+
+
+# More of the same, raised in this process (a UsageError is what the CLI prints as its `error:` line,
+# as the cases above show end to end): a fresh Python per case would cost seconds each.
+BAD_IN_PROCESS = {
+    "one class in the eval rows": lambda *_: (["train.py", "--stage", "lora", *BASE, "--eval-rows", 1],
+                                              ["--eval-rows 1: 1 rows, all labelled", "AUC needs"]),
+    "one class in the test rows": lambda *_: (["train.py", "--stage", "lora", *BASE, "--test-rows", 1],
+                                              ["--test-rows 1: 1 rows, all labelled", "AUC needs"]),
+    "--evaluate bad numbers": lambda tmp, root, lora_dir, mf_ckpt: (
+        ["train.py", "--evaluate", "--ckpt", lora_dir / "best.pt", "--batch-size", -1, "--rows", -2],
+        ["--batch-size must be >= 1 (got -1)", "--rows must be >= 0 (got -2)"]),
+    "--evaluate one class": lambda tmp, root, lora_dir, mf_ckpt: (
+        ["train.py", "--evaluate", "--ckpt", lora_dir / "best.pt", "--rows", 1], ["--rows 1: 1 rows", "AUC needs"]),
+    "empty checkpoint": lambda tmp, root, lora_dir, mf_ckpt: (_cut(tmp, lora_dir, 0), ["best.pt: empty (0 bytes)"]),
+    "truncated checkpoint": lambda tmp, root, lora_dir, mf_ckpt: (
+        _cut(tmp, lora_dir, (lora_dir / "best.pt").stat().st_size // 2), ["best.pt: truncated"]),
+    "best.pt as last.pt": _best_as_last,
+    "last.pt without a key": _last_without_history,
+}
+
+
+@pytest.mark.parametrize("case", BAD_IN_PROCESS)
+def test_bad_runs_and_checkpoints_are_one_line(toy_root, lora_run, mf_ckpt, tmp_path, case):
+    argv, words = BAD_IN_PROCESS[case](tmp_path, toy_root, lora_run[0], mf_ckpt)
+    if "--evaluate" not in argv and "--resume" not in argv:
+        argv += ["--data-root", toy_root, "--out", tmp_path / "out", "--max-steps", 2]  # short, should it train
+    with pytest.raises(data.UsageError) as e:
+        train.main([str(a) for a in argv[1:]])
+    assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+    assert not (tmp_path / "out" / "best.pt").exists()  # refused before any training
 
 
 # ---------------------------------------------------------------------------------------------
