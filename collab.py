@@ -27,6 +27,7 @@ a model from the checkpoint this script writes, without the dataset.
 """
 import argparse
 import os
+import sys
 import time
 import warnings
 
@@ -587,6 +588,7 @@ def main(argv=None):
                         "trained rows (the average user); 'untouched' keeps its never-trained row, as the reference")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: these ops are too small to gain from more)")
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = p.parse_args(argv)
     problems = [f"--{k.replace('_', '-')} {v} must be > 0" for k, v in
                 dict(dim=args.dim, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
@@ -616,6 +618,7 @@ def main(argv=None):
     finally:  # main() also runs inside other programs (tests): leave their thread count as it was
         torch.set_num_threads(threads)
     result["config"].update(data=ds.name, data_fingerprint=data.fingerprint(ds))  # which split it learned
+    result["command"] = " ".join(["python collab.py", *argv])  # eval.py --table --json puts it beside the numbers
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "model.pt")
     ckpt = rec_checkpoint(model, result["config"])  # config: every setting of the run, the table sizes first

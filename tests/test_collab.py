@@ -186,7 +186,9 @@ def test_cli_roundtrip(toy_root, tmp_path, capsys, name):
     assert ckpt["model"] == name and ckpt["config"]["dim"] == 8 and ckpt["config"]["user_num"] == USERS + 1
     m = json.loads((out / "metrics.json").read_text())
     assert set(m) == {"valid", "test", "test_warm", "test_cold", "best_epoch", "samples_seen", "seconds",
-                      "config"}
+                      "config", "command"}
+    assert m["command"] == f"python collab.py --model {name} --data toy --data-root {toy_root} --out {out} --dim 8 " \
+                           f"--lr 1e-2 --batch-size 64 --epochs 8 --seed 1 --threads 2"
     assert set(m["test"]) == {"auc", "uauc", "uauc_users", "rows"}
 
     # the loaded model (no dataset needed) reproduces the reported valid AUC
