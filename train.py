@@ -985,9 +985,10 @@ def evaluate(args):
     result.update({**metrics.split_block(rep, args.split), "stage": cfg.stage, "llm": cfg.llm,
                    f"{args.split}_dtype": dtype_name})
     # a folder of its own (--out, or a checkpoint copied elsewhere) also gets what `eval.py --table`
-    # reads: the run's settings and how many samples these weights were trained on (checkpoints
-    # written before train.py saved that number leave it out; the table then shows "-")
+    # reads: the run's settings, the command that trained these weights, and how many samples they
+    # were trained on (checkpoints written before train.py saved that number leave it out: "-")
     result.setdefault("config", asdict(cfg))
+    result.setdefault("command", command_line(cfg))
     if "samples_seen" in state:
         result.setdefault("samples_seen", state["samples_seen"])
     metrics.write_metrics(path, result)

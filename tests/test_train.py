@@ -627,6 +627,7 @@ def test_results_table_reads_the_runs(lora_run, mf_ckpt, tmp_path):
     row = res.stdout.strip().splitlines()[-1]
     assert row.startswith(f"| ev | TALLRec | - | tiny | {m1['best_step'] * 4:,} | 93 | {m1['test']['auc']:.4f} |"), row
     m = json.load(open(ev / "metrics.json"))
+    assert m["command"] == json.load(open(lora_dir / "metrics.json"))["command"]  # what trained the weights
     del m["samples_seen"]
     json.dump(m, open(ev / "metrics.json", "w"))
     assert "| ev | TALLRec | - | tiny | - | 93 |" in run_python("eval.py", "--table", ev).stdout
