@@ -899,6 +899,8 @@ def parse_evaluate(argv=None):
     p.add_argument("--json", action="store_true", help="--user: print each user's ranking as one JSON object a line "
                    "(user, candidates scored, items: item, title, score, probability = sigmoid(score), label)")
     p.add_argument("--show-prompt", action="store_true", help="--user: print the first candidate's prompt")
+    p.add_argument("--no-compile", action="store_true", help="score eagerly even if the run trained with --compile "
+                   "(compiling takes about a minute: worth it for a whole split, not for a slice)")
     args = p.parse_args(argv)
     problems = []  # every bad flag at once
     if args.batch_size < 1:  # -1 scored no row at all, and wrote AUC 0.5 with exit 0
@@ -961,7 +963,7 @@ def evaluate(args):
                              DTYPES[args.export_dtype])
         print(f"exported {args.ckpt} {what} -> {args.export}")
         return
-    if cfg.compile:  # scored as the run was trained (train.py --compile)
+    if cfg.compile and not args.no_compile:  # scored as the run was trained (train.py --compile)
         collm.compile_decoder(model)
     if args.user is not None:
         for user, of_user in zip(args.user, candidates):
