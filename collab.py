@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import data
 import eval as metrics  # our eval.py, by what it holds (a plain `import eval` would hide the builtin)
+import prepare
 
 # Best mean valid AUC over seeds 0-2 in a grid on ML-1M (lr 1e-3..1e-2, wd 1e-6..1e-3, d 64/256), with
 # unseen="mean" (below). For MF that is the reference's own setting (d=256, lr 1e-3, wd 1e-4: valid
@@ -418,11 +419,11 @@ def rec_from_checkpoint(ckpt, user_num=None, item_num=None, where="checkpoint"):
         model = build_model(name, *have, cfg.get("dim"), cfg.get("layers"), state.get("edges"), **settings)
         model.load_state_dict(state)
     except Exception as e:  # a foreign checkpoint, a missing key, tables of other sizes: all mean "not ours"
-        raise data.UsageError(f"{where}: not a collab.py checkpoint that fits its own settings "
+        raise prepare.UsageError(f"{where}: not a collab.py checkpoint that fits its own settings "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     want = (user_num or have[0], item_num or have[1])
     if have != want:  # ids would index the wrong rows (or past the end) without a word
-        raise data.UsageError(f"{where}: tables are {have[0]} users x {have[1]} items, expected "
+        raise prepare.UsageError(f"{where}: tables are {have[0]} users x {have[1]} items, expected "
                               f"{want[0]} x {want[1]} (a model trained on another dataset?)")
     return model.eval()
 
@@ -433,13 +434,23 @@ def load_rec(path, user_num=None, item_num=None, fingerprint=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise data.UsageError(f"{path}: file not found")
+        raise prepare.UsageError(f"{path}: file not found")
     except Exception as e:  # a truncated file, not a torch file
-        raise data.UsageError(f"{path}: not a collab.py checkpoint ({type(e).__name__}: {e})")
+        raise prepare.UsageError(f"{path}: not a collab.py checkpoint ({type(e).__name__}: {e})")
     model = rec_from_checkpoint(ckpt, user_num, item_num, where=path)
     if fingerprint is not None:
         check_trained_on(ckpt["config"], fingerprint, path)
     return model
+
+
+def model_in(path):
+    """Which model a model.pt holds ("mf", "din", ...), or None where the file cannot tell (missing,
+    unreadable, not ours: load_rec says which when the model is built)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # every way a file can fail to load means "cannot tell" here
+        return None
+    return ckpt.get("model") if isinstance(ckpt, dict) and ckpt.get("model") in MODELS else None
 
 
 def check_trained_on(cfg, fingerprint, path):
@@ -451,7 +462,7 @@ def check_trained_on(cfg, fingerprint, path):
         print(f"warning: {path} records no fingerprint of the split it was trained on (written by an older "
               f"collab.py): not checked against this data", flush=True)
     elif saved != fingerprint:
-        raise data.UsageError(f"{path}: trained on another split (--data {cfg.get('data')}, fingerprint {saved}) "
+        raise prepare.UsageError(f"{path}: trained on another split (--data {cfg.get('data')}, fingerprint {saved}) "
                               f"than this one (fingerprint {fingerprint}); train it on this data with collab.py")
 
 
@@ -466,7 +477,7 @@ def history(split, model, rows=None):
     his = data.padded_history(split, model.his_len, rows)
     n_items = model.item_seen.numel()
     if his.size and his.max() >= n_items:  # an embedding lookup would fail with an IndexError traceback
-        raise data.UsageError(f"history item id {his.max()} is beyond the model's item table ({n_items} items)")
+        raise prepare.UsageError(f"history item id {his.max()} is beyond the model's item table ({n_items} items)")
     return torch.from_numpy(his)
 
 
@@ -567,7 +578,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Train a collaborative model (MF, LightGCN, SASRec, DIN) or count the "
                                             "popularity baseline on a CoLLM dataset (BCE, early stop on valid AUC).")
     p.add_argument("--model", required=True, choices=sorted(MODELS), help="which collaborative model")
-    data.add_data_flags(p)
+    prepare.add_data_flags(p)
     p.add_argument("--out", required=True, help="output folder for model.pt and metrics.json")
     p.add_argument("--dim", type=int, default=None, help=f"embedding size, for DIN of each of its three tables (default: {per_model('dim')})")
     p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default: {per_model('lr')})")
@@ -604,7 +615,7 @@ def main(argv=None):
         if getattr(args, flag) is not None and args.model not in models:
             problems.append(f"--{flag} is for {' / '.join(models)} only, not {args.model}")
     if problems:  # report every bad flag at once
-        raise data.UsageError("; ".join(problems))
+        raise prepare.UsageError("; ".join(problems))
     ds = data.load_dataset(args.data, args.data_root)
     # These models do many tiny ops (a 1024 x 64 batch). On an idle 2-core machine one thread trained
     # MF faster than two (6.4 s vs 7.7 s); with other jobs on the cores, two threads spin-waiting on
@@ -622,7 +633,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "model.pt")
     ckpt = rec_checkpoint(model, result["config"])  # config: every setting of the run, the table sizes first
-    data.write_atomic(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
+    prepare.write_atomic(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
     metrics.write_metrics(os.path.join(args.out, "metrics.json"), result)
     m = result
     print(f"{args.model}: best epoch {m['best_epoch']}, valid AUC {m['valid']['auc']:.4f}, "
@@ -631,4 +642,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.cli_main(main)
+    prepare.cli_main(main)
