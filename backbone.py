@@ -60,8 +60,8 @@ def tiny_llm(tokenizer, arch="llama", seed=0):
 
 
 def _smollm2(cache_dir, dtype=torch.float32):
-    """SmolLM2-135M: dequantise the package's GGUF once (about 15 s) and keep a safetensors copy
-    in `cache_dir`, which later runs load in under a second."""
+    """SmolLM2-135M: dequantise the package's GGUF once (the slow part) and keep a safetensors copy
+    in `cache_dir`, which later runs load directly."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder = os.path.join(cache_dir, "smollm2-135m")
     if not os.path.exists(os.path.join(folder, "config.json")):
@@ -178,10 +178,10 @@ def setup_distributed(cfg):
 
 
 # Which dtype to compute in. Half precision (bf16/fp16) halves memory and, on hardware built for it,
-# doubles or quadruples matmul speed. On hardware NOT built for it, it is a disaster: a CPU without
-# bf16 matrix units (AVX2 only; most laptops, many cloud machines) ran a 2048^3 bf16 matmul at
-# 0.3 GFLOP/s against 142 GFLOP/s in fp32, about 500 times slower (2-core AMD EPYC, Zen 3, torch 2.13).
-# So `--dtype auto` picks what the hardware computes natively, and says why.
+# multiplies matmul speed. On hardware NOT built for it, it is a disaster: on a CPU without bf16
+# matrix units (AVX2 only; most laptops, many cloud machines) bf16 matmuls run hundreds of times
+# slower than fp32 (docs/SPEED.md has the measurement). So `--dtype auto` picks what the hardware
+# computes natively, and says why.
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # None = plain fp32, no autocast
 BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX-512 BF16 / AMX, Arm's BF16 extension
 CPUINFO = "/proc/cpuinfo"
@@ -239,10 +239,9 @@ def autocast(device, dtype):
 
 # ---------------------------------------------------------------------------------------------
 # Attention on CPU. PyTorch's fused CPU attention (SDPA's flash kernel) is built for long sequences;
-# at prompt lengths of 100-300 tokens its backward is slow. Written as two batched matmuls and a
-# softmax, the same attention made a whole SmolLM2-135M LoRA step (8 x 160 tokens, bf16, 2 cores)
-# about 1.3x faster (2.7-2.9 s instead of 3.5-4.0 s); scoring ran about the same. GPUs have fast
-# fused kernels, so there it stays SDPA.
+# at prompt lengths of a few hundred tokens its backward is slow. Written as two batched matmuls and
+# a softmax, the same attention makes a whole LoRA training step faster on CPU, and scoring no slower
+# (docs/SPEED.md). GPUs have fast fused kernels, so there it stays SDPA.
 
 ATTENTION = "collm_matmul"
 
@@ -290,17 +289,16 @@ def compile_decoder(model):
     """Opt-in: compile each decoder layer of a CoLLM with torch.compile (inductor). Between the big
     matmuls a layer runs many small elementwise ops (RMSNorm in fp32, rotary embedding, SiLU x up,
     LoRA's dropout and scaling, residual adds); compiled, they fuse into a few loops and the backward
-    keeps fewer fp32 copies. Measured with bench.py on 2 CPU cores (bf16, SmolLM2-135M, batch 8, with
-    and without --compile): LoRA steps 3.40 vs 2.96 samples/s, scoring 7.40 vs 6.66, the training
-    step's memory over the loaded model 0.91 vs 1.68 GB. Costs: tens of seconds of compiling in the
-    first step (cached on disk afterwards), and LoRA dropout masks drawn by inductor's
-    own generator (the same distribution, other numbers than eager mode).
+    keeps fewer fp32 copies: faster steps and less activation memory (bench.py --compile measures
+    both; docs/SPEED.md). Costs: tens of seconds of compiling in the first step (cached on disk
+    afterwards), and LoRA dropout masks drawn by inductor's own generator (the same distribution,
+    other numbers than eager mode).
     dynamic=True: one graph for every prompt length and batch size, no recompiling per batch. Dynamo
     still makes a variant per kind of call: gradients on or off (training or scoring), dropout on or
     off, the shared-prefix pass and the pass over the rest, and a batch of one row (size 1 is
-    specialised). A stage-2 run meets more than dynamo's default limit of 8 (a 60-step run on ML-1M
-    did, at step 57), past which dynamo warns and runs any further kind eagerly; with the limit at 32
-    every call stays compiled and the log clean (that run's scoring speed was the same either way)."""
+    specialised). A stage-2 run meets more than dynamo's default limit of 8 kinds, past which dynamo
+    warns and runs any further kind eagerly; with the limit at 32 every call stays compiled and the
+    log clean."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for layer in model.llm.get_base_model().get_decoder().layers:
         layer.compile(dynamic=True)  # in place: parameter names, so checkpoints, stay as they are

@@ -199,6 +199,7 @@ class TensorPeak(TorchDispatchMode):
         self.live, self.peak, self.held = 0, 0, set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        """Run the op; count each new CPU storage among its outputs until it is freed."""
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
@@ -296,6 +297,7 @@ def train_step_fn(model, device, dtype, score_fn):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step(batch):
+        """One optimizer step on `batch`, as train.train_step takes it (autocast, scaler, clip)."""
         with backbone.autocast(device, dtype):
             loss = F.binary_cross_entropy_with_logits(score_fn(batch), batch["label"].to(device))
         scaler.scale(loss).backward()
@@ -426,6 +428,8 @@ def reference_scores(model, batch, stage, slot_id):
 
 
 def ref_train(args, ds, device, dtype):
+    """The reference's training step on the same rows: every prompt tokenised again each step, padded
+    with an attention mask, and the whole vocabulary's logits computed (reference_scores)."""
     model, tok, cfg = build(args, ds, dtype, device, with_rec=True, ours=False)
     prompts, split = ReferencePrompts(ds, tok, args.stage), ds.splits["train"]
     lengths = np.diff(split.his_ptr)  # only to size the draw; the batches are random, as the reference's
@@ -520,6 +524,8 @@ def catalog(args, ds, device, dtype):
 
 
 def baseline(args, ds, device, dtype):
+    """The device's matmul peak, and our model's train step and scoring on fixed-shape batches of
+    FIXED_LEN random tokens: what the hardware gives before any prompt varies in length."""
     peak = matmul_peak(device, dtype, args.matmul_size)
     model, tok, cfg = build(args, ds, dtype, device, with_rec=args.stage == "cie")
     vocab = model.llm.get_input_embeddings().weight.shape[0]

@@ -377,7 +377,7 @@ def load_export(folder):
         return export_state(folder, info, lora)
     except (KeyError, TypeError) as e:  # valid JSON, but not what an export writes
         raise UsageError(f"{folder}: {EXPORT_JSON} or {ADAPTER_FILES[0]} lacks {e} (not written by train.py "
-                              f"--evaluate --export?)")
+                         f"--evaluate --export?)")
 
 
 def export_state(folder, info, lora):
@@ -408,12 +408,12 @@ def export_file(folder, name, read):
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         raise UsageError(f"{path}: not found; an export folder holds {', '.join(ADAPTER_FILES)} and {EXPORT_JSON} "
-                              f"(train.py --evaluate --export); copy the whole folder")
+                         f"(train.py --evaluate --export); copy the whole folder")
     try:
         return read(path)
     except Exception as e:  # JSONDecodeError, safetensors' SafetensorError, UnicodeDecodeError: all "unreadable"
         raise UsageError(f"{path}: cannot be read, truncated or not this kind of file "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
 
 
 def parse_ids(text, flag):
@@ -457,7 +457,7 @@ def check_candidate_ids(ds, user, items):
     bad = [i for i in items or () if not (1 <= i < ds.item_num and known[i])]
     if bad:
         raise UsageError(f"--items: unknown item id(s) {','.join(map(str, bad))}; valid items are "
-                              f"1..{ds.item_num - 1}")
+                         f"1..{ds.item_num - 1}")
     return rows
 
 
@@ -568,7 +568,7 @@ def result_row(run):
                "valid_auc": m.get("valid", {}).get("auc"), "command": m.get("command"), "data": config["data"]}
     except (ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--table {path}: not a finished train.py or collab.py metrics.json "
-                              f"({type(e).__name__}: {e})")
+                         f"({type(e).__name__}: {e})")
     return row
 
 
@@ -613,7 +613,7 @@ def read_metrics(run, flag):
             return path, json.load(f)
     except ValueError as e:
         raise UsageError(f"{flag} {path}: not a finished train.py or collab.py metrics.json "
-                              f"({type(e).__name__}: {e})")
+                         f"({type(e).__name__}: {e})")
 
 
 def learning_curve(m, path):
@@ -683,7 +683,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if bool(args.table) == bool(args.plot):
         raise UsageError("give --table RUN_DIR ... or --plot RUN_DIR ... --out FILE.png (one of them); "
-                              "to score a checkpoint: python train.py --evaluate --ckpt CHECKPOINT")
+                         "to score a checkpoint: python train.py --evaluate --ckpt CHECKPOINT")
     if args.table:
         rows = [result_row(run) for run in args.table]
         print(results_table(rows))

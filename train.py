@@ -135,8 +135,8 @@ class Config:
                      choices=("auto", "bf16", "fp16", "fp32"))
     cache_dir: str = opt("cache", "where converted models (SmolLM2's safetensors copy) are kept")
     compile: bool = opt(False, "torch.compile each decoder layer (backbone.compile_decoder): on CPU faster steps "
-                               "and less activation memory (bench.py --compile measures both), after tens of "
-                               "seconds of compiling")
+                        "and less activation memory (bench.py --compile measures both), after tens of "
+                        "seconds of compiling")
     grad_checkpoint: bool = opt(False, "activation checkpointing of the decoder layers: each layer's activations are "
                                        "recomputed in the backward instead of kept (about 1/3 more compute, far less "
                                        "memory: for GPUs too small for a batch)")
@@ -277,9 +277,38 @@ def build_optimizer(params, cfg):
 
 
 @dataclass
+class LoopState:
+    """What the loop moves from step to step: small and plain, and what last.pt keeps beside the
+    optimizer's moments (saved(), restore()), so that --resume continues exactly."""
+    step: int = 0             # optimizer steps taken: the clock of the schedule, evaluation, saving
+    best: dict = field(default_factory=lambda: {"auc": -1.0, "step": 0})
+    bad_evals: int = 0        # evaluations since the best one (early stop at --patience)
+    history: list = field(default_factory=list)   # every evaluation's metrics
+    loss_log: list = field(default_factory=list)  # the logged training losses (eval.py --plot)
+    # what the next log line averages: this window's summed step losses, steps, rows, start time
+    window: dict = field(default_factory=lambda: {"t": time.time(), "rows": 0, "loss": 0.0, "steps": 0})
+    t0: float = field(default_factory=time.time)  # when the run began, less earlier sittings' wall time
+
+    def saved(self):
+        """last.pt's loop entries (step and best go into best.pt too, see save)."""
+        return dict(bad_evals=self.bad_evals, history=self.history, loss_log=self.loss_log,
+                    seconds=time.time() - self.t0, log_window={"loss": self.window["loss"], "steps": self.window["steps"]})
+
+    def restore(self, state):
+        """--resume: the loop as the paused sitting left it (files from before an entry existed lack it)."""
+        self.step, self.best, self.bad_evals, self.history = state["step"], state["best"], state["bad_evals"], \
+            state["history"]
+        self.loss_log = state.get("loss_log", [])
+        # the log window the sitting ended in: the next log line averages all of its steps, not only
+        # those after the resume (files without one: the steps since the resume)
+        self.window.update(state.get("log_window", {}))
+        self.t0 -= state.get("seconds", 0.0)  # metrics.json's seconds: every sitting's wall time, summed
+
+
+@dataclass
 class Run:
-    """What one training run holds between its chapters. set_up() fills it; the loop moves the loop
-    state at the bottom, which last.pt keeps so that --resume continues exactly."""
+    """What set_up() builds for one training run, which the loop's chapters share, and the loop's
+    state (`loop`), the one part that changes."""
     cfg: Config
     rank: int                 # this process's place among `world` (0 logs and saves; every rank computes)
     world: int
@@ -301,15 +330,8 @@ class Run:
     eval_rows: np.ndarray     # the rows of --eval-split scored at each evaluation
     eval_batch_size: int
     batches_per_rank: int     # micro-batches per epoch on each rank
-    t0: float
-    step: int = 0             # optimizer steps taken: the clock of the schedule, evaluation, saving
-    best: dict = field(default_factory=lambda: {"auc": -1.0, "step": 0})
-    bad_evals: int = 0        # evaluations since the best one (early stop at --patience)
-    history: list = field(default_factory=list)   # every evaluation's metrics
-    loss_log: list = field(default_factory=list)  # the logged training losses (eval.py --plot)
-    # what the next log line averages: this window's summed step losses, steps, rows, start time
-    window: dict = field(default_factory=lambda: {"t": time.time(), "rows": 0, "loss": 0.0, "steps": 0})
-    epoch_cache: dict = field(default_factory=dict)
+    loop: LoopState
+    epoch_cache: dict = field(default_factory=dict)  # one epoch's batch list (micro_batch)
     lock: object = None       # rank 0's open lock file on `out` (claim_folder)
 
     @property
@@ -334,11 +356,12 @@ def set_up(cfg):
     torch.manual_seed(cfg.seed)  # identical LoRA/projector init on every rank
     ds = data.load_dataset(cfg.data, cfg.data_root)
     eval_rows = np.arange(len(ds.splits[cfg.eval_split]))[:cfg.eval_rows or None]
-    metrics.check_both_classes(ds.splits[cfg.eval_split], eval_rows, f"--eval-split {cfg.eval_split} --eval-rows {cfg.eval_rows}")
+    metrics.check_both_classes(ds.splits[cfg.eval_split], eval_rows,
+                               f"--eval-split {cfg.eval_split} --eval-rows {cfg.eval_rows}")
     metrics.check_both_classes(ds.splits["test"], np.arange(len(ds.splits["test"]))[:cfg.test_rows or None],
-                       f"--test-rows {cfg.test_rows}")
+                               f"--test-rows {cfg.test_rows}")
     model, tok = checkpoint.build_model(cfg, ds, dtype, state)
-    enc_train, enc_eval = checkpoint.encode(cfg, ds, tok, "train", model), checkpoint.encode(cfg, ds, tok, cfg.eval_split, model)
+    enc_train, enc_eval = (checkpoint.encode(cfg, ds, tok, split, model) for split in ("train", cfg.eval_split))
     model.to(device)
     if cfg.compile:
         backbone.compile_decoder(model)
@@ -358,7 +381,8 @@ def set_up(cfg):
               model=model, net=net, trainable=trainable, optimizer=build_optimizer(trainable.values(), cfg),
               scaler=scaler, enc_train=enc_train, enc_eval=enc_eval, pad=data.SegmentTokenizer(tok).pad_id,
               eval_rows=eval_rows,
-              eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, batches_per_rank=n_batches // world, t0=t0)
+              eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, batches_per_rank=n_batches // world,
+              loop=LoopState(t0=t0))
     if state is not None:
         restore_loop_state(run, state)
     if cfg.calibrate and state is None and cfg.stage == "lora":
@@ -420,12 +444,7 @@ def restore_loop_state(run, state):
     """--resume: the optimizer's moments and the loop state, as the paused sitting left them."""
     run.optimizer.load_state_dict(state["optimizer"])
     run.scaler.load_state_dict(state["scaler"])
-    run.step, run.best, run.bad_evals, run.history = state["step"], state["best"], state["bad_evals"], state["history"]
-    run.loss_log = state.get("loss_log", [])
-    # the log window the sitting ended in: the next log line averages all of its steps, not only
-    # those after the resume (files without one: the steps since the resume)
-    run.window.update(state.get("log_window", {}))
-    run.t0 -= state.get("seconds", 0.0)  # metrics.json's seconds: every sitting's wall time, summed
+    run.loop.restore(state)
 
 
 def micro_batch(run, m):
@@ -446,15 +465,15 @@ def train_step(run, window):
     rows. Adds this rank's rows and mean loss to `window` (the log's running totals); -> the lr used."""
     cfg = run.cfg
     # The schedule is a pure function of the global step, so a resumed run continues on the same curve.
-    lr = lr_at(run.step, cfg)
+    lr = lr_at(run.loop.step, cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     # Dropout noise is a function of (seed, step, rank): a resumed run draws exactly the same.
-    torch.manual_seed(cfg.seed + 1_000_003 * (run.step * run.world + run.rank + 1))
+    torch.manual_seed(cfg.seed + 1_000_003 * (run.loop.step * run.world + run.rank + 1))
     # Gradient accumulation: --grad-accum micro-batches, each forward + backward, their gradients
     # summed in .grad; one optimizer step at the end. A big batch in the memory of a small one.
     for k in range(cfg.grad_accum):
-        batch = micro_batch(run, run.step * cfg.grad_accum + k)
+        batch = micro_batch(run, run.loop.step * cfg.grad_accum + k)
         last_micro = k == cfg.grad_accum - 1
         # Under DDP every backward all-reduces the gradients across ranks; only the last micro-batch's
         # needs to (the sum is what counts), so the others run inside no_sync() and skip the traffic.
@@ -475,7 +494,7 @@ def train_step(run, window):
     run.scaler.step(run.optimizer)  # skips the step if fp16 gradients overflowed, and lowers the scale
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    run.step += 1
+    run.loop.step += 1
     window["steps"] += 1
     return lr
 
@@ -483,26 +502,26 @@ def train_step(run, window):
 def log_step(run, bar, lr, window):
     """Every --log-every steps: rank 0 prints the mean loss and the speed of the last window."""
     cfg = run.cfg
-    if run.step % cfg.log_every != 0:
+    if run.loop.step % cfg.log_every != 0:
         return
     if run.master:
         loss = window["loss"] / window["steps"]  # after a resume, the steps before it count too (log_window)
         rate = window["rows"] * run.world / (time.time() - window["t"])
-        bar.write(f"step {run.step:>6} | loss {loss:.4f} | lr {lr:.2e} | {rate:.1f} samples/s")
+        bar.write(f"step {run.loop.step:>6} | loss {loss:.4f} | lr {lr:.2e} | {rate:.1f} samples/s")
         bar.set_postfix(loss=f"{loss:.4f}")
-        run.loss_log.append({"step": run.step, "loss": loss})
+        run.loop.loss_log.append({"step": run.loop.step, "loss": loss})
     window.update(t=time.time(), rows=0, loss=0.0, steps=0)
 
 
 def save(run, name, with_state):
     """best.pt holds the trained tensors and settings; last.pt also the optimizer and loop state that
     --resume needs. Only rank 0 writes (every rank holds the same weights)."""
-    ckpt = {"config": asdict(run.cfg), **checkpoint.model_tensors(run.model), "step": run.step, "best": run.best,
-            "samples_seen": run.step * run.samples_per_step}  # what these weights learned from
+    loop = run.loop
+    ckpt = {"config": asdict(run.cfg), **checkpoint.model_tensors(run.model), "step": loop.step, "best": loop.best,
+            "samples_seen": loop.step * run.samples_per_step}  # what these weights learned from
     if with_state:  # world: the process count the data order and the global batch depend on
-        ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), bad_evals=run.bad_evals,
-                    history=run.history, loss_log=run.loss_log, seconds=time.time() - run.t0, world=run.world,
-                    log_window={"loss": run.window["loss"], "steps": run.window["steps"]})
+        ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), **run.loop.saved(),
+                    world=run.world)
     ckpt["digest"] = checkpoint.tensor_digest(checkpoint.tensors_in(ckpt))  # checked by load_checkpoint
     prepare.write_atomic(os.path.join(run.out, name), lambda tmp: torch.save(ckpt, tmp))
 
@@ -515,20 +534,20 @@ def evaluate_and_save(run, bar):
     scores = metrics.score_rows(run.model, run.enc_eval, split, run.eval_rows, run.eval_batch_size, run.pad,
                                 run.device, run.dtype, run.rank, run.world)
     res = metrics.report(split, scores, run.eval_rows)["all"]
-    run.history.append({"step": run.step, **res})
-    if res["auc"] > run.best["auc"]:
-        run.best, run.bad_evals = {**res, "step": run.step}, 0
+    run.loop.history.append({"step": run.loop.step, **res})
+    if res["auc"] > run.loop.best["auc"]:
+        run.loop.best, run.loop.bad_evals = {**res, "step": run.loop.step}, 0
         if run.master:
             save(run, "best.pt", with_state=False)
     else:
-        run.bad_evals += 1
+        run.loop.bad_evals += 1
     if run.master:
-        bar.write(f"eval step {run.step}: {cfg.eval_split} AUC {res['auc']:.4f} UAUC {res['uauc']:.4f} "
-                  f"(best {run.best['auc']:.4f} at {run.best['step']})")
+        bar.write(f"eval step {run.loop.step}: {cfg.eval_split} AUC {res['auc']:.4f} UAUC {res['uauc']:.4f} "
+                  f"(best {run.loop.best['auc']:.4f} at {run.loop.best['step']})")
     # Early stop after --patience evaluations without a better valid AUC. Every rank computed the
     # same metrics from the same gathered scores; all-reducing the decision anyway means no rank can
     # ever wait for a collective the others skipped (the reference decided on rank 0 alone and hung).
-    return all_ranks_agree(run.bad_evals >= cfg.patience, run.world, run.device)
+    return all_ranks_agree(run.loop.bad_evals >= cfg.patience, run.world, run.device)
 
 
 def finish(run):
@@ -541,18 +560,18 @@ def finish(run):
                                      run.device, run.dtype, run.rank, run.world)
     test = metrics.report(ds.splits["test"], test_scores, test_rows)
     digests = rank_digests(run.trainable, run.world)
-    result = metrics.metrics_block({k: run.best[k] for k in ("auc", "uauc", "uauc_users", "rows")}, test)
+    result = metrics.metrics_block({k: run.loop.best[k] for k in ("auc", "uauc", "uauc_users", "rows")}, test)
     result.update(stage=cfg.stage, llm=cfg.llm, rec=cfg.rec if cfg.stage == "cie" else None, dtype=run.dtype_name,
                   dtype_reason=run.dtype_reason, data_source=ds.source, random_weights=cfg.llm.startswith("random:"),
-                  best_step=run.best["step"], samples_seen=run.step * run.samples_per_step,
-                  samples_per_step=run.samples_per_step, seconds=round(time.time() - run.t0, 1), rank_digests=digests,
-                  config=asdict(cfg), command=command_line(cfg, run.world), history=run.history,
-                  loss_log=run.loss_log)
+                  best_step=run.loop.best["step"], samples_seen=run.loop.step * run.samples_per_step,
+                  samples_per_step=run.samples_per_step, seconds=round(time.time() - run.loop.t0, 1), rank_digests=digests,
+                  config=asdict(cfg), command=command_line(cfg, run.world), history=run.loop.history,
+                  loss_log=run.loop.loss_log)
     if run.master:
         metrics.write_metrics(os.path.join(run.out, "metrics.json"), result)
         if result["random_weights"]:
             print(f"warning: --llm {cfg.llm} has random weights: the AUCs below mean nothing (speed and memory only)")
-        print(f"{cfg.stage} {cfg.llm}: best step {run.best['step']}, {cfg.eval_split} AUC {run.best['auc']:.4f}, "
+        print(f"{cfg.stage} {cfg.llm}: best step {run.loop.best['step']}, {cfg.eval_split} AUC {run.loop.best['auc']:.4f}, "
               f"test AUC {test['all']['auc']:.4f} UAUC {test['all']['uauc']:.4f} (warm {test['warm']['auc']:.4f}, "
               f"cold {test['cold']['auc']:.4f}), {result['seconds']:.0f}s -> {os.path.join(run.out, 'best.pt')}")
     return result
@@ -563,26 +582,26 @@ def train(cfg):
     on the way, stopping early when the valid AUC stops improving), then the test score. -> the
     metrics.json dict, or None when the sitting paused (--pause-at)."""
     run = set_up(cfg)
-    bar = tqdm(total=cfg.max_steps, initial=run.step, desc=cfg.stage, disable=not run.master, dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=run.loop.step, desc=cfg.stage, disable=not run.master, dynamic_ncols=True)
     stop = False
     run.model.train()
-    while run.step < cfg.max_steps and not stop:
-        lr = train_step(run, run.window)
+    while run.loop.step < cfg.max_steps and not stop:
+        lr = train_step(run, run.loop.window)
         bar.update(1)
-        log_step(run, bar, lr, run.window)
-        at_eval = run.step % cfg.eval_every == 0 or run.step == cfg.max_steps
+        log_step(run, bar, lr, run.loop.window)
+        at_eval = run.loop.step % cfg.eval_every == 0 or run.loop.step == cfg.max_steps
         if at_eval:
             stop = evaluate_and_save(run, bar)
-        if (at_eval or run.step == cfg.pause_at) and run.master:
+        if (at_eval or run.loop.step == cfg.pause_at) and run.master:
             save(run, "last.pt", with_state=True)  # what --resume continues from
-        if run.step == cfg.pause_at:  # pausing: only ever here, after last.pt is saved
+        if run.loop.step == cfg.pause_at:  # pausing: only ever here, after last.pt is saved
             break
         run.model.train()  # scoring switched dropout off
     bar.close()
-    paused = run.step == cfg.pause_at and run.step < cfg.max_steps and not stop
+    paused = run.loop.step == cfg.pause_at and run.loop.step < cfg.max_steps and not stop
     if paused and run.master:  # with as many processes as now: last.pt refuses another count
         again = f"torchrun --nproc-per-node {run.world} train.py" if run.world > 1 else "python train.py"
-        print(f"paused at step {run.step}; continue with: {again} --resume {run.out}")
+        print(f"paused at step {run.loop.step}; continue with: {again} --resume {run.out}")
     result = None if paused else finish(run)
     if run.world > 1:
         dist.barrier()  # rank 0 may still be writing metrics.json: no rank tears down while another works
@@ -595,9 +614,9 @@ def train(cfg):
 def calibrate(model, enc, split, batch_size, pad, device, dtype, seed, n=256):
     """--calibrate: score n random train rows with the model as it starts and shift every score by
     the constant that brings their mean logit to the logit of train's positive rate. Without it a
-    small LLM's first steps are spent moving all its scores down together (SmolLM2's first loss
-    is ~4.7 where a calibrated model starts near 0.69). Whether that helps ranking is an open
-    question: in a 2,000-sample stage-1 run on SmolLM2 it did not (see the README's Run section).
+    small LLM's first steps are spent moving all its scores down together (an untrained SmolLM2's
+    first loss is far above the log 2 a calibrated model starts at). Whether that helps ranking is
+    an open question (docs/RESULTS.md has a run with and without it).
     Every rank draws the same rows (the seed), so every rank sets the same constant. -> the shift."""
     rows = np.sort(np.random.default_rng(seed).choice(len(split), min(n, len(split)), replace=False))
     scores = metrics.score_rows(model, enc, split, rows, batch_size, pad, device, dtype)

@@ -929,7 +929,7 @@ def test_bf16_units_are_read_from_the_cpu_flags(monkeypatch, tmp_path, cpuinfo, 
 def test_an_instruction_set_capped_at_avx2_gets_fp32():
     """Not mocked: in a process whose oneDNN is capped at AVX2 (how the README measured an AVX2 CPU on
     a bf16 one), auto picks fp32 on whatever CPU runs the test."""
-    r = run_python("-c", "import torch, train; print(backbone.native_dtype(torch.device('cpu'))[0])",
+    r = run_python("-c", "import torch, backbone; print(backbone.native_dtype(torch.device('cpu'))[0])",
                    env={"ONEDNN_MAX_CPU_ISA": "AVX2"}, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "fp32"
