@@ -326,7 +326,7 @@ class PromptPrefix:
 
 
 class SharedPrefixKV:
-    """The KV cache one decoder layer's attention sees in CoLLM.decode_after_prefix (the attention
+    """The KV cache one decoder layer's attention sees in decode_after_prefix (the attention
     only ever calls update). First call, the distinct prefixes: their keys and values,
     (U, kv_heads, p, head_dim), are kept. Second call, every row's rest: each row gets its prefix's
     (row_of, (B,)) followed by its own new positions', and nothing more is kept."""

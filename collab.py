@@ -1,6 +1,6 @@
 """collab.py: the collaborative models CoLLM borrows its user/item embeddings from (paper section 4.2).
 
-Chapter three. Four recommenders of the paper's Table II and a popularity anchor, each trained alone
+Chapter four. Four recommenders of the paper's Table II and a popularity anchor, each trained alone
 on the same pointwise task as the LLM (label = liked or not, binary cross-entropy on one logit per
 row), with Adam + L2 weight decay and early stopping on the FULL valid AUC:
   - MF: one learned vector per user and per item; score = their dot product.

@@ -1,8 +1,8 @@
 """data.py: splits, prompts, tokens and batches for CoLLM (paper sections 3.1 and 4.1).
 
-The four split pickles that prepare.py finds (or builds) become plain numpy arrays (load_dataset),
-each row becomes the paper's Yes/No prompt (prompt_segments), prompts are tokenised once
-(encode_split) and cut into padded batches (train_batches, collate). Nothing here imports torch
+Chapter two. The four split pickles that prepare.py finds (or builds) become plain numpy arrays
+(load_dataset), each row becomes the paper's Yes/No prompt (prompt_segments), prompts are tokenised
+once (encode_split) and cut into padded batches (train_batches, collate). Nothing here imports torch
 models or the LLM.
 
     python data.py --data ml-1m --stats                           # split sizes, positive rates, cold shares
@@ -308,7 +308,7 @@ def encode_split(data, split, seg_tok, template):
     Each row also records how many of its first tokens do not depend on the target item: where the
     same prompt asked about two made-up titles ("A", "B") stops agreeing. That depends on the history
     alone, so every row of one history gets the same number, and scoring computes those tokens once
-    for all of them (collm.CoLLM.decode_after_prefix)."""
+    for all of them (backbone.decode_after_prefix)."""
     sp = data.splits[split]
     tokens, offsets, slots, shared = [], [0], [], []
     for r in range(len(sp)):
@@ -347,7 +347,7 @@ def eval_batches(lengths, batch_size, shared=None, groups=None):
     """Every row exactly once, longest first (a memory problem shows at once). In length order; or,
     given each row's shared-prefix length and prefix group (prefix_groups), longest prefix first
     with each group's rows side by side, so that a batch holds whole groups and the model computes
-    each group's prefix once (collm.CoLLM.decode_after_prefix)."""
+    each group's prefix once (backbone.decode_after_prefix)."""
     order = np.argsort(-lengths, kind="stable") if groups is None else np.lexsort((-lengths, groups, -shared))
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 

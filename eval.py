@@ -1,6 +1,6 @@
 """eval.py: the metrics of the paper (AUC, UAUC, warm/cold subsets), scoring, and reading finished runs.
 
-Chapter two. Both numbers the paper reports are ranking measures of a score, so any model that
+Chapter three. Both numbers the paper reports are ranking measures of a score, so any model that
 gives one number per (user, item) row can be evaluated here, a collaborative model or an LLM:
   - AUC: the chance that a random positive row scores above a random negative row (ties count 1/2);
   - UAUC: the AUC inside each user's own rows, averaged over users that have both a positive and a
@@ -9,7 +9,7 @@ Warm rows: user and item each have more than 3 train rows. Cold rows: not_cold =
 
 Besides the metrics: scoring a model on a split (score_rows), exporting and reloading a trained
 model, ranking one user's items, and reading finished runs back. Everything here is handed a model
-or plain data; rebuilding a model from a checkpoint belongs to train.py, a later chapter, so the
+or plain data; rebuilding a model from a checkpoint belongs to checkpoint.py, a later chapter, so the
 commands that start from a checkpoint are `python train.py --evaluate ...`:
 
     python eval.py --table runs/mf runs/lora runs/cie-mf            # the results table of finished runs
@@ -194,7 +194,7 @@ def score_one_prefix(model, enc, split, rows, batch_size, pad_id, device, bar):
 # model from a checkpoint is the loop's knowledge (which LLM, which stage, which tensors), so
 # `python train.py --evaluate --ckpt ...` rebuilds it and calls these (as the reference evaluates by
 # rerunning its training script with `evaluate: True`). load_export returns a dict shaped like a
-# checkpoint, which train.build_model rebuilds exactly as it rebuilds a checkpoint.
+# checkpoint, which checkpoint.build_model rebuilds exactly as it rebuilds a checkpoint.
 
 EXPORT_JSON = "collm_export.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what peft's save_pretrained writes
@@ -227,7 +227,7 @@ def describe(tensors, notes, owner):
 
 
 def export_model(model, tok, state, template, folder, with_base=False, source="", dtype=None):
-    """Write a rebuilt CoLLM (train.build_model) and its checkpoint `state` to `folder`, nothing pickled:
+    """Write a rebuilt CoLLM (checkpoint.build_model) and its checkpoint `state` to `folder`, nothing pickled:
 
         adapter_config.json, adapter_model.safetensors   the LoRA, in peft's own format:
                                                           PeftModel.from_pretrained(base_llm, folder)
@@ -361,7 +361,7 @@ def write_export(model, tok, state, info, tmp, with_base, dtype=None):
 
 def load_export(folder):
     """An export folder -> a dict shaped like a train.py checkpoint (config, step, lora, proj, rec),
-    which train.build_model turns back into the same CoLLM. The LLM is the export's base/ when it
+    which checkpoint.build_model turns back into the same CoLLM. The LLM is the export's base/ when it
     has one, else the LLM the run was trained with. A missing or unreadable file is one error line
     naming it."""
     import json

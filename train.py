@@ -4,7 +4,7 @@
     python train.py --stage cie --ckpt runs/lora/best.pt \\
                     --rec mf --rec-ckpt runs/mf/model.pt --out runs/cie  # stage 2: the projector ("CIE")
     torchrun --nproc-per-node 8 train.py --stage lora ...               # the same on 8 GPUs (DDP)
-    python train.py --evaluate --ckpt runs/cie/best.pt --split test      # score a saved run (see parse_evaluate)
+    python train.py --evaluate --ckpt runs/cie/best.pt --split test      # score a saved run (checkpoint.py)
 
 Stage 1 trains only the LoRA adapters, on prompts made of titles alone. Stage 2 loads those adapters
 and freezes them, loads a trained collaborative model (collab.py) and freezes it too, and trains only

@@ -552,6 +552,26 @@ def test_a_history_model_through_train_and_eval(toy_root, lora_run, rec_ckpts, t
     assert json.load(open(table / "results.json"))[0]["shipped"] is True
 
 
+def test_rec_is_read_from_rec_ckpt(toy_root, lora_run, rec_ckpts):
+    """--rec names what --rec-ckpt holds: left out, it is read from the file; given, it must agree
+    (a disagreement is one error line, below)."""
+    base = ["--stage", "cie", "--llm", "tiny", "--data", "toy", "--data-root", str(toy_root),
+            "--ckpt", str(lora_run[0] / "best.pt"), "--rec-ckpt", rec_ckpts["din"]]
+    assert train.parse_config(base).rec == "din"
+    assert train.parse_config(base + ["--rec", "din"]).rec == "din"
+    assert train.parse_config(["--stage", "cie", "--llm", "tiny", "--data", "toy", "--data-root", str(toy_root),
+                               "--ckpt", str(lora_run[0] / "best.pt"), "--tune-rec"]).rec == "mf"  # no file: the default
+
+
+def test_help_is_grouped_by_stage():
+    res = run_python("train.py", "--help", timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    titles = [line[:-1] for line in res.stdout.splitlines() if line and not line[0].isspace() and line.endswith(":")]
+    assert titles[-len(train.HELP_GROUPS):] == list(train.HELP_GROUPS.values())
+    stage2 = res.stdout.split(train.HELP_GROUPS["ckpt"] + ":\n")[1].split("\n\n")[0]
+    assert all(flag in stage2 for flag in ("--ckpt", "--rec-ckpt", "--tune-rec", "--tune-lora"))  # stage 2's together
+
+
 def test_bad_collaborative_inputs_are_one_clear_line(toy_root, lora_run, rec_ckpts, tmp_path):
     base = ["--stage", "cie", "--llm", "tiny", "--data", "toy", "--data-root", toy_root, "--out", tmp_path,
             "--ckpt", lora_run[0] / "best.pt"]
