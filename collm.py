@@ -49,7 +49,6 @@ def add_lora(llm, r=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"), top
         raise UsageError(f"--lora-targets {','.join(targets)}: {str(e).splitlines()[0]}")
 
 
-
 # ---------------------------------------------------------------------------------------------
 # The model
 

@@ -73,7 +73,6 @@ def report(split, scores, rows=None):
     return out
 
 
-
 def check_both_classes(split, rows, what):
     """AUC ranks liked rows against the others, so rows of one class have none (nan): the run would
     train for nothing, never write best.pt and fail at its end. Said before training instead."""
