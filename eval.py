@@ -1,6 +1,6 @@
 """eval.py: the metrics of the paper (AUC, UAUC, warm/cold subsets), scoring, and reading finished runs.
 
-Chapter two. Both numbers the paper reports are ranking measures of a score, so any model that
+Chapter three. Both numbers the paper reports are ranking measures of a score, so any model that
 gives one number per (user, item) row can be evaluated here, a collaborative model or an LLM:
   - AUC: the chance that a random positive row scores above a random negative row (ties count 1/2);
   - UAUC: the AUC inside each user's own rows, averaged over users that have both a positive and a
@@ -9,7 +9,7 @@ Warm rows: user and item each have more than 3 train rows. Cold rows: not_cold =
 
 Besides the metrics: scoring a model on a split (score_rows), exporting and reloading a trained
 model, ranking one user's items, and reading finished runs back. Everything here is handed a model
-or plain data; rebuilding a model from a checkpoint belongs to train.py, a later chapter, so the
+or plain data; rebuilding a model from a checkpoint belongs to checkpoint.py, a later chapter, so the
 commands that start from a checkpoint are `python train.py --evaluate ...`:
 
     python eval.py --table runs/mf runs/lora runs/cie-mf            # the results table of finished runs
@@ -23,6 +23,8 @@ import numpy as np
 from tqdm import tqdm
 
 import data
+import prepare
+from prepare import UsageError, cli_main
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,6 +73,15 @@ def report(split, scores, rows=None):
     return out
 
 
+def check_both_classes(split, rows, what):
+    """AUC ranks liked rows against the others, so rows of one class have none (nan): the run would
+    train for nothing, never write best.pt and fail at its end. Said before training instead."""
+    labels = np.unique(split.label[rows])
+    if len(labels) < 2:
+        held = f"all labelled {int(labels[0])}" if len(labels) else "none at all"
+        raise UsageError(f"{what}: {len(rows)} rows, {held}; AUC needs liked and not-liked rows: score more rows "
+                         f"(0 = all)")
+
 # ---------------------------------------------------------------------------------------------
 # metrics.json: every run folder holds one, written by collab.py, train.py and train.py --evaluate,
 # in one layout: {"valid": {...}, "test": {...}, "test_warm": {...}, "test_cold": {...}, ...}, each
@@ -96,7 +107,7 @@ def write_metrics(path, result):
         with open(tmp, "w") as f:
             json.dump(result, f, indent=1)
             f.write("\n")
-    data.write_atomic(path, dump)
+    prepare.write_atomic(path, dump)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +193,7 @@ def score_one_prefix(model, enc, split, rows, batch_size, pad_id, device, bar):
 # model from a checkpoint is the loop's knowledge (which LLM, which stage, which tensors), so
 # `python train.py --evaluate --ckpt ...` rebuilds it and calls these (as the reference evaluates by
 # rerunning its training script with `evaluate: True`). load_export returns a dict shaped like a
-# checkpoint, which train.build_model rebuilds exactly as it rebuilds a checkpoint.
+# checkpoint, which checkpoint.build_model rebuilds exactly as it rebuilds a checkpoint.
 
 EXPORT_JSON = "collm_export.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what peft's save_pretrained writes
@@ -206,7 +217,7 @@ def check_export_folder(folder):
     """An export never mixes with other files: the folder must not exist, or be empty."""
     import os
     if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
-        raise data.UsageError(f"--export {folder}: exists and is not an empty folder; give a new folder")
+        raise UsageError(f"--export {folder}: exists and is not an empty folder; give a new folder")
 
 
 def describe(tensors, notes, owner):
@@ -215,7 +226,7 @@ def describe(tensors, notes, owner):
 
 
 def export_model(model, tok, state, template, folder, with_base=False, source="", dtype=None):
-    """Write a rebuilt CoLLM (train.build_model) and its checkpoint `state` to `folder`, nothing pickled:
+    """Write a rebuilt CoLLM (checkpoint.build_model) and its checkpoint `state` to `folder`, nothing pickled:
 
         adapter_config.json, adapter_model.safetensors   the LoRA, in peft's own format:
                                                           PeftModel.from_pretrained(base_llm, folder)
@@ -226,10 +237,10 @@ def export_model(model, tok, state, template, folder, with_base=False, source=""
         collm_export.json                                what each file and tensor is, the prompt, its
                                                           tokenisation, the score
 
-    `source`: where the base LLM comes from, in words (collm.llm_source); `dtype`: what the trained
+    `source`: where the base LLM comes from, in words (backbone.llm_source); `dtype`: what the trained
     tensors are stored in (None: as trained, float32; float16 halves the files, and loading casts them
     back into the model's float32 parameters). Written into a temporary
-    sibling folder and renamed at the end (data.write_atomic): a crash leaves no half export."""
+    sibling folder and renamed at the end (prepare.write_atomic): a crash leaves no half export."""
     import os
     check_export_folder(folder)
     cfg = state["config"]
@@ -258,7 +269,7 @@ def export_model(model, tok, state, template, folder, with_base=False, source=""
         "yes_token_id": model.yes_id,
         "prompt": prompt_rules(template, data.SegmentTokenizer(tok)),
     }
-    data.write_atomic(os.path.abspath(folder), lambda tmp: write_export(model, tok, state, info, tmp, with_base, dtype))
+    prepare.write_atomic(os.path.abspath(folder), lambda tmp: write_export(model, tok, state, info, tmp, with_base, dtype))
     return info
 
 
@@ -349,7 +360,7 @@ def write_export(model, tok, state, info, tmp, with_base, dtype=None):
 
 def load_export(folder):
     """An export folder -> a dict shaped like a train.py checkpoint (config, step, lora, proj, rec),
-    which train.build_model turns back into the same CoLLM. The LLM is the export's base/ when it
+    which checkpoint.build_model turns back into the same CoLLM. The LLM is the export's base/ when it
     has one, else the LLM the run was trained with. A missing or unreadable file is one error line
     naming it."""
     import json
@@ -359,13 +370,13 @@ def load_export(folder):
         with open(path) as f:
             return json.load(f)
     if not os.path.isfile(os.path.join(folder, EXPORT_JSON)):
-        raise data.UsageError(f"{folder}: no {EXPORT_JSON} there (not a train.py --evaluate --export folder)")
+        raise UsageError(f"{folder}: no {EXPORT_JSON} there (not a train.py --evaluate --export folder)")
     info, lora = export_file(folder, EXPORT_JSON, read_json), export_file(folder, ADAPTER_FILES[0], read_json)
     try:
         return export_state(folder, info, lora)
     except (KeyError, TypeError) as e:  # valid JSON, but not what an export writes
-        raise data.UsageError(f"{folder}: {EXPORT_JSON} or {ADAPTER_FILES[0]} lacks {e} (not written by train.py "
-                              f"--evaluate --export?)")
+        raise UsageError(f"{folder}: {EXPORT_JSON} or {ADAPTER_FILES[0]} lacks {e} (not written by train.py "
+                         f"--evaluate --export?)")
 
 
 def export_state(folder, info, lora):
@@ -395,13 +406,13 @@ def export_file(folder, name, read):
     import os
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
-        raise data.UsageError(f"{path}: not found; an export folder holds {', '.join(ADAPTER_FILES)} and {EXPORT_JSON} "
-                              f"(train.py --evaluate --export); copy the whole folder")
+        raise UsageError(f"{path}: not found; an export folder holds {', '.join(ADAPTER_FILES)} and {EXPORT_JSON} "
+                         f"(train.py --evaluate --export); copy the whole folder")
     try:
         return read(path)
     except Exception as e:  # JSONDecodeError, safetensors' SafetensorError, UnicodeDecodeError: all "unreadable"
-        raise data.UsageError(f"{path}: cannot be read, truncated or not this kind of file "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+        raise UsageError(f"{path}: cannot be read, truncated or not this kind of file "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
 
 
 def parse_ids(text, flag):
@@ -409,9 +420,9 @@ def parse_ids(text, flag):
     try:
         ids = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise data.UsageError(f"{flag} {text}: not a comma-separated list of integer ids")
+        raise UsageError(f"{flag} {text}: not a comma-separated list of integer ids")
     if not ids:
-        raise data.UsageError(f"{flag} {text!r}: no ids in it; give comma-separated integer ids")
+        raise UsageError(f"{flag} {text!r}: no ids in it; give comma-separated integer ids")
     return ids
 
 
@@ -437,15 +448,15 @@ def current_history(ds, rows):
 def check_candidate_ids(ds, user, items):
     """An unknown user or item id is one error line naming the valid range. -> the user's rows."""
     if not 1 <= user < ds.user_num:
-        raise data.UsageError(f"--user {user}: unknown user id; valid users are 1..{ds.user_num - 1}")
+        raise UsageError(f"--user {user}: unknown user id; valid users are 1..{ds.user_num - 1}")
     rows = user_rows(ds, user)
     if not any(len(r) for r in rows.values()):
-        raise data.UsageError(f"--user {user}: no rows in {ds.name}; valid users are 1..{ds.user_num - 1}")
+        raise UsageError(f"--user {user}: no rows in {ds.name}; valid users are 1..{ds.user_num - 1}")
     known = data.items_in_data(ds)
     bad = [i for i in items or () if not (1 <= i < ds.item_num and known[i])]
     if bad:
-        raise data.UsageError(f"--items: unknown item id(s) {','.join(map(str, bad))}; valid items are "
-                              f"1..{ds.item_num - 1}")
+        raise UsageError(f"--items: unknown item id(s) {','.join(map(str, bad))}; valid items are "
+                         f"1..{ds.item_num - 1}")
     return rows
 
 
@@ -555,8 +566,8 @@ def result_row(run):
                "test_uauc": t["uauc"], "warm_auc": w["auc"], "cold_auc": c["auc"],
                "valid_auc": m.get("valid", {}).get("auc"), "command": m.get("command"), "data": config["data"]}
     except (ValueError, KeyError, TypeError) as e:
-        raise data.UsageError(f"--table {path}: not a finished train.py or collab.py metrics.json "
-                              f"({type(e).__name__}: {e})")
+        raise UsageError(f"--table {path}: not a finished train.py or collab.py metrics.json "
+                         f"({type(e).__name__}: {e})")
     return row
 
 
@@ -584,7 +595,7 @@ def write_results_json(rows, path):
     def dump(tmp):
         with open(tmp, "w") as f:
             json.dump(rows, f, indent=1)
-    data.write_atomic(path, dump)
+    prepare.write_atomic(path, dump)
     return rows
 
 
@@ -595,13 +606,13 @@ def read_metrics(run, flag):
     import os
     path = os.path.join(run, "metrics.json") if os.path.isdir(run) else run
     if not os.path.isfile(path):
-        raise data.UsageError(f"{flag} {run}: no metrics.json there (a train.py or collab.py --out folder)")
+        raise UsageError(f"{flag} {run}: no metrics.json there (a train.py or collab.py --out folder)")
     try:
         with open(path) as f:
             return path, json.load(f)
     except ValueError as e:
-        raise data.UsageError(f"{flag} {path}: not a finished train.py or collab.py metrics.json "
-                              f"({type(e).__name__}: {e})")
+        raise UsageError(f"{flag} {path}: not a finished train.py or collab.py metrics.json "
+                         f"({type(e).__name__}: {e})")
 
 
 def learning_curve(m, path):
@@ -611,7 +622,7 @@ def learning_curve(m, path):
     derive it from the total (samples_seen over the last evaluated step)."""
     history = m.get("history")
     if not history:
-        raise data.UsageError(f"--plot {path}: no learning curve (history) in it: only train.py runs have one")
+        raise UsageError(f"--plot {path}: no learning curve (history) in it: only train.py runs have one")
     per_step = m.get("samples_per_step") or m["samples_seen"] / history[-1]["step"]
     losses = m.get("loss_log", [])
     return ([h["step"] * per_step for h in history], [h["auc"] for h in history],
@@ -628,7 +639,7 @@ def plot_runs(run_dirs, out):
         matplotlib.use("Agg")  # files only, no window: works on a machine without a screen
         import matplotlib.pyplot as plt
     except ImportError:
-        raise data.UsageError("--plot needs matplotlib, which is optional: pip install matplotlib")
+        raise UsageError("--plot needs matplotlib, which is optional: pip install matplotlib")
     curves = []
     for run in run_dirs:
         path, m = read_metrics(run, "--plot")
@@ -649,7 +660,7 @@ def plot_runs(run_dirs, out):
         bottom.set_ylabel("training loss (mean over a log window)")
     bottom.set_xlabel("samples seen")
     fig.tight_layout()
-    data.write_atomic(out, lambda tmp: fig.savefig(tmp, format=os.path.splitext(out)[1][1:] or "png"))
+    prepare.write_atomic(out, lambda tmp: fig.savefig(tmp, format=os.path.splitext(out)[1][1:] or "png"))
     plt.close(fig)
     return out
 
@@ -670,8 +681,8 @@ def main(argv=None):
     p.add_argument("--out", help="--plot: the picture to write (.png, .pdf, .svg)")
     args = p.parse_args(argv)
     if bool(args.table) == bool(args.plot):
-        raise data.UsageError("give --table RUN_DIR ... or --plot RUN_DIR ... --out FILE.png (one of them); "
-                              "to score a checkpoint: python train.py --evaluate --ckpt CHECKPOINT")
+        raise UsageError("give --table RUN_DIR ... or --plot RUN_DIR ... --out FILE.png (one of them); "
+                         "to score a checkpoint: python train.py --evaluate --ckpt CHECKPOINT")
     if args.table:
         rows = [result_row(run) for run in args.table]
         print(results_table(rows))
@@ -680,11 +691,11 @@ def main(argv=None):
             print(f"-> {args.json}")
         return
     if args.json:
-        raise data.UsageError("--json goes with --table")
+        raise UsageError("--json goes with --table")
     if not args.out:
-        raise data.UsageError("--plot needs --out FILE.png")
+        raise UsageError("--plot needs --out FILE.png")
     print(f"-> {plot_runs(args.plot, args.out)}")
 
 
 if __name__ == "__main__":
-    data.cli_main(main)
+    cli_main(main)

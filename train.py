@@ -4,7 +4,7 @@
     python train.py --stage cie --ckpt runs/lora/best.pt \\
                     --rec mf --rec-ckpt runs/mf/model.pt --out runs/cie  # stage 2: the projector ("CIE")
     torchrun --nproc-per-node 8 train.py --stage lora ...               # the same on 8 GPUs (DDP)
-    python train.py --evaluate --ckpt runs/cie/best.pt --split test      # score a saved run (see parse_evaluate)
+    python train.py --evaluate --ckpt runs/cie/best.pt --split test      # score a saved run (checkpoint.py)
 
 Stage 1 trains only the LoRA adapters, on prompts made of titles alone. Stage 2 loads those adapters
 and freezes them, loads a trained collaborative model (collab.py) and freezes it too, and trains only
@@ -21,13 +21,12 @@ without improvement; at the end, the best checkpoint is scored on the test split
 written beside it. Checkpoints hold only the small tensors (LoRA, projector, collaborative model),
 never the LLM, and are written atomically; `--resume DIR` continues a stopped run exactly.
 
-The file reads in the order a run happens: settings (Config), devices and precision, checkpoints,
-building the model, the schedule, the optimizer, then the loop in chapters (set_up, train_step,
-evaluate_and_save, finish, and train() that calls them), and last `--evaluate`, which rebuilds a
-saved run's model to score, export or rank with it.
+The file reads in the order a run happens: settings (Config), the schedule, the optimizer, then the
+loop in chapters (set_up, train_step, evaluate_and_save, finish, and train() that calls them).
+Devices and precision are backbone.py's; reading checkpoints, building the model for a stage and
+`--evaluate` (score, export or rank with a saved run) are checkpoint.py's.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -41,11 +40,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import backbone
+import checkpoint
 import collab
 import collm
 import data
 import eval as metrics  # our eval.py, by what it holds (a plain `import eval` would hide the builtin)
-from data import UsageError
+import prepare
+from prepare import UsageError
 
 # ---------------------------------------------------------------------------------------------
 # Settings: one dataclass, and the command line is generated from it (help text lives here)
@@ -55,62 +57,46 @@ def opt(default, help, **kw):
     return field(default=default, metadata=dict(help=help, **kw))
 
 
-DATA_FLAGS = data.DATA_FLAGS  # --data and --data-root, worded as every CLI words them
+DATA_FLAGS = prepare.DATA_FLAGS  # --data and --data-root, worded as every CLI words them
+
+
+# --help shows the settings in these groups, each opening at the field named here (Config's order)
+HELP_GROUPS = {"stage": "the run", "ckpt": "stage 2 (--stage cie): what the projector is trained with",
+               "lora_r": "the LoRA adapters (stage 1 trains them; stage 2 reads their shape from --ckpt)",
+               "batch_size": "optimisation", "eval_every": "evaluation and early stopping",
+               "device": "hardware and speed"}
 
 
 @dataclass
 class Config:
+    """Every setting of a run: --help is generated from the fields (their help text lives here), and
+    each checkpoint saves them all, which --resume and --evaluate rebuild the run from."""
     stage: str = opt("lora", "lora: stage 1, LoRA on text-only prompts (TALLRec); cie: stage 2, the projector",
                      choices=("lora", "cie"))
     llm: str = opt("smollm2-135m", "tiny | smollm2-135m | a model folder | a hub id (e.g. lmsys/vicuna-7b-v1.3) | "
                                    "random:vicuna-7b, random:qwen2-1.5b, random:smollm2-135m (the real shapes with "
                                    "random weights: speed and memory only)")
+    data: str = opt(*DATA_FLAGS["data"])
+    data_root: str = opt(*DATA_FLAGS["data_root"])
+    template: str = opt(None, "prompt template file (default prompts/<domain>_<text|collm>.txt)")
+    out: str = opt(None, "output folder for best.pt, last.pt, metrics.json (default runs/<stage>)")
+    seed: int = opt(2023, "seed for initialisation, batch order and dropout")
+    log_every: int = opt(10, "print a log line every N steps")
+    pause_at: int = opt(0, "end this sitting after N steps with last.pt saved; --resume continues (0 = off)")
+    resume: str = opt(None, "continue the run saved in this folder (its last.pt and settings)")
+    # stage 2
     ckpt: str = opt(None, "stage 2: the stage-1 checkpoint whose LoRA is loaded (and frozen unless --tune-lora): "
                           "its best.pt, or an --export folder of it such as checkpoints/tallrec-smollm2")
-    rec: str = opt("mf", "stage 2: the collaborative model", choices=tuple(collab.MODELS))
+    rec: str = opt("mf", "stage 2: the collaborative model (default: the one --rec-ckpt holds, else mf)",
+                   choices=tuple(collab.MODELS))
     rec_ckpt: str = opt(None, "stage 2: a collab.py model.pt (frozen unless --tune-rec); the reference's "
                               "pretrained_path")
     tune_rec: bool = opt(False, "stage 2: train the collaborative model too, the paper's whole-CIE tuning "
                                 "(section 5.3.2; the reference's freeze_rec: False): from --rec-ckpt, or from "
                                 "scratch without it")
     tune_lora: bool = opt(False, "stage 2: train stage 1's LoRA on too (the reference's freeze_lora: False); the "
-                                 "whole prompt then runs with gradients, as in stage 1, so a step costs about 1.5x")
-    data: str = opt(*DATA_FLAGS["data"])
-    data_root: str = opt(*DATA_FLAGS["data_root"])
-    template: str = opt(None, "prompt template file (default prompts/<domain>_<text|collm>.txt)")
-    out: str = opt(None, "output folder for best.pt, last.pt, metrics.json (default runs/<stage>)")
-    cache_dir: str = opt("cache", "where converted models (SmolLM2's safetensors copy) are kept")
-    device: str = opt("auto", "auto (cuda if available) | cpu | cuda", choices=("auto", "cpu", "cuda"))
-    dtype: str = opt("auto", "compute dtype; auto = what the hardware computes natively: bf16 on GPUs and CPUs "
-                             "with bf16 units (AVX-512 BF16/AMX), fp16 on older GPUs, fp32 on other CPUs",
-                     choices=("auto", "bf16", "fp16", "fp32"))
-    batch_size: int = opt(8, "rows per micro-batch per process (the reference: 16 per GPU)")
-    grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch * accum * processes)")
-    eval_batch_size: int = opt(0, "rows per scoring batch (0 = twice --batch-size)")
-    lr: float = opt(1e-3, "peak learning rate (the reference's ML-1M value for both stages)")
-    min_lr: float = opt(8e-5, "learning rate at the end of the cosine decay")
-    warmup_steps: int = opt(50, "linear warmup length in optimizer steps (the reference: 200)")
-    warmup_start_lr: float = opt(1e-5, "learning rate at step 0")
-    weight_decay: float = opt(1e-3, "AdamW weight decay, on matrices only (not biases)")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
-    max_steps: int = opt(1750, "optimizer steps; also the length of the cosine schedule (the defaults are the "
-                               "recipe of the shipped SmolLM2 stage-1 checkpoint, checkpoints/README.md)")
-    eval_every: int = opt(250, "evaluate (and save last.pt) every N steps (the reference: 50, its 'epoch')")
-    eval_split: str = opt("valid_small", "split used for model selection", choices=("valid_small", "valid"))
-    eval_rows: int = opt(1000, "score only the first N rows of --eval-split while training (0 = all 5,200 of "
-                               "valid_small, the reference's; 1,000 keeps scoring to a minute or two on a CPU)")
-    test_rows: int = opt(0, "score only the first N test rows at the end (0 = all)")
-    patience: int = opt(20, "stop after this many evaluations without a better valid AUC")
-    seed: int = opt(2023, "seed for initialisation, batch order and dropout")
-    bucket: bool = opt(True, "group rows of similar length into batches (under 5%% padding)")
-    grad_checkpoint: bool = opt(False, "activation checkpointing of the decoder layers: each layer's activations are "
-                                       "recomputed in the backward instead of kept (about 1/3 more compute, far less "
-                                       "memory: for GPUs too small for a batch)")
-    compile: bool = opt(False, "torch.compile each decoder layer (collm.compile_decoder): on CPU ~15%% faster "
-                               "steps and about half the activation memory, after tens of seconds of compiling")
-    log_every: int = opt(10, "print a log line every N steps")
-    pause_at: int = opt(0, "end this sitting after N steps with last.pt saved; --resume continues (0 = off)")
-    resume: str = opt(None, "continue the run saved in this folder (its last.pt and settings)")
+                                 "whole prompt then runs with gradients, as in stage 1, so a step costs more")
+    # the adapters
     lora_r: int = opt(8, "LoRA rank (stage 2 takes this and the other --lora-* settings from --ckpt)")
     lora_alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA input")
@@ -119,30 +105,80 @@ class Config:
                               "(0 = every layer, the paper's)")
     calibrate: bool = opt(True, "stage 1: before the first step, shift the score by a constant so that the mean "
                                 "logit on 256 train rows is the logit of the train positive rate (a small LLM's "
-                                "untrained 'Yes' logit is far off: SmolLM2's first loss is ~4.7); AUC is unchanged "
-                                "by it, and stage 2 starts from stage 1's shift (--no-calibrate: the reference's start)")
+                                "untrained 'Yes' logit is far off, and its first steps would only move it); AUC is "
+                                "unchanged by it, and stage 2 starts from stage 1's shift (--no-calibrate: the "
+                                "reference's start)")
+    # optimisation
+    batch_size: int = opt(8, "rows per micro-batch per process (the reference: 16 per GPU)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch * accum * processes)")
+    lr: float = opt(1e-3, "peak learning rate (the reference's ML-1M value for both stages)")
+    min_lr: float = opt(8e-5, "learning rate at the end of the cosine decay")
+    warmup_steps: int = opt(50, "linear warmup length in optimizer steps (the reference: 200)")
+    warmup_start_lr: float = opt(1e-5, "learning rate at step 0")
+    weight_decay: float = opt(1e-3, "AdamW weight decay, on matrices only (not biases)")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    max_steps: int = opt(1750, "optimizer steps; also the length of the cosine schedule (the defaults are the "
+                               "recipe of the shipped SmolLM2 stage-1 checkpoint, checkpoints/README.md)")
+    bucket: bool = opt(True, "group rows of similar length into batches (under 5%% padding)")
+    # evaluation
+    eval_every: int = opt(250, "evaluate (and save last.pt) every N steps (the reference: 50, its 'epoch')")
+    eval_split: str = opt("valid_small", "split used for model selection", choices=("valid_small", "valid"))
+    eval_rows: int = opt(1000, "score only the first N rows of --eval-split while training (0 = all 5,200 of "
+                               "valid_small, the reference's; 1,000 keeps each evaluation short on a CPU)")
+    eval_batch_size: int = opt(0, "rows per scoring batch (0 = twice --batch-size)")
+    test_rows: int = opt(0, "score only the first N test rows at the end (0 = all)")
+    patience: int = opt(20, "stop after this many evaluations without a better valid AUC")
+    # hardware and speed
+    device: str = opt("auto", "auto (cuda if available) | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    dtype: str = opt("auto", "compute dtype; auto = what the hardware computes natively: bf16 on GPUs and CPUs "
+                             "with bf16 units (AVX-512 BF16/AMX), fp16 on older GPUs, fp32 on other CPUs",
+                     choices=("auto", "bf16", "fp16", "fp32"))
+    cache_dir: str = opt("cache", "where converted models (SmolLM2's safetensors copy) are kept")
+    compile: bool = opt(False, "torch.compile each decoder layer (backbone.compile_decoder): on CPU faster steps "
+                        "and less activation memory (bench.py --compile measures both), after tens of "
+                        "seconds of compiling")
+    grad_checkpoint: bool = opt(False, "activation checkpointing of the decoder layers: each layer's activations are "
+                                       "recomputed in the backward instead of kept (about 1/3 more compute, far less "
+                                       "memory: for GPUs too small for a batch)")
 
 
 def parse_config(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="python train.py --evaluate --help: scoring, exporting and ranking with a saved run")
     for f in fields(Config):
+        group = p.add_argument_group(HELP_GROUPS[f.name]) if f.name in HELP_GROUPS else group
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:  # --compile / --no-compile
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:  # int, float or str: argparse converts the text with the field's own type
-            p.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"],
-                           choices=f.metadata.get("choices"))
-    cfg = Config(**vars(p.parse_args(argv)))
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:  # int, float or str: argparse converts the text with the field's own type; --rec None = not given
+            group.add_argument(flag, type=f.type, default=None if f.name == "rec" else f.default,
+                               help=f.metadata["help"], choices=f.metadata.get("choices"))
+    args = p.parse_args(argv)
+    cfg = Config(**{**vars(args), "rec": args.rec or Config.rec})
     if cfg.resume:
         cfg = resume_config(cfg)
+    elif cfg.stage == "cie" and cfg.rec_ckpt:
+        cfg = replace(cfg, rec=rec_of(cfg.rec_ckpt, args.rec))
     check_config(cfg)
     if cfg.stage == "cie" and not cfg.resume:
         # Stage 2 loads stage 1's adapters, so their shape is stage 1's whatever this command says;
         # recorded in this run's settings, so that --resume and --evaluate rebuild the same shape.
-        saved = load_stage1(cfg.ckpt).get("config", {})
+        saved = checkpoint.load_stage1(cfg.ckpt).get("config", {})
         cfg = replace(cfg, **{k: saved[k] for k in LORA_SHAPE if k in saved})
     return cfg
+
+
+def rec_of(rec_ckpt, given):
+    """--rec is what --rec-ckpt holds: read from the file, and refused in one line if `given` (the
+    --rec typed, or None) names another model. A file that cannot tell keeps --rec; building the
+    model then says what is wrong with it."""
+    held = collab.model_in(rec_ckpt)
+    if held is None:
+        return given or Config.rec
+    if given is not None and given != held:
+        raise UsageError(f"--rec-ckpt {rec_ckpt}: a {held} model, but --rec is {given}; leave --rec out, it is "
+                         f"read from --rec-ckpt")
+    return held
 
 
 LORA_SHAPE = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_layers")
@@ -204,252 +240,8 @@ def resume_config(cfg):
     path = os.path.join(cfg.resume, "last.pt")
     if not os.path.isfile(path):
         raise UsageError(f"--resume {cfg.resume}: no last.pt there")
-    saved = load_checkpoint(path, LAST_KEYS)["config"]
+    saved = checkpoint.load_checkpoint(path, checkpoint.LAST_KEYS)["config"]
     return Config(**{**saved, "resume": cfg.resume, "pause_at": cfg.pause_at, "out": cfg.resume})
-
-
-# ---------------------------------------------------------------------------------------------
-# Processes, devices and precision
-
-
-def setup_distributed(cfg):
-    """-> (rank, world, device). Plain `python train.py` is world 1; torchrun sets RANK/WORLD_SIZE."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")  # gloo is the CPU backend
-    return rank, world, device
-
-
-# Which dtype to compute in. Half precision (bf16/fp16) halves memory and, on hardware built for it,
-# doubles or quadruples matmul speed. On hardware NOT built for it, it is a disaster: a CPU without
-# bf16 matrix units (AVX2 only; most laptops, many cloud machines) ran a 2048^3 bf16 matmul at
-# 0.3 GFLOP/s against 142 GFLOP/s in fp32, about 500 times slower (2-core AMD EPYC, Zen 3, torch 2.13).
-# So `--dtype auto` picks what the hardware computes natively, and says why.
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # None = plain fp32, no autocast
-BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX-512 BF16 / AMX, Arm's BF16 extension
-CPUINFO = "/proc/cpuinfo"
-
-
-def cpu_has_bf16_units():
-    """True when the CPU has bf16 matrix instructions AND torch's CPU matmul library (oneDNN) may use
-    them. The instructions are read from the kernel's CPU flags (Linux): torch's own check
-    (torch.ops.mkldnn._is_mkldnn_bf16_supported) asks oneDNN, which on x86 says yes for any AVX-512
-    CPU, bf16 units or not. But oneDNN's answer follows ONEDNN_MAX_CPU_ISA: capped below the units
-    (=AVX2, say, as the README's AVX2 measurements were taken), bf16 runs slowly again, so both must
-    say yes. Where /proc/cpuinfo does not exist we cannot tell, so False: fp32 is never wrong, at worst slower."""
-    try:
-        with open(CPUINFO) as f:
-            flags = {w for line in f if line.startswith(("flags", "Features")) for w in line.split(":", 1)[1].split()}
-    except OSError:
-        return False
-    return bool(flags & BF16_CPU_FLAGS) and onednn_runs_bf16()
-
-
-def onednn_runs_bf16():
-    """oneDNN's own answer: False where ONEDNN_MAX_CPU_ISA caps it below the bf16 instructions."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without oneDNN: the flags alone decide
-        return True
-
-
-def native_dtype(device):
-    """-> (dtype name, reason): the fastest dtype this device computes natively."""
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return "bf16", "the GPU computes bf16"
-        return "fp16", "the GPU has no bf16 (fp16 with loss scaling)"
-    if cpu_has_bf16_units():
-        return "bf16", "the CPU has bf16 matrix units (AVX-512 BF16 / AMX)"
-    return "fp32", "the CPU has no bf16 matrix units torch may use, without which bf16 runs ~500x slower than fp32"
-
-
-def compute_dtype(choice, device):
-    """--dtype (auto | bf16 | fp16 | fp32) -> (torch dtype or None for fp32, name, reason). An explicit
-    half dtype on a CPU without units for it still runs, after a warning: the user asked for it."""
-    if choice == "auto":
-        name, reason = native_dtype(device)
-        return DTYPES[name], name, "auto: " + reason
-    if device.type == "cpu" and choice != "fp32" and native_dtype(device)[0] != choice:
-        print(f"warning: --dtype {choice} on a CPU without {choice} matrix units: matmuls run about 500x slower "
-              f"than fp32 there (0.3 vs 142 GFLOP/s measured on an AVX2 CPU); --dtype auto picks fp32", flush=True)
-    return DTYPES[choice], choice, "set by --dtype"
-
-
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: only the small tensors + settings + loop state, written atomically
-
-
-# What each use of a checkpoint needs: scoring (best.pt, or last.pt) the tensors and the settings
-# that rebuild the model; --resume also the optimizer and loop state that only last.pt holds.
-BEST_KEYS = ("config", "lora", "step")
-LAST_KEYS = BEST_KEYS + ("optimizer", "scaler", "best", "bad_evals", "history")
-
-
-def load_checkpoint(path, need=()):
-    """A train.py checkpoint, checked before use: every fault is one line naming the file and what is
-    wrong with it (missing, empty, truncated, damaged, not ours, or without the keys `need` lists)."""
-    if not os.path.isfile(path):
-        raise UsageError(f"{path}: file not found")
-    if os.path.getsize(path) == 0:
-        raise UsageError(f"{path}: empty (0 bytes): a copy or a write that never finished")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a checkpoint, a pickle from elsewhere
-        why = (str(e).strip().splitlines() or [""])[0][:120]  # some exceptions carry no message at all
-        raise UsageError(f"{path}: {unreadable(path)} ({type(e).__name__}: {why})")
-    if not isinstance(state, dict):
-        raise UsageError(f"{path}: holds a {type(state).__name__}, not a train.py checkpoint")
-    # torch.load does not check the zip's checksums: flipped bytes inside a tensor load as other
-    # numbers, silently. So every checkpoint carries a digest of its tensors (save), checked here;
-    # files written before it did have none and load as they always did.
-    if "digest" in state and state["digest"] != tensor_digest(tensors_in({**state, "digest": None})):
-        raise UsageError(f"{path}: damaged: its tensors do not match the digest saved with them (bytes changed "
-                         f"on disk or in a copy); use another copy of the run")
-    missing = [k for k in need if k not in state]
-    if "optimizer" in missing and "lora" in state:
-        raise UsageError(f"{path}: weights only, no optimizer state (a best.pt?); --resume continues from the "
-                         f"last.pt that train.py saves at every evaluation")
-    if missing:
-        raise UsageError(f"{path}: no {', '.join(missing)} in it; not a train.py checkpoint (best.pt or last.pt)")
-    return state
-
-
-def unreadable(path):
-    """Why torch could not read a file, in words: a checkpoint is a zip (torch.save's format), so a
-    zip's signature without the directory at its end means the file was cut short."""
-    import zipfile
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
-        return f"truncated ({os.path.getsize(path):,} bytes, the end of the file is missing)"
-    return "not a train.py checkpoint"
-
-
-def tensors_in(obj):
-    """Every tensor inside nested dicts and lists, in their stored order (kept by pickling)."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from tensors_in(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from tensors_in(v)
-
-
-def tensor_digest(tensors):
-    """A SHA-1 of tensors' dtypes, shapes and raw bytes: equal iff the tensors are bit for bit equal.
-    Checkpoints carry one (checked on load) and metrics.json one per rank (rank_digests)."""
-    import hashlib
-    h = hashlib.sha1()
-    for t in tensors:
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
-    return h.hexdigest()
-
-
-def load_stage1(path):
-    """Stage 2's --ckpt: a stage-1 checkpoint file (best.pt), or an --export folder of one, such as the
-    shipped checkpoints/ folders, which hold the same tensors as safetensors."""
-    if not os.path.isdir(path):
-        return load_checkpoint(path)
-    state = metrics.load_export(path)
-    # load_export points "llm" at the folder's base/ copy when it has one; stage 2 checks the LLM by
-    # the name the run trained with (its --llm), which the export records
-    with open(os.path.join(path, metrics.EXPORT_JSON)) as f:
-        state["config"]["llm"] = json.load(f)["llm"]
-    return state
-
-
-def model_tensors(model):
-    """What a checkpoint keeps of the model: LoRA, the projector and the collaborative model."""
-    from peft import get_peft_model_state_dict
-    out = {"lora": get_peft_model_state_dict(model.llm), "score_bias": float(model.score_bias)}
-    if model.rec is not None:
-        out["proj"] = model.proj.state_dict()
-        out["rec"] = collab.rec_checkpoint(model.rec)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Building the model for a stage (--resume and --evaluate call this too, with a checkpoint's tensors)
-
-
-def build_model(cfg, data_set, dtype, state=None):
-    """-> (CoLLM, tokenizer). `state` = a checkpoint of this script whose tensors are loaded
-    (resume, evaluation); without it, stage 2 takes LoRA from --ckpt and the rec model from --rec-ckpt."""
-    from peft import set_peft_model_state_dict
-    stage1 = None
-    if cfg.stage == "cie" and state is None:
-        stage1 = load_stage1(cfg.ckpt)
-        if "lora" not in stage1 or "llm" not in stage1.get("config", {}):  # e.g. a collab.py model.pt
-            what = f"a collab.py {stage1['model']} model.pt" if "state_dict" in stage1 and "model" in stage1 else \
-                "not a train.py checkpoint"
-            raise UsageError(f"--ckpt {cfg.ckpt}: {what}; --ckpt takes stage 1's best.pt (train.py --stage lora), "
-                             f"the collaborative model goes to --rec-ckpt")
-        if stage1["config"].get("stage") != "lora" or stage1["config"]["llm"] != cfg.llm:
-            raise UsageError(f"--ckpt {cfg.ckpt}: a stage-{stage1['config'].get('stage')} checkpoint of "
-                             f"--llm {stage1['config']['llm']}; expected a stage-lora checkpoint of --llm {cfg.llm}")
-        lora_cfg = stage1["config"]  # the adapters must be rebuilt with the shape they were trained with
-    else:
-        lora_cfg = asdict(cfg)
-    llm, tok = collm.load_llm(cfg.llm, cfg.cache_dir, dtype or torch.float32)
-    if cfg.grad_checkpoint:  # non-reentrant: works although the input embeddings need no gradient
-        llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    yes = collm.yes_token_id(tok)
-    llm = collm.add_lora(llm, lora_cfg["lora_r"], lora_cfg["lora_alpha"], lora_cfg["lora_dropout"],
-                         lora_cfg["lora_targets"].split(","), lora_cfg.get("lora_layers", 0))
-    lora = (state or stage1 or {}).get("lora")
-    if lora is not None:
-        result = set_peft_model_state_dict(llm, lora)
-        if getattr(result, "unexpected_keys", None):
-            raise UsageError(f"{cfg.ckpt or cfg.resume}: LoRA tensors do not fit --llm {cfg.llm}")
-    rec = None
-    if cfg.stage == "cie":
-        if state is not None:
-            rec = collab.rec_from_checkpoint(state["rec"], data_set.user_num, data_set.item_num, "checkpoint")
-        elif cfg.rec_ckpt:
-            rec = collab.load_rec(cfg.rec_ckpt, data_set.user_num, data_set.item_num, data.fingerprint(data_set))
-        else:  # --tune-rec from scratch
-            rec = collab.new_rec(cfg.rec, data_set)
-        if collab.model_name(rec) != cfg.rec:  # a DIN checkpoint would fill the slots of a run that says MF
-            raise UsageError(f"--rec-ckpt {cfg.rec_ckpt or cfg.resume}: a {collab.model_name(rec)} model, but "
-                             f"--rec is {cfg.rec}")
-    model = collm.CoLLM(llm, yes, rec, tune_rec=cfg.tune_rec)
-    model.score_bias.fill_((state or stage1 or {}).get("score_bias", 0.0))  # stage 2 starts from stage 1's
-    if state is not None and rec is not None:
-        model.proj.load_state_dict(state["proj"])
-    # Exactly the tensors this stage trains: LoRA in stage 1; the projector in stage 2, plus the
-    # collaborative model with --tune-rec and LoRA with --tune-lora.
-    for name, p in model.named_parameters():
-        p.requires_grad_(("lora_" in name) if cfg.stage == "lora" else
-                         name.startswith("proj.") or (cfg.tune_rec and name.startswith("rec."))
-                         or (cfg.tune_lora and "lora_" in name))
-    return model, tok
-
-
-def encode(cfg, data_set, tok, split, model):
-    """Tokenise a split's prompts once, and check the longest fits the LLM's context."""
-    template = data.load_template(data_set.domain, "text" if cfg.stage == "lora" else "collm", cfg.template)
-    enc = data.encode_split(data_set, split, data.SegmentTokenizer(tok), template)
-    limit = getattr(model.llm.config, "max_position_embeddings", None)
-    if limit and enc.lengths.max() > limit:
-        r = int(enc.lengths.argmax())
-        raise UsageError(f"{split} row {r}: prompt of {enc.lengths[r]} tokens is longer than --llm {cfg.llm}'s "
-                         f"context of {limit}; nothing is truncated")
-    return enc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,9 +277,38 @@ def build_optimizer(params, cfg):
 
 
 @dataclass
+class LoopState:
+    """What the loop moves from step to step: small and plain, and what last.pt keeps beside the
+    optimizer's moments (saved(), restore()), so that --resume continues exactly."""
+    step: int = 0             # optimizer steps taken: the clock of the schedule, evaluation, saving
+    best: dict = field(default_factory=lambda: {"auc": -1.0, "step": 0})
+    bad_evals: int = 0        # evaluations since the best one (early stop at --patience)
+    history: list = field(default_factory=list)   # every evaluation's metrics
+    loss_log: list = field(default_factory=list)  # the logged training losses (eval.py --plot)
+    # what the next log line averages: this window's summed step losses, steps, rows, start time
+    window: dict = field(default_factory=lambda: {"t": time.time(), "rows": 0, "loss": 0.0, "steps": 0})
+    t0: float = field(default_factory=time.time)  # when the run began, less earlier sittings' wall time
+
+    def saved(self):
+        """last.pt's loop entries (step and best go into best.pt too, see save)."""
+        return dict(bad_evals=self.bad_evals, history=self.history, loss_log=self.loss_log,
+                    seconds=time.time() - self.t0, log_window={"loss": self.window["loss"], "steps": self.window["steps"]})
+
+    def restore(self, state):
+        """--resume: the loop as the paused sitting left it (files from before an entry existed lack it)."""
+        self.step, self.best, self.bad_evals, self.history = state["step"], state["best"], state["bad_evals"], \
+            state["history"]
+        self.loss_log = state.get("loss_log", [])
+        # the log window the sitting ended in: the next log line averages all of its steps, not only
+        # those after the resume (files without one: the steps since the resume)
+        self.window.update(state.get("log_window", {}))
+        self.t0 -= state.get("seconds", 0.0)  # metrics.json's seconds: every sitting's wall time, summed
+
+
+@dataclass
 class Run:
-    """What one training run holds between its chapters. set_up() fills it; the loop moves the loop
-    state at the bottom, which last.pt keeps so that --resume continues exactly."""
+    """What set_up() builds for one training run, which the loop's chapters share, and the loop's
+    state (`loop`), the one part that changes."""
     cfg: Config
     rank: int                 # this process's place among `world` (0 logs and saves; every rank computes)
     world: int
@@ -509,15 +330,8 @@ class Run:
     eval_rows: np.ndarray     # the rows of --eval-split scored at each evaluation
     eval_batch_size: int
     batches_per_rank: int     # micro-batches per epoch on each rank
-    t0: float
-    step: int = 0             # optimizer steps taken: the clock of the schedule, evaluation, saving
-    best: dict = field(default_factory=lambda: {"auc": -1.0, "step": 0})
-    bad_evals: int = 0        # evaluations since the best one (early stop at --patience)
-    history: list = field(default_factory=list)   # every evaluation's metrics
-    loss_log: list = field(default_factory=list)  # the logged training losses (eval.py --plot)
-    # what the next log line averages: this window's summed step losses, steps, rows, start time
-    window: dict = field(default_factory=lambda: {"t": time.time(), "rows": 0, "loss": 0.0, "steps": 0})
-    epoch_cache: dict = field(default_factory=dict)
+    loop: LoopState
+    epoch_cache: dict = field(default_factory=dict)  # one epoch's batch list (micro_batch)
     lock: object = None       # rank 0's open lock file on `out` (claim_folder)
 
     @property
@@ -532,24 +346,25 @@ class Run:
 def set_up(cfg):
     """Chapter 1: processes, data, the model and its optimizer; resuming, the loop state of last.pt."""
     t0 = time.time()
-    rank, world, device = setup_distributed(cfg)
+    rank, world, device = backbone.setup_distributed(cfg)
     out = cfg.out or os.path.join("runs", cfg.stage)
     lock = claim_folder(cfg, out) if rank == 0 else None  # only rank 0 writes the folder
-    dtype, dtype_name, dtype_reason = compute_dtype(cfg.dtype, device)
-    state = load_checkpoint(os.path.join(cfg.resume, "last.pt"), LAST_KEYS) if cfg.resume else None
+    dtype, dtype_name, dtype_reason = backbone.compute_dtype(cfg.dtype, device)
+    state = checkpoint.load_checkpoint(os.path.join(cfg.resume, "last.pt"), checkpoint.LAST_KEYS) if cfg.resume else None
     if state is not None:
         check_same_world(state, cfg, world)
     torch.manual_seed(cfg.seed)  # identical LoRA/projector init on every rank
     ds = data.load_dataset(cfg.data, cfg.data_root)
     eval_rows = np.arange(len(ds.splits[cfg.eval_split]))[:cfg.eval_rows or None]
-    check_both_classes(ds.splits[cfg.eval_split], eval_rows, f"--eval-split {cfg.eval_split} --eval-rows {cfg.eval_rows}")
-    check_both_classes(ds.splits["test"], np.arange(len(ds.splits["test"]))[:cfg.test_rows or None],
-                       f"--test-rows {cfg.test_rows}")
-    model, tok = build_model(cfg, ds, dtype, state)
-    enc_train, enc_eval = encode(cfg, ds, tok, "train", model), encode(cfg, ds, tok, cfg.eval_split, model)
+    metrics.check_both_classes(ds.splits[cfg.eval_split], eval_rows,
+                               f"--eval-split {cfg.eval_split} --eval-rows {cfg.eval_rows}")
+    metrics.check_both_classes(ds.splits["test"], np.arange(len(ds.splits["test"]))[:cfg.test_rows or None],
+                               f"--test-rows {cfg.test_rows}")
+    model, tok = checkpoint.build_model(cfg, ds, dtype, state)
+    enc_train, enc_eval = (checkpoint.encode(cfg, ds, tok, split, model) for split in ("train", cfg.eval_split))
     model.to(device)
     if cfg.compile:
-        collm.compile_decoder(model)
+        backbone.compile_decoder(model)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     # DDP syncs the parameters that require grad when it is built: freeze/unfreeze first (done in
     # build_model), then wrap, then build the optimizer.
@@ -566,7 +381,8 @@ def set_up(cfg):
               model=model, net=net, trainable=trainable, optimizer=build_optimizer(trainable.values(), cfg),
               scaler=scaler, enc_train=enc_train, enc_eval=enc_eval, pad=data.SegmentTokenizer(tok).pad_id,
               eval_rows=eval_rows,
-              eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, batches_per_rank=n_batches // world, t0=t0)
+              eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, batches_per_rank=n_batches // world,
+              loop=LoopState(t0=t0))
     if state is not None:
         restore_loop_state(run, state)
     if cfg.calibrate and state is None and cfg.stage == "lora":
@@ -624,26 +440,11 @@ def check_same_world(state, cfg, world):
                          f"another count changes the global batch and the data order: run {run_it} --resume {cfg.resume}")
 
 
-def check_both_classes(split, rows, what):
-    """AUC ranks liked rows against the others, so rows of one class have none (nan): the run would
-    train for nothing, never write best.pt and fail at its end. Said before training instead."""
-    labels = np.unique(split.label[rows])
-    if len(labels) < 2:
-        held = f"all labelled {int(labels[0])}" if len(labels) else "none at all"
-        raise UsageError(f"{what}: {len(rows)} rows, {held}; AUC needs liked and not-liked rows: score more rows "
-                         f"(0 = all)")
-
-
 def restore_loop_state(run, state):
     """--resume: the optimizer's moments and the loop state, as the paused sitting left them."""
     run.optimizer.load_state_dict(state["optimizer"])
     run.scaler.load_state_dict(state["scaler"])
-    run.step, run.best, run.bad_evals, run.history = state["step"], state["best"], state["bad_evals"], state["history"]
-    run.loss_log = state.get("loss_log", [])
-    # the log window the sitting ended in: the next log line averages all of its steps, not only
-    # those after the resume (files without one: the steps since the resume)
-    run.window.update(state.get("log_window", {}))
-    run.t0 -= state.get("seconds", 0.0)  # metrics.json's seconds: every sitting's wall time, summed
+    run.loop.restore(state)
 
 
 def micro_batch(run, m):
@@ -664,20 +465,20 @@ def train_step(run, window):
     rows. Adds this rank's rows and mean loss to `window` (the log's running totals); -> the lr used."""
     cfg = run.cfg
     # The schedule is a pure function of the global step, so a resumed run continues on the same curve.
-    lr = lr_at(run.step, cfg)
+    lr = lr_at(run.loop.step, cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     # Dropout noise is a function of (seed, step, rank): a resumed run draws exactly the same.
-    torch.manual_seed(cfg.seed + 1_000_003 * (run.step * run.world + run.rank + 1))
+    torch.manual_seed(cfg.seed + 1_000_003 * (run.loop.step * run.world + run.rank + 1))
     # Gradient accumulation: --grad-accum micro-batches, each forward + backward, their gradients
     # summed in .grad; one optimizer step at the end. A big batch in the memory of a small one.
     for k in range(cfg.grad_accum):
-        batch = micro_batch(run, run.step * cfg.grad_accum + k)
+        batch = micro_batch(run, run.loop.step * cfg.grad_accum + k)
         last_micro = k == cfg.grad_accum - 1
         # Under DDP every backward all-reduces the gradients across ranks; only the last micro-batch's
         # needs to (the sum is what counts), so the others run inside no_sync() and skip the traffic.
         sync = run.net.no_sync() if run.world > 1 and not last_micro else nullcontext()
-        with sync, autocast(run.device, run.dtype):
+        with sync, backbone.autocast(run.device, run.dtype):
             score = run.net(**batch)                               # (B,) Yes-logits
             loss = F.binary_cross_entropy_with_logits(score, batch["label"])
         # Divide by the accumulation count so the summed gradient is the mean over the global batch.
@@ -693,7 +494,7 @@ def train_step(run, window):
     run.scaler.step(run.optimizer)  # skips the step if fp16 gradients overflowed, and lowers the scale
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    run.step += 1
+    run.loop.step += 1
     window["steps"] += 1
     return lr
 
@@ -701,28 +502,28 @@ def train_step(run, window):
 def log_step(run, bar, lr, window):
     """Every --log-every steps: rank 0 prints the mean loss and the speed of the last window."""
     cfg = run.cfg
-    if run.step % cfg.log_every != 0:
+    if run.loop.step % cfg.log_every != 0:
         return
     if run.master:
         loss = window["loss"] / window["steps"]  # after a resume, the steps before it count too (log_window)
         rate = window["rows"] * run.world / (time.time() - window["t"])
-        bar.write(f"step {run.step:>6} | loss {loss:.4f} | lr {lr:.2e} | {rate:.1f} samples/s")
+        bar.write(f"step {run.loop.step:>6} | loss {loss:.4f} | lr {lr:.2e} | {rate:.1f} samples/s")
         bar.set_postfix(loss=f"{loss:.4f}")
-        run.loss_log.append({"step": run.step, "loss": loss})
+        run.loop.loss_log.append({"step": run.loop.step, "loss": loss})
     window.update(t=time.time(), rows=0, loss=0.0, steps=0)
 
 
 def save(run, name, with_state):
     """best.pt holds the trained tensors and settings; last.pt also the optimizer and loop state that
     --resume needs. Only rank 0 writes (every rank holds the same weights)."""
-    ckpt = {"config": asdict(run.cfg), **model_tensors(run.model), "step": run.step, "best": run.best,
-            "samples_seen": run.step * run.samples_per_step}  # what these weights learned from
+    loop = run.loop
+    ckpt = {"config": asdict(run.cfg), **checkpoint.model_tensors(run.model), "step": loop.step, "best": loop.best,
+            "samples_seen": loop.step * run.samples_per_step}  # what these weights learned from
     if with_state:  # world: the process count the data order and the global batch depend on
-        ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), bad_evals=run.bad_evals,
-                    history=run.history, loss_log=run.loss_log, seconds=time.time() - run.t0, world=run.world,
-                    log_window={"loss": run.window["loss"], "steps": run.window["steps"]})
-    ckpt["digest"] = tensor_digest(tensors_in(ckpt))  # checked by load_checkpoint
-    data.write_atomic(os.path.join(run.out, name), lambda tmp: torch.save(ckpt, tmp))
+        ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), **run.loop.saved(),
+                    world=run.world)
+    ckpt["digest"] = checkpoint.tensor_digest(checkpoint.tensors_in(ckpt))  # checked by load_checkpoint
+    prepare.write_atomic(os.path.join(run.out, name), lambda tmp: torch.save(ckpt, tmp))
 
 
 def evaluate_and_save(run, bar):
@@ -733,44 +534,44 @@ def evaluate_and_save(run, bar):
     scores = metrics.score_rows(run.model, run.enc_eval, split, run.eval_rows, run.eval_batch_size, run.pad,
                                 run.device, run.dtype, run.rank, run.world)
     res = metrics.report(split, scores, run.eval_rows)["all"]
-    run.history.append({"step": run.step, **res})
-    if res["auc"] > run.best["auc"]:
-        run.best, run.bad_evals = {**res, "step": run.step}, 0
+    run.loop.history.append({"step": run.loop.step, **res})
+    if res["auc"] > run.loop.best["auc"]:
+        run.loop.best, run.loop.bad_evals = {**res, "step": run.loop.step}, 0
         if run.master:
             save(run, "best.pt", with_state=False)
     else:
-        run.bad_evals += 1
+        run.loop.bad_evals += 1
     if run.master:
-        bar.write(f"eval step {run.step}: {cfg.eval_split} AUC {res['auc']:.4f} UAUC {res['uauc']:.4f} "
-                  f"(best {run.best['auc']:.4f} at {run.best['step']})")
+        bar.write(f"eval step {run.loop.step}: {cfg.eval_split} AUC {res['auc']:.4f} UAUC {res['uauc']:.4f} "
+                  f"(best {run.loop.best['auc']:.4f} at {run.loop.best['step']})")
     # Early stop after --patience evaluations without a better valid AUC. Every rank computed the
     # same metrics from the same gathered scores; all-reducing the decision anyway means no rank can
     # ever wait for a collective the others skipped (the reference decided on rank 0 alone and hung).
-    return all_ranks_agree(run.bad_evals >= cfg.patience, run.world, run.device)
+    return all_ranks_agree(run.loop.bad_evals >= cfg.patience, run.world, run.device)
 
 
 def finish(run):
     """Chapter 4: reload the best weights, score the test split once, write metrics.json. -> the result."""
     cfg, ds = run.cfg, run.ds
-    restore_tensors(run.model, load_checkpoint(os.path.join(run.out, "best.pt"), BEST_KEYS))
+    checkpoint.restore_tensors(run.model, checkpoint.load_checkpoint(os.path.join(run.out, "best.pt"), checkpoint.BEST_KEYS))
     test_rows = np.arange(len(ds.splits["test"]))[:cfg.test_rows or None]
-    enc_test = encode(cfg, ds, run.tok, "test", run.model)
+    enc_test = checkpoint.encode(cfg, ds, run.tok, "test", run.model)
     test_scores = metrics.score_rows(run.model, enc_test, ds.splits["test"], test_rows, run.eval_batch_size, run.pad,
                                      run.device, run.dtype, run.rank, run.world)
     test = metrics.report(ds.splits["test"], test_scores, test_rows)
     digests = rank_digests(run.trainable, run.world)
-    result = metrics.metrics_block({k: run.best[k] for k in ("auc", "uauc", "uauc_users", "rows")}, test)
+    result = metrics.metrics_block({k: run.loop.best[k] for k in ("auc", "uauc", "uauc_users", "rows")}, test)
     result.update(stage=cfg.stage, llm=cfg.llm, rec=cfg.rec if cfg.stage == "cie" else None, dtype=run.dtype_name,
                   dtype_reason=run.dtype_reason, data_source=ds.source, random_weights=cfg.llm.startswith("random:"),
-                  best_step=run.best["step"], samples_seen=run.step * run.samples_per_step,
-                  samples_per_step=run.samples_per_step, seconds=round(time.time() - run.t0, 1), rank_digests=digests,
-                  config=asdict(cfg), command=command_line(cfg, run.world), history=run.history,
-                  loss_log=run.loss_log)
+                  best_step=run.loop.best["step"], samples_seen=run.loop.step * run.samples_per_step,
+                  samples_per_step=run.samples_per_step, seconds=round(time.time() - run.loop.t0, 1), rank_digests=digests,
+                  config=asdict(cfg), command=command_line(cfg, run.world), history=run.loop.history,
+                  loss_log=run.loop.loss_log)
     if run.master:
         metrics.write_metrics(os.path.join(run.out, "metrics.json"), result)
         if result["random_weights"]:
             print(f"warning: --llm {cfg.llm} has random weights: the AUCs below mean nothing (speed and memory only)")
-        print(f"{cfg.stage} {cfg.llm}: best step {run.best['step']}, {cfg.eval_split} AUC {run.best['auc']:.4f}, "
+        print(f"{cfg.stage} {cfg.llm}: best step {run.loop.best['step']}, {cfg.eval_split} AUC {run.loop.best['auc']:.4f}, "
               f"test AUC {test['all']['auc']:.4f} UAUC {test['all']['uauc']:.4f} (warm {test['warm']['auc']:.4f}, "
               f"cold {test['cold']['auc']:.4f}), {result['seconds']:.0f}s -> {os.path.join(run.out, 'best.pt')}")
     return result
@@ -781,26 +582,26 @@ def train(cfg):
     on the way, stopping early when the valid AUC stops improving), then the test score. -> the
     metrics.json dict, or None when the sitting paused (--pause-at)."""
     run = set_up(cfg)
-    bar = tqdm(total=cfg.max_steps, initial=run.step, desc=cfg.stage, disable=not run.master, dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=run.loop.step, desc=cfg.stage, disable=not run.master, dynamic_ncols=True)
     stop = False
     run.model.train()
-    while run.step < cfg.max_steps and not stop:
-        lr = train_step(run, run.window)
+    while run.loop.step < cfg.max_steps and not stop:
+        lr = train_step(run, run.loop.window)
         bar.update(1)
-        log_step(run, bar, lr, run.window)
-        at_eval = run.step % cfg.eval_every == 0 or run.step == cfg.max_steps
+        log_step(run, bar, lr, run.loop.window)
+        at_eval = run.loop.step % cfg.eval_every == 0 or run.loop.step == cfg.max_steps
         if at_eval:
             stop = evaluate_and_save(run, bar)
-        if (at_eval or run.step == cfg.pause_at) and run.master:
+        if (at_eval or run.loop.step == cfg.pause_at) and run.master:
             save(run, "last.pt", with_state=True)  # what --resume continues from
-        if run.step == cfg.pause_at:  # pausing: only ever here, after last.pt is saved
+        if run.loop.step == cfg.pause_at:  # pausing: only ever here, after last.pt is saved
             break
         run.model.train()  # scoring switched dropout off
     bar.close()
-    paused = run.step == cfg.pause_at and run.step < cfg.max_steps and not stop
+    paused = run.loop.step == cfg.pause_at and run.loop.step < cfg.max_steps and not stop
     if paused and run.master:  # with as many processes as now: last.pt refuses another count
         again = f"torchrun --nproc-per-node {run.world} train.py" if run.world > 1 else "python train.py"
-        print(f"paused at step {run.step}; continue with: {again} --resume {run.out}")
+        print(f"paused at step {run.loop.step}; continue with: {again} --resume {run.out}")
     result = None if paused else finish(run)
     if run.world > 1:
         dist.barrier()  # rank 0 may still be writing metrics.json: no rank tears down while another works
@@ -813,9 +614,9 @@ def train(cfg):
 def calibrate(model, enc, split, batch_size, pad, device, dtype, seed, n=256):
     """--calibrate: score n random train rows with the model as it starts and shift every score by
     the constant that brings their mean logit to the logit of train's positive rate. Without it a
-    small LLM's first steps are spent moving all its scores down together (SmolLM2's first loss
-    is ~4.7 where a calibrated model starts near 0.69). Whether that helps ranking is an open
-    question: in a 2,000-sample stage-1 run on SmolLM2 it did not (see the README's Run section).
+    small LLM's first steps are spent moving all its scores down together (an untrained SmolLM2's
+    first loss is far above the log 2 a calibrated model starts at). Whether that helps ranking is
+    an open question (docs/RESULTS.md has a run with and without it).
     Every rank draws the same rows (the seed), so every rank sets the same constant. -> the shift."""
     rows = np.sort(np.random.default_rng(seed).choice(len(split), min(n, len(split)), replace=False))
     scores = metrics.score_rows(model, enc, split, rows, batch_size, pad, device, dtype)
@@ -825,22 +626,10 @@ def calibrate(model, enc, split, batch_size, pad, device, dtype, seed, n=256):
     return shift
 
 
-def restore_tensors(model, state):
-    """Load a checkpoint's trained tensors into an already built model (a frozen rec model never
-    changed, so only a tuned one is reloaded)."""
-    from peft import set_peft_model_state_dict
-    set_peft_model_state_dict(model.llm, state["lora"])
-    model.score_bias.fill_(state.get("score_bias", 0.0))
-    if model.rec is not None:
-        model.proj.load_state_dict(state["proj"])
-        if model.tune_rec:
-            model.rec.load_state_dict(state["rec"]["state_dict"])
-
-
 def rank_digests(trainable, world):
     """A hash of the trained weights from every rank. DDP keeps the replicas bit-identical; if they
     ever differ (a parameter unfrozen after wrapping, say), the run says so instead of hiding it."""
-    mine = tensor_digest(trainable.values())
+    mine = checkpoint.tensor_digest(trainable.values())
     digests = [mine]
     if world > 1:
         digests = [None] * world
@@ -858,176 +647,16 @@ def all_ranks_agree(flag, world, device):
     return bool(t.item())
 
 
-# ---------------------------------------------------------------------------------------------
-# --evaluate: score a saved run. Rebuilding the model from a checkpoint is this file's knowledge
-# (which LLM, which stage, which tensors), so it lives here and eval.py stays the metrics chapter;
-# the reference evaluates the same way, by rerunning its training script with `evaluate: True`.
-
-
-def parse_evaluate(argv=None):
-    p = argparse.ArgumentParser(prog="train.py --evaluate",
-                                description="Score a train.py checkpoint on every row of a split: AUC and UAUC "
-                                            "overall, on warm rows and on cold rows. Or use the trained model: "
-                                            "--export it for transformers + peft, or rank one --user's items.")
-    p.add_argument("--ckpt", required=True, help="a train.py checkpoint (best.pt or last.pt), or an --export folder")
-    p.add_argument("--split", default="test", choices=("test", "valid", "valid_small"), help="split to score (default test)")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per scoring batch (default 16)")
-    p.add_argument("--rows", type=int, default=0, help="score only the first N rows (0 = all)")
-    p.add_argument("--data-root", default=None, help="folder holding datasets (default: the checkpoint's setting)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default auto)")
-    p.add_argument("--dtype", default=None, choices=("auto", "bf16", "fp16", "fp32"),
-                   help="compute dtype (default: the run's own --dtype; its default, auto, picks what THIS "
-                        "machine computes natively, e.g. fp32 on a CPU without bf16 units)")
-    p.add_argument("--out", default=None, help="write metrics.json here instead of beside the checkpoint")
-    p.add_argument("--export", metavar="DIR", help="instead of scoring: write the model to DIR (a new or empty "
-                   "folder): the LoRA in peft's format (adapter_config.json, adapter_model.safetensors), and for "
-                   "stage 2 the projector and collaborative model as safetensors; collm_export.json says what is what")
-    p.add_argument("--with-base", action="store_true", help="--export: save the base LLM and tokenizer in DIR/base "
-                   "too (always done for --llm tiny, which is built in code)")
-    p.add_argument("--export-dtype", default="fp32", choices=("fp32", "fp16"), help="--export: store the trained "
-                   "tensors in this dtype (default fp32, as trained; fp16 halves the files, and loading casts them "
-                   "back to fp32: the shipped checkpoints/ are fp16)")
-    p.add_argument("--user", help="instead of scoring: rank candidate items for this user id, or for each of "
-                   "several (1,2,3: the model is built once)")
-    p.add_argument("--candidates", default="test", choices=("test", "unseen"),
-                   help="--user: test = the user's test rows, each with the history it had (without test rows, --top "
-                        "items the user never rated); unseen = every item of the data the user has no rating of, with "
-                        "the user's current history: what to recommend next (default test)")
-    p.add_argument("--items", help="--user: comma-separated item ids to rank instead, with the user's current history")
-    p.add_argument("--top", type=int, default=0, help="--user: print only the best K (0 = all; 10 items are drawn "
-                   "when the user has no test rows)")
-    p.add_argument("--json", action="store_true", help="--user: print each user's ranking as one JSON object a line "
-                   "(user, candidates scored, items: item, title, score, probability = sigmoid(score), label)")
-    p.add_argument("--show-prompt", action="store_true", help="--user: print the first candidate's prompt")
-    p.add_argument("--no-compile", action="store_true", help="score eagerly even if the run trained with --compile "
-                   "(compiling takes about a minute: worth it for a whole split, not for a slice)")
-    args = p.parse_args(argv)
-    problems = []  # every bad flag at once
-    if args.batch_size < 1:  # -1 scored no row at all, and wrote AUC 0.5 with exit 0
-        problems.append(f"--batch-size must be >= 1 (got {args.batch_size})")
-    if args.rows < 0:  # rows[:-N] would be Python's "all but the last N"
-        problems.append(f"--rows must be >= 0 (got {args.rows})")
-    if args.export and args.user is not None:
-        problems.append("--export and --user: one at a time")
-    if args.top < 0:
-        problems.append(f"--top must be >= 0 (got {args.top})")
-    if args.user is None and (args.items or args.top or args.show_prompt or args.json or args.candidates != "test"):
-        problems.append("--items, --candidates, --top, --json and --show-prompt go with --user")
-    if args.items is not None and args.candidates == "unseen":
-        problems.append("--items and --candidates unseen: one at a time (the given items, or every unseen one)")
-    if (args.with_base or args.export_dtype != "fp32") and not args.export:
-        problems.append("--with-base and --export-dtype go with --export")
-    if problems:
-        raise UsageError("; ".join(problems))
-    if args.user is not None:
-        args.user = list(dict.fromkeys(metrics.parse_ids(args.user, "--user")))  # each user once
-    if args.items is not None:  # given, even as ',' (no ids): refused, never read as "not given"
-        args.items = metrics.parse_ids(args.items, "--items")
-    return args
-
-
-def load_for_evaluation(args):
-    """--ckpt (a checkpoint or an export folder) -> (its state, the run's Config with this command's
-    device, dtype and data root)."""
-    if args.export:
-        metrics.check_export_folder(args.export)  # before anything slow
-    if not os.path.exists(args.ckpt):
-        raise UsageError(f"--ckpt {args.ckpt}: file not found")
-    state = metrics.load_export(args.ckpt) if os.path.isdir(args.ckpt) else load_checkpoint(args.ckpt)
-    if "lora" not in state or "config" not in state:
-        raise UsageError(f"--ckpt {args.ckpt}: not a train.py checkpoint (a collab.py model.pt? those are "
-                         f"evaluated by collab.py itself)")
-    saved = state["config"]
-    cfg = Config(**{**saved, "device": args.device, "dtype": args.dtype or saved["dtype"],
-                    "data_root": args.data_root or saved["data_root"]})
-    return state, cfg
-
-
-def evaluate(args):
-    """Rebuild the run's model from --ckpt, then export it, rank one user's items, or score a split."""
-    state, cfg = load_for_evaluation(args)
-    _, _, device = setup_distributed(cfg)
-    dtype, dtype_name, dtype_reason = compute_dtype(cfg.dtype, device)
-    # --json keeps stdout for the JSON alone
-    print(f"=> scoring on {device} in {dtype_name} ({dtype_reason})", file=sys.stderr if args.json else sys.stdout)
-    ds = data.load_dataset(cfg.data, cfg.data_root)
-    if args.user is not None:  # unknown ids are reported before the model is built
-        candidates = [metrics.candidates(ds, u, args.items, args.top or 10, unseen=args.candidates == "unseen")
-                      for u in args.user]
-    model, tok = build_model(cfg, ds, dtype, state)
-    model.to(device)
-    what = f"({cfg.stage}, {cfg.llm}, step {state['step']})"
-    if args.export:
-        template = data.load_template(ds.domain, "text" if cfg.stage == "lora" else "collm", cfg.template)
-        metrics.export_model(model, tok, state, template, args.export, args.with_base, collm.llm_source(cfg.llm),
-                             DTYPES[args.export_dtype])
-        print(f"exported {args.ckpt} {what} -> {args.export}")
-        return
-    if cfg.compile and not args.no_compile:  # scored as the run was trained (train.py --compile)
-        collm.compile_decoder(model)
-    if args.user is not None:
-        for user, of_user in zip(args.user, candidates):
-            rank_user(args, cfg, ds, model, tok, user, of_user, device, dtype, what)
-        return
-    split = ds.splits[args.split]
-    rows = np.arange(len(split))[:args.rows or None]
-    check_both_classes(split, rows, f"--split {args.split} --rows {args.rows}")
-    scores = metrics.score_rows(model, encode(cfg, ds, tok, args.split, model), split, rows, args.batch_size,
-                                data.SegmentTokenizer(tok).pad_id, device, dtype)
-    rep = metrics.report(split, scores, rows)
-    metrics.print_table(f"{args.ckpt} on {cfg.data} {args.split} {what}", rep)
-    # into the run's metrics.json (or --out's), beside what training wrote: the keys of this split only
-    if os.path.isdir(args.ckpt) and not args.out:  # an export folder is kept as exported (checkpoints/)
-        print("(metrics.json not written: --ckpt is an export folder; --out DIR writes it there)")
-        return
-    out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "metrics.json")
-    result = metrics.read_metrics(path, "--out")[1] if os.path.exists(path) else {}
-    result.update({**metrics.split_block(rep, args.split), "stage": cfg.stage, "llm": cfg.llm,
-                   f"{args.split}_dtype": dtype_name})
-    # a folder of its own (--out, or a checkpoint copied elsewhere) also gets what `eval.py --table`
-    # reads: the run's settings, the command that trained these weights, and how many samples they
-    # were trained on (checkpoints written before train.py saved that number leave it out: "-")
-    result.setdefault("config", asdict(cfg))
-    result.setdefault("command", command_line(cfg))
-    if "samples_seen" in state:
-        result.setdefault("samples_seen", state["samples_seen"])
-    metrics.write_metrics(path, result)
-    print(f"-> {path}")
-
-
-def rank_user(args, cfg, ds, model, tok, user, candidates, device, dtype, what):
-    """--user: score one user's candidate rows and print them best first, as a table or as JSON."""
-    import dataclasses
-    import json
-    split, labels, note = candidates
-    # the candidates as one more split, so that prompts, batches and scores take the usual path
-    ds = dataclasses.replace(ds, splits={**ds.splits, "rank": split})
-    enc = encode(cfg, ds, tok, "rank", model)
-    # candidates with the user's current history all share the prompt up to the target title: that
-    # prefix runs once (test rows, each with its own history, are scored as evaluation scores them)
-    scores = metrics.score_catalog(model, enc, split, args.batch_size, data.SegmentTokenizer(tok).pad_id, device, dtype)
-    if args.json:
-        print(json.dumps(metrics.rank_json(ds, split, scores, labels, args.top or None,
-                                           user=user, data=cfg.data, ckpt=args.ckpt, candidates_are=note)))
-        return
-    print(f"user {user} of {cfg.data}: {note}\n{args.ckpt} {what}; "
-          f"score = the 'Yes' logit, label = 1 liked / 0 not / - unknown")
-    if args.show_prompt:
-        template = data.load_template(ds.domain, "text" if cfg.stage == "lora" else "collm", cfg.template)
-        segs = data.prompt_segments(template, [ds.titles[i] for i in split.history(0)], ds.titles[split.iid[0]])
-        print(f"prompt of item {split.iid[0]}:\n{data.render_prompt(segs)}")
-    print("\n".join(metrics.rank_table(ds, split, scores, labels, args.top or None)))
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--evaluate" in argv:  # score a saved run instead of training (see parse_evaluate)
+    if "--evaluate" in argv:  # score, export or rank with a saved run instead of training (checkpoint.py)
         argv.remove("--evaluate")
-        return evaluate(parse_evaluate(argv))
+        args = checkpoint.parse_evaluate(argv)
+        state, saved = checkpoint.load_for_evaluation(args)
+        cfg = Config(**saved)  # the run's settings, with this command's device, dtype and data root
+        return checkpoint.evaluate(args, state, cfg, command_line(cfg))
     train(parse_config(argv))
 
 
 if __name__ == "__main__":
-    data.cli_main(main)
+    prepare.cli_main(main)

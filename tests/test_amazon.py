@@ -19,6 +19,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import prepare  # noqa: E402
 from conftest import assert_error_line, run_python  # noqa: E402
 
 
@@ -104,8 +105,8 @@ def write_hand_made(folder, reviews=None, meta=None):
 
 
 def test_hand_made_files_give_the_stated_split(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "AMAZON_MIN_RATINGS", 2)
-    data.build_amazon_book_split(write_hand_made(tmp_path / "raw"), tmp_path / "out")
+    monkeypatch.setattr(prepare, "AMAZON_MIN_RATINGS", 2)
+    prepare.build_amazon_book_split(write_hand_made(tmp_path / "raw"), tmp_path / "out")
     frames = {s: pd.read_pickle(tmp_path / "out" / f"{s}_ood2.pkl") for s in data.SPLITS}
     for split, flag in (("train", -1.0), ("valid", 0.0), ("test", 1.0)):
         df, want = frames[split], EXPECTED[split]
@@ -138,7 +139,7 @@ def write_generated(folder, n_lines, seed=0, users=None, books=None, text_len=40
     books = books or max(40, n_lines // 90)
     texts = ["".join(rng.choice(list("abcdefghij klmnopqrst uvwxyz. "), text_len)) for _ in range(100)]
     asins = [f"{1000000000 + b:010d}" for b in range(books)]
-    lo, hi = data.YEAR_2017
+    lo, hi = prepare.YEAR_2017
     chunk = 100_000
 
     def reviews():
@@ -218,7 +219,7 @@ def notebook_split(folder):
 
 def built_like_the_notebook(raw, out):
     """Build `raw` into `out`, check it row for row against notebook_split -> the built rows."""
-    data.build_amazon_book_split(str(raw), out)
+    prepare.build_amazon_book_split(str(raw), out)
     got = pd.concat([pd.read_pickle(out / f"{s}_ood2.pkl") for s in ("train", "valid", "test")]).sort_index()
     want = notebook_split(raw)
     assert len(got) == len(want) > 500 and (got.flag == 0).sum() > 20
@@ -289,14 +290,14 @@ def _no_overall(folder):
 @pytest.mark.parametrize("make", [_truncated, _not_json, _no_overall],
                          ids=["truncated gzip", "line not JSON", "review without overall"])
 def test_bad_raw_files_are_one_error_line(tmp_path, monkeypatch, make):
-    monkeypatch.setattr(data, "AMAZON_MIN_RATINGS", 2)
+    monkeypatch.setattr(prepare, "AMAZON_MIN_RATINGS", 2)
     folder = tmp_path / "amazon-book"
     words = make(str(folder))
     before = sorted(os.listdir(folder))
     with pytest.raises(data.UsageError) as e:
         data.load_dataset("amazon-book", tmp_path)
     assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
-    assert sorted(os.listdir(folder)) == before and os.listdir(data.cache_dir()) == []  # nothing half-written
+    assert sorted(os.listdir(folder)) == before and os.listdir(prepare.cache_dir()) == []  # nothing half-written
 
 
 def test_bad_raw_file_from_the_cli_exits_2(tmp_path):
@@ -307,8 +308,8 @@ def test_bad_raw_file_from_the_cli_exits_2(tmp_path):
 
 def test_a_zip_of_the_pickles_is_read_in_place(tmp_path, monkeypatch):
     import zipfile
-    monkeypatch.setattr(data, "AMAZON_MIN_RATINGS", 2)
-    data.build_amazon_book_split(write_hand_made(tmp_path / "raw"), tmp_path / "out")
+    monkeypatch.setattr(prepare, "AMAZON_MIN_RATINGS", 2)
+    prepare.build_amazon_book_split(write_hand_made(tmp_path / "raw"), tmp_path / "out")
     with zipfile.ZipFile(tmp_path / "amazon-book.zip", "w") as zf:  # a folder named otherwise inside
         for s in data.SPLITS:
             zf.write(tmp_path / "out" / f"{s}_ood2.pkl", f"book/{s}_ood2.pkl")
@@ -318,7 +319,7 @@ def test_a_zip_of_the_pickles_is_read_in_place(tmp_path, monkeypatch):
 
 
 def test_no_files_and_no_network_says_what_to_put_where(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "AMAZON_URLS", {n: "http://127.0.0.1:9/" + n for n in data.AMAZON_URLS})
+    monkeypatch.setattr(prepare, "AMAZON_URLS", {n: "http://127.0.0.1:9/" + n for n in prepare.AMAZON_URLS})
     with pytest.raises(data.UsageError) as e:
         data.load_dataset("amazon-book", tmp_path)
     msg = str(e.value)

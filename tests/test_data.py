@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 import data
+import prepare
 from conftest import (TEST, TINY_TITLES, TRAIN, VALID, assert_error_line, frame, run_python, shared_tokenizer,
                       write_dataset)
 
@@ -81,7 +82,7 @@ def test_build_ml1m_split_follows_the_authors_rules(tmp_path, monkeypatch):
     monkeypatch.setenv("TZ", "Asia/Tokyo")  # months are UTC months whatever the local time zone
     time.tzset()
     try:
-        data.build_ml1m_split(write_raw(tmp_path / "raw"), tmp_path / "out")
+        prepare.build_ml1m_split(write_raw(tmp_path / "raw"), tmp_path / "out")
     finally:
         monkeypatch.undo()
         time.tzset()
@@ -109,7 +110,7 @@ def test_load_dataset_builds_from_raw_files_then_loads(tmp_path):
     write_raw(tmp_path / "ml-1m")
     d = data.load_dataset("ml-1m", tmp_path)
     assert sorted(os.listdir(tmp_path / "ml-1m")) == ["movies.dat", "ratings.dat"]  # nothing written beside them
-    assert "build_ml1m_split" in d.source and data.cache_dir() in d.source
+    assert "build_ml1m_split" in d.source and prepare.cache_dir() in d.source
     assert (d.name, d.domain, d.user_num, d.item_num) == ("ml-1m", "movie", 4, 7)
     assert d.titles == [""] + [TITLE[i] for i in range(1, 7)]
     test = d.splits["test"]
@@ -121,8 +122,8 @@ def test_load_dataset_builds_from_raw_files_then_loads(tmp_path):
 
 
 def test_no_raw_files_and_no_network_says_where_to_put_what(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "GROUPLENS_URL", "http://127.0.0.1:9/x.zip")  # nothing listens on port 9
-    monkeypatch.setattr(data, "AUTHORS_ZIP_URL", "http://127.0.0.1:9/y.zip")
+    monkeypatch.setattr(prepare, "GROUPLENS_URL", "http://127.0.0.1:9/x.zip")  # nothing listens on port 9
+    monkeypatch.setattr(prepare, "AUTHORS_ZIP_URL", "http://127.0.0.1:9/y.zip")
     with pytest.raises(data.UsageError) as e:
         data.load_dataset("ml-1m", tmp_path)
     msg = str(e.value)
@@ -135,10 +136,10 @@ def test_malformed_ratings_line_names_the_file_and_line(tmp_path):
     good = "1::1::5::978300760\n"
     write_raw(tmp_path / "a", ratings_text=good + "1::6::5\n")
     with pytest.raises(data.UsageError, match=r"ratings\.dat: line 2: 3 '::'-separated fields, expected 4"):
-        data.build_ml1m_split(tmp_path / "a", tmp_path / "a")
+        prepare.build_ml1m_split(tmp_path / "a", tmp_path / "a")
     write_raw(tmp_path / "b", ratings_text=good + "\n1::x::5::978300760\n")  # line numbers count blank lines
     with pytest.raises(data.UsageError, match=r"ratings\.dat: line 3: expected four integers"):
-        data.build_ml1m_split(tmp_path / "b", tmp_path / "b")
+        prepare.build_ml1m_split(tmp_path / "b", tmp_path / "b")
     write_raw(tmp_path / "ml-1m", ratings_text=good + "1::6::5\n")
     assert_error_line(*data_cli("--data", "ml-1m", "--data-root", tmp_path, "--stats"), "ratings.dat: line 2")
 
@@ -147,19 +148,19 @@ def test_no_rating_in_the_window_is_one_error_line(tmp_path):
     early = "".join(f"1::{i}::5::{ts(2000, 4, 20 + i)}\n" for i in (1, 2))  # months 0 only: nothing to keep
     write_raw(tmp_path / "ml-1m", ratings_text=early)
     with pytest.raises(data.UsageError, match=r"ratings\.dat: no rating falls in months 14-33 .*\(2000-04\)"):
-        data.build_ml1m_split(tmp_path / "ml-1m", tmp_path / "out")
+        prepare.build_ml1m_split(tmp_path / "ml-1m", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert_error_line(*data_cli("--data", "ml-1m", "--data-root", tmp_path, "--stats"), "ratings.dat", "months 14-33")
-    assert os.listdir(data.cache_dir()) == []  # the failed build left nothing in the cache
+    assert os.listdir(prepare.cache_dir()) == []  # the failed build left nothing in the cache
     train_only = "".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in RATINGS[:5])
     write_raw(tmp_path / "ml-1m", ratings_text=train_only)
     with pytest.raises(data.UsageError, match=r"ratings\.dat: the authors' rules leave no valid and no test rows"):
         data.load_dataset("ml-1m", tmp_path)
-    assert os.listdir(data.cache_dir()) == []
+    assert os.listdir(prepare.cache_dir()) == []
 
 
 def test_one_raw_file_missing_names_it_and_downloads_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_fetch", lambda *a: pytest.fail("no download when the user's folder has files"))
+    monkeypatch.setattr(prepare, "_fetch", lambda *a: pytest.fail("no download when the user's folder has files"))
     write_raw(tmp_path / "ml-1m")
     os.remove(tmp_path / "ml-1m" / "movies.dat")
     with pytest.raises(data.UsageError, match=r"holds ratings\.dat but no movies\.dat; put movies\.dat there too"):
@@ -172,16 +173,16 @@ def test_downloads_try_the_authors_zip_first_and_never_overwrite(tmp_path, monke
 
     def fake_fetch(url, f, desc):  # the authors' zip is unreachable; GroupLens serves its zip
         fetched.append(url)
-        if url == data.AUTHORS_ZIP_URL:
+        if url == prepare.AUTHORS_ZIP_URL:
             raise OSError("unreachable")
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w") as zf:
             for n in ("ratings.dat", "movies.dat"):
                 zf.writestr(f"ml-1m/{n}", (write_raw(tmp_path / "src") / n).read_bytes())
         f.write(buf.getvalue())
-    monkeypatch.setattr(data, "_fetch", fake_fetch)
+    monkeypatch.setattr(prepare, "_fetch", fake_fetch)
     d = data.load_dataset("ml-1m", tmp_path / "root")
-    assert fetched == [data.AUTHORS_ZIP_URL, data.GROUPLENS_URL]
+    assert fetched == [prepare.AUTHORS_ZIP_URL, prepare.GROUPLENS_URL]
     assert sorted(os.listdir(tmp_path / "root")) == ["ml-1m"]  # no zip, no temporary file left behind
     assert len(d.splits["test"]) == 4 and "build_ml1m_split" in d.source
 
@@ -192,13 +193,13 @@ def test_downloads_try_the_authors_zip_first_and_never_overwrite(tmp_path, monke
     with zipfile.ZipFile(buf, "w") as zf:
         for s, df in frames.items():
             zf.writestr(f"ml-1m/{s}_ood2.pkl", _pickle_bytes(df))
-    monkeypatch.setattr(data, "_fetch", lambda url, f, desc: f.write(buf.getvalue()))
+    monkeypatch.setattr(prepare, "_fetch", lambda url, f, desc: f.write(buf.getvalue()))
     d = data.load_dataset("ml-1m", tmp_path / "rel")
     assert d.source.startswith("the four pickles in " + str(tmp_path / "rel" / "ml-1m.zip")) and "downloaded" in d.source
     target = tmp_path / "busy.zip"
     target.write_bytes(b"the user's own file")
     with pytest.raises(FileExistsError):
-        data._download(data.AUTHORS_ZIP_URL, str(target))
+        prepare._download(prepare.AUTHORS_ZIP_URL, str(target))
     assert target.read_bytes() == b"the user's own file" and os.listdir(tmp_path).count("busy.zip") == 1
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".download-")]
 
@@ -212,7 +213,7 @@ def _pickle_bytes(df):
 def _rebuilt(tmp_path):
     out = tmp_path / "built"
     if not out.exists():
-        data.build_ml1m_split(write_raw(tmp_path / "src"), out)
+        prepare.build_ml1m_split(write_raw(tmp_path / "src"), out)
     return {s: out / f"{s}_ood2.pkl" for s in data.SPLITS}
 
 
@@ -225,18 +226,18 @@ def test_cache_follows_the_raw_files_and_a_read_only_folder_works(tmp_path, monk
     write_raw(raw, ratings_text=text)
     second = data.load_dataset("ml-1m", tmp_path)
     assert second.source != first.source and len(second.splits["test"]) == len(first.splits["test"]) - 1
-    assert len(os.listdir(data.cache_dir())) == 2
+    assert len(os.listdir(prepare.cache_dir())) == 2
     # a read-only data folder (as root, chmod does not stop writes: the listing below is the check)
     os.chmod(raw, 0o555)
     os.chmod(tmp_path, 0o555)
     try:
-        monkeypatch.setenv("COLLM_CACHE", os.path.join(data.cache_dir(), "elsewhere"))
+        monkeypatch.setenv("COLLM_CACHE", os.path.join(prepare.cache_dir(), "elsewhere"))
         assert len(data.load_dataset("ml-1m", tmp_path).splits["test"]) == len(second.splits["test"])
     finally:
         os.chmod(tmp_path, 0o755)
         os.chmod(raw, 0o755)
     assert sorted(os.listdir(raw)) == ["movies.dat", "ratings.dat"]
-    data.build_ml1m_split(raw, raw)  # pickles beside the raw files, as earlier versions left them: read, and said
+    prepare.build_ml1m_split(raw, raw)  # pickles beside the raw files, as earlier versions left them: read, and said
     assert data.load_dataset("ml-1m", tmp_path).source.endswith("(ratings.dat + movies.dat there unused)")
 
 
@@ -295,8 +296,8 @@ def release_as_raw(frames, folder, seed=0):
 
 
 def test_raw_files_made_from_the_release_rebuild_it_row_for_row(real_root, tmp_path):
-    release = {s: data._read_pickle(*src) for s, src in data._find_split_files("ml-1m", real_root)[0].items()}
-    data.build_ml1m_split(release_as_raw(release, tmp_path / "raw"), tmp_path / "out")
+    release = {s: data._read_pickle(*src) for s, src in data.find_split_files("ml-1m", real_root)[0].items()}
+    prepare.build_ml1m_split(release_as_raw(release, tmp_path / "raw"), tmp_path / "out")
     for s in data.SPLITS:
         got, want = pd.read_pickle(tmp_path / "out" / f"{s}_ood2.pkl"), release[s]
         assert list(got.columns) == list(want.columns) and len(got) == len(want), s
@@ -342,7 +343,7 @@ def test_released_split_sizes_and_shares(ml1m):
 
 def test_released_split_obeys_the_build_rules(real_root):
     """The authors' pickles are what build_ml1m_split's rules produce: histories, ids, months, sample."""
-    frames = {s: data._read_pickle(*src) for s, src in data._find_split_files("ml-1m", real_root)[0].items()}
+    frames = {s: data._read_pickle(*src) for s, src in data.find_split_files("ml-1m", real_root)[0].items()}
     for split, (first, last) in (("train", ("2001-06", "2002-03")), ("valid", ("2002-04", "2002-08")),
                                  ("test", ("2002-09", "2003-01"))):
         months = pd.to_datetime(frames[split].timestamp, unit="s").dt.strftime("%Y-%m")
@@ -603,7 +604,7 @@ def test_killed_writes_leave_nothing_the_next_write_keeps(tmp_path):
     os.makedirs(tmp_path / f"m.json.tmp{gone[1]}" / "inner")  # a folder (an export, a split being built)
     (tmp_path / f"m.json.tmp{os.getppid()}").write_text("being written")  # our parent: alive
     (tmp_path / "other.json.tmp1").write_text("not this path's")
-    data.write_atomic(str(tmp_path / "m.json"), lambda tmp: open(tmp, "w").write("{}"))
+    prepare.write_atomic(str(tmp_path / "m.json"), lambda tmp: open(tmp, "w").write("{}"))
     assert sorted(os.listdir(tmp_path)) == ["m.json", f"m.json.tmp{os.getppid()}", "other.json.tmp1"]
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import collab
 import data
 import eval as metrics  # our eval.py
@@ -58,12 +59,12 @@ def rebuilt(state, toy_root):
     """Our CoLLM from a checkpoint-shaped dict, as train.py --evaluate rebuilds it; plus the toy dataset, tokenizer."""
     cfg = train.Config(**{**state["config"], "data_root": str(toy_root)})
     ds = data.load_dataset("toy", str(toy_root))
-    model, tok = train.build_model(cfg, ds, None, state)
+    model, tok = checkpoint.build_model(cfg, ds, None, state)
     return model.eval(), tok, cfg, ds
 
 
 def a_batch(model, tok, cfg, ds, n=8):
-    enc = train.encode(cfg, ds, tok, "test", model)
+    enc = checkpoint.encode(cfg, ds, tok, "test", model)
     return data.collate(enc, ds.splits["test"], np.arange(n), data.SegmentTokenizer(tok).pad_id)
 
 
@@ -87,7 +88,7 @@ def test_stage1_export_loads_with_plain_transformers_and_peft(runs, toy_root, tm
     assert {"adapter_config.json", "adapter_model.safetensors", "collm_export.json", "base"} <= set(os.listdir(out))
     assert not (out / "projector.safetensors").exists()  # stage 1 has no projector
     no_pickles(out)
-    model, tok, cfg, ds = rebuilt(train.load_checkpoint(str(runs / "lora" / "best.pt")), toy_root)
+    model, tok, cfg, ds = rebuilt(checkpoint.load_checkpoint(str(runs / "lora" / "best.pt")), toy_root)
     batch = a_batch(model, tok, cfg, ds)
     res = run_python("-I", "-c", PLAIN_PEFT, out, cwd=tmp_path, timeout=120,
                      input=json.dumps({k: batch[k].tolist() for k in ("input_ids", "attention_mask")}))
@@ -104,7 +105,7 @@ def test_stage1_export_loads_with_plain_transformers_and_peft(runs, toy_root, tm
 
 def test_stage2_export_reloads_to_the_same_scores(runs, toy_root, tmp_path):
     out = tmp_path / "export"
-    ckpt = train.load_checkpoint(str(runs / "cie" / "best.pt"))
+    ckpt = checkpoint.load_checkpoint(str(runs / "cie" / "best.pt"))
     train.main(["--evaluate", "--export", str(out), "--ckpt", str(runs / "cie" / "best.pt")])
     no_pickles(out)
     info = json.loads((out / "collm_export.json").read_text())
@@ -128,12 +129,12 @@ def test_an_export_names_no_path_of_this_machine(runs, toy_root, tmp_path, loade
     """An LLM loaded from a folder here (SmolLM2's converted copy in cache/) is named by where it comes
     from, never by that path: base_model null (or base/ with --with-base), in collm_export.json,
     adapter_config.json and peft's README.md alike. A hub id stays, it means the same everywhere."""
-    model, tok, cfg, ds = rebuilt(train.load_checkpoint(str(runs / "lora" / "best.pt")), toy_root)
+    model, tok, cfg, ds = rebuilt(checkpoint.load_checkpoint(str(runs / "lora" / "best.pt")), toy_root)
     here = tmp_path / "cache" / "an-llm"
     here.mkdir(parents=True)
     name = str(here) if loaded_from == "folder" else "some-org/some-llm"
     model.llm.get_base_model().config._name_or_path = name
-    state = train.load_checkpoint(str(runs / "lora" / "best.pt"))
+    state = checkpoint.load_checkpoint(str(runs / "lora" / "best.pt"))
     template = data.load_template(ds.domain, "text")
     info = metrics.export_model(model, tok, state, template, str(tmp_path / "out"), source="where it comes from")
     want = None if loaded_from == "folder" else name
@@ -159,11 +160,11 @@ def score_by_the_example(ckpt, export, doc, toy_root, tmp_path):
     """-> (the score the doc's script prints for one user and item, ours for the same prompt). The
     user with the longest history, so that the script must keep its last 10 titles itself."""
     import dataclasses
-    model, tok, cfg, ds = rebuilt(train.load_checkpoint(str(ckpt)), toy_root)
+    model, tok, cfg, ds = rebuilt(checkpoint.load_checkpoint(str(ckpt)), toy_root)
     user = max(range(1, ds.user_num), key=lambda u: len(metrics.current_history(ds, metrics.user_rows(ds, u))[1]))
     item = 5
     split, _, _ = metrics.candidates(ds, user, items=[item])
-    enc = train.encode(cfg, dataclasses.replace(ds, splits={**ds.splits, "rank": split}), tok, "rank", model)
+    enc = checkpoint.encode(cfg, dataclasses.replace(ds, splits={**ds.splits, "rank": split}), tok, "rank", model)
     want = metrics.score_rows(model, enc, split, [0], 1, data.SegmentTokenizer(tok).pad_id, torch.device("cpu"))[0]
     liked = [ds.titles[i] for i in split.history(0)]
     assert len(liked) > data.MAX_TITLES
@@ -207,7 +208,7 @@ def test_an_fp16_export_is_half_the_size_and_scores_as_the_run(runs, toy_root, t
                {k: v.dtype for k, v in half.items()}, name  # floats halved, the bool "seen" masks kept
         assert os.path.getsize(tmp_path / "fp16" / name) < 0.6 * os.path.getsize(tmp_path / "fp32" / name)
     assert json.loads((tmp_path / "fp16" / "collm_export.json").read_text())["lora"]["dtype"] == "float16"
-    original, tok, cfg, ds = rebuilt(train.load_checkpoint(ckpt), toy_root)
+    original, tok, cfg, ds = rebuilt(checkpoint.load_checkpoint(ckpt), toy_root)
     batch = a_batch(original, tok, cfg, ds)
     reloaded, *_ = rebuilt(metrics.load_export(str(tmp_path / "fp16")), toy_root)
     assert all(p.dtype == torch.float32 for p in reloaded.parameters())
@@ -223,7 +224,7 @@ def test_stage2_starts_from_an_exported_stage1_as_from_its_checkpoint(runs, toy_
     for ckpt in (runs / "lora" / "best.pt", tmp_path / "lora"):
         cfg = train.parse_config(["--stage", "cie", *TINY, "--data", "toy", "--data-root", str(toy_root), "--ckpt",
                                   str(ckpt), "--rec-ckpt", str(runs / "mf" / "model.pt"), "--out", str(tmp_path)])
-        models.append(train.build_model(cfg, ds, None)[0])
+        models.append(checkpoint.build_model(cfg, ds, None)[0])
     a, b = ({n: p for n, p in m.named_parameters() if "lora_" in n} for m in models)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     assert float(models[0].score_bias) == float(models[1].score_bias) != 0
@@ -314,8 +315,8 @@ def test_rank_a_users_test_rows(runs, toy_root, monkeypatch, capsys):
         assert label == str(int(te.label[mine][te.iid[mine] == item][0]))
     assert "prompt of item" in out and "<UserID>" in out and f'"Item {te.iid[mine[0]]}"' in out
     # each test row is scored with the history it had: the same scores as evaluation gives those rows
-    model, tok, cfg, ds = rebuilt(train.load_checkpoint(str(ckpt)), toy_root)
-    enc = train.encode(cfg, ds, tok, "test", model)
+    model, tok, cfg, ds = rebuilt(checkpoint.load_checkpoint(str(ckpt)), toy_root)
+    enc = checkpoint.encode(cfg, ds, tok, "test", model)
     want = metrics.score_rows(model, enc, te, mine, 4, data.SegmentTokenizer(tok).pad_id, torch.device("cpu"))
     got = {item: score for _, item, score, _ in rows}
     np.testing.assert_allclose([got[i] for i in te.iid[mine]], want, atol=2e-3)  # printed to 3 decimals
@@ -392,7 +393,7 @@ def catalog_of(model, tok, cfg, ds, user):
     """-> (the candidate split, its encoding) of user's unseen items, as train.py --evaluate builds them."""
     import dataclasses
     split, _, _ = metrics.candidates(ds, user, unseen=True)
-    enc = train.encode(cfg, dataclasses.replace(ds, splits={**ds.splits, "rank": split}), tok, "rank", model)
+    enc = checkpoint.encode(cfg, dataclasses.replace(ds, splits={**ds.splits, "rank": split}), tok, "rank", model)
     return split, enc
 
 
@@ -400,7 +401,7 @@ def catalog_of(model, tok, cfg, ds, user):
                          ids=["stage 1", "stage 2 MF", "stage 2 DIN (the user slot depends on the item)"])
 def test_catalog_scores_equal_scoring_each_row_alone(runs, sparse_root, stage, rec):
     import collm
-    model, tok, cfg, ds = rebuilt(train.load_checkpoint(str(runs / stage / "best.pt")), sparse_root)
+    model, tok, cfg, ds = rebuilt(checkpoint.load_checkpoint(str(runs / stage / "best.pt")), sparse_root)
     if rec:  # a DIN reads the target item to pool the history: user vectors differ from row to row
         torch.manual_seed(0)
         model = collm.CoLLM(model.llm, model.yes_id, collab.new_rec(rec, ds)).eval()
@@ -409,7 +410,7 @@ def test_catalog_scores_equal_scoring_each_row_alone(runs, sparse_root, stage, r
     pad, cpu = data.SegmentTokenizer(tok).pad_id, torch.device("cpu")
     got = metrics.score_catalog(model, enc, split, 4, pad, cpu)
     # test rows: one prefix group per history, each run once for its rows
-    te, enc_te, some = ds.splits["test"], train.encode(cfg, ds, tok, "test", model), np.arange(12)
+    te, enc_te, some = ds.splits["test"], checkpoint.encode(cfg, ds, tok, "test", model), np.arange(12)
     got_te = metrics.score_catalog(model, enc_te, te, 4, pad, cpu, rows=some)
     assert len(set(data.prefix_groups(enc_te, some).tolist())) > 1
     model.prefix_cache = False  # each row's whole prompt, alone: no prefix shared with anything

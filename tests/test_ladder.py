@@ -1,18 +1,20 @@
 """The house rules a reader relies on, checked on the source text: each file is a chapter that only
 looks back (imports earlier chapters only, not even inside a function), every function fits in a
-reader's head, and each chapter explains itself (comment and docstring lines)."""
+reader's head, each chapter and each of its longer definitions says what it is for, and comments say
+why, not how fast (measurements live in docs/ with the commands that made them)."""
 import ast
 import io
 import os
+import re
 import tokenize
 
 import pytest
 
 from conftest import ROOT
 
-CHAPTERS = ["data", "eval", "collab", "collm", "train", "bench"]  # the README's reading order
+CHAPTERS = ["prepare", "data", "eval", "collab", "backbone", "collm", "checkpoint", "train", "bench"]  # the README's reading order
 MAX_FUNCTION_LINES = 70
-COMMENT_SHARE = (0.20, 0.45)  # heavily commented is the design; past 45% the code drowns
+EXPLAIN_FROM = 10  # a definition this long or longer opens with a docstring
 
 
 def source(module):
@@ -44,28 +46,61 @@ def test_every_function_is_under_70_lines(module):
     assert not long, f"{module}.py: {', '.join(long)}"
 
 
-def comment_share(text):
-    """Share of non-blank lines that hold a comment or belong to a docstring (module, class, function)."""
-    lines = {n for n, line in enumerate(text.splitlines(), 1) if line.strip()}
-    explained = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(text).readline)
-                 if tok.type == tokenize.COMMENT}
-    for node in ast.walk(ast.parse(text)):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body \
-                and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant) \
-                and isinstance(node.body[0].value.value, str):
-            explained.update(range(node.body[0].lineno, node.body[0].end_lineno + 1))
-    return len(lines & explained) / len(lines)
+def docstring(node):
+    body = getattr(node, "body", None)
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        return body[0].value.value
+    return None
 
 
 @pytest.mark.parametrize("module", CHAPTERS)
-def test_each_chapter_explains_itself(module):
-    share = comment_share(source(module))
-    assert COMMENT_SHARE[0] <= share <= COMMENT_SHARE[1], f"{module}.py: {share:.1%} comment and docstring lines"
+def test_each_chapter_opens_with_what_it_is(module):
+    doc = docstring(ast.parse(source(module)))
+    assert doc and doc.startswith(f"{module}.py: "), f"{module}.py: no opening docstring naming the chapter"
 
 
-def test_comment_share_counts_comments_and_docstrings():
-    text = '"""doc\nstring"""\nx = 1  # why\n\ny = 2\n\n\ndef f():\n    """one"""\n    return 3\n'
-    assert comment_share(text) == pytest.approx(4 / 7)  # doc, string, x, one of: +y, def, return
+@pytest.mark.parametrize("module", CHAPTERS)
+def test_every_longer_definition_says_what_it_is_for(module):
+    """A class or function of EXPLAIN_FROM lines or more opens with a docstring. Not a rule on how much
+    is commented (a share of comment lines rewards volume), but on where a reader can always find the
+    purpose. Exempt: __init__ (its class says it) and a CLI's main / parse_* (their --help says it)."""
+    bare = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(ast.parse(source(module)))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            and node.end_lineno - node.lineno + 1 >= EXPLAIN_FROM and docstring(node) is None
+            and node.name != "__init__" and node.name != "main" and not node.name.startswith("parse_")]
+    assert not bare, f"{module}.py: no docstring on {', '.join(bare)}"
+
+
+# A measured figure: a rate, a duration, a speed-up, a four-decimal AUC. They go stale as the code and
+# the machines change, so they live in docs/ beside the commands that measured them, and bench.py,
+# which measures, is the one chapter that may speak of them.
+FIGURE = re.compile(r"\d\s*(samples|rows|tokens|steps)/s\b|[GT]FLOP/s|\b\d+(\.\d+)?\s?(ms|s|seconds|minutes)\b"
+                    r"|\d(\.\d+)?x (faster|slower)|~\d+(\.\d+)?x\b|\b0\.\d{4}\b")
+
+
+def explanations(text):
+    """(line number, text) of every comment and every docstring line."""
+    lines = [(tok.start[0], tok.string) for tok in tokenize.generate_tokens(io.StringIO(text).readline)
+             if tok.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(text)):
+        doc = docstring(node) if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) else None
+        if doc is not None:
+            lines += [(node.body[0].lineno + i, line) for i, line in enumerate(doc.splitlines())]
+    return lines
+
+
+@pytest.mark.parametrize("module", [m for m in CHAPTERS if m != "bench"])
+def test_comments_hold_no_measurements(module):
+    found = [f"{n}: {line.strip()}" for n, line in explanations(source(module)) if FIGURE.search(line)]
+    assert not found, f"{module}.py: " + " | ".join(found)
+
+
+def test_the_figure_pattern_finds_measurements_and_leaves_settings_alone():
+    measured = ["about 1.3x faster (2.7-2.9 s instead of 3.5-4.0 s)", "LoRA steps 3.40 vs 2.96 samples/s",
+                "0.3 GFLOP/s against 142", "valid 0.7108", "~20x faster", "once (about 15 s)"]
+    settings = ["lr 1e-3, wd 1e-4", "N(0, 0.1) init", "(B, T, H)", "the last 10 liked items", "13 GB of weights"]
+    assert all(FIGURE.search(t) for t in measured) and not any(FIGURE.search(t) for t in settings)
 
 
 TEST_FILES = [f[:-3] for f in sorted(os.listdir(os.path.join(ROOT, "tests"))) if f.endswith(".py")]

