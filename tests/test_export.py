@@ -168,7 +168,7 @@ def score_by_the_example(ckpt, export, doc, toy_root, tmp_path):
     want = metrics.score_rows(model, enc, split, [0], 1, data.SegmentTokenizer(tok).pad_id, torch.device("cpu"))[0]
     liked = [ds.titles[i] for i in split.history(0)]
     assert len(liked) > data.MAX_TITLES
-    if doc == "README.md":  # stage 1
+    if doc == "docs/USE.md":  # stage 1
         code = doc_example(doc, "collm_export.json", folder=str(export), titles=liked, target=ds.titles[item])
     else:
         code = doc_example(doc, "collm_export.json", folder=str(export), **{"user, item": (user, item)}, liked=liked,
@@ -181,10 +181,10 @@ def score_by_the_example(ckpt, export, doc, toy_root, tmp_path):
 
 
 def test_the_stage1_example_adds_score_bias(runs, toy_root, tmp_path):
-    """The README's stage-1 script, plain transformers + peft, on a --calibrate run's export (base/ in it)."""
+    """docs/USE.md's stage-1 script, plain transformers + peft, on a --calibrate run's export (base/ in it)."""
     out = tmp_path / "export"
     train.main(["--evaluate", "--export", str(out), "--ckpt", str(runs / "lora" / "best.pt")])
-    got, want = score_by_the_example(runs / "lora" / "best.pt", out, "README.md", toy_root, tmp_path)
+    got, want = score_by_the_example(runs / "lora" / "best.pt", out, "docs/USE.md", toy_root, tmp_path)
     assert got == pytest.approx(want, abs=1e-5)
 
 
