@@ -565,7 +565,35 @@ def train_rec(ds, model_name, dim=None, lr=None, wd=None, batch_size=1024, epoch
 # CLI
 
 
+def evaluate_main(argv):
+    """python collab.py --evaluate MODEL.pt [--split S] [--rows N]: a trained model's AUC and UAUC on a
+    split, or on its first N rows: what the LLM runs are chosen on (train.py scores the first
+    --eval-rows rows of valid_small), so a CoLLM run's valid curve can be read against the model it reads."""
+    p = argparse.ArgumentParser(description="Score a trained collaborative model (a model.pt of collab.py) on a split.")
+    p.add_argument("--evaluate", required=True, metavar="MODEL_PT", help="the model.pt to score")
+    prepare.add_data_flags(p)
+    p.add_argument("--split", default="valid_small", choices=("valid_small", "valid", "test"),
+                   help="split to score (default valid_small, the one train.py chooses LLM runs on)")
+    p.add_argument("--rows", type=int, default=0, help="score only the first N rows (0 = all)")
+    args = p.parse_args(argv)
+    if args.rows < 0:
+        raise prepare.UsageError(f"--rows {args.rows} must be >= 0 (0 = all)")
+    ds = data.load_dataset(args.data, args.data_root)
+    model = load_rec(args.evaluate, ds.user_num, ds.item_num, data.fingerprint(ds))
+    split = ds.splits[args.split]
+    rows = np.arange(len(split))[:args.rows or None]
+    res = metrics.report(split, score(model, split)[rows], rows)
+    a = res["all"]
+    print(f"{model_name(model)} ({args.evaluate}) on {ds.name} {args.split}, {a['rows']:,} rows: AUC {a['auc']:.4f} "
+          f"UAUC {a['uauc']:.4f} ({a['uauc_users']} users)")
+    return res
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if any(a.split("=")[0] == "--evaluate" for a in argv):  # scoring a saved model, not training one
+        return evaluate_main(argv)
+
     def per_model(key):  # "256 mf, 64 lightgcn, ...": the help text follows DEFAULTS
         return ", ".join(f"{v[key]:g} {name}" for name, v in DEFAULTS.items() if key in v)
 
@@ -593,7 +621,6 @@ def main(argv=None):
                         "trained rows (the average user); 'untouched' keeps its never-trained row, as the reference")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: these ops are too small to gain from more)")
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = p.parse_args(argv)
     problems = [f"--{k.replace('_', '-')} {v} must be > 0" for k, v in
                 dict(dim=args.dim, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
@@ -611,25 +638,23 @@ def main(argv=None):
     if problems:  # report every bad flag at once
         raise prepare.UsageError("; ".join(problems))
     ds = data.load_dataset(args.data, args.data_root)
-    # These models do many tiny ops (a 1024 x 64 batch). On an idle 2-core machine one thread trained
-    # MF faster than two; with other jobs on the cores, two threads spin-waiting on each other were
-    # several times slower. So one thread by default; results are the same either way.
+    # These models do many tiny ops (a 1024 x 64 batch): one thread is faster than two spin-waiting on
+    # each other, most of all beside other jobs. So one thread by default; results are the same either way.
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        model, result = train_rec(ds, args.model, dim=args.dim, lr=args.lr, wd=args.wd, batch_size=args.batch_size,
+        model, m = train_rec(ds, args.model, dim=args.dim, lr=args.lr, wd=args.wd, batch_size=args.batch_size,
                                   epochs=args.epochs, patience=args.patience, seed=args.seed, layers=args.layers,
                                   unseen=args.unseen, dropout=args.dropout, prior=args.prior)
     finally:  # main() also runs inside other programs (tests): leave their thread count as it was
         torch.set_num_threads(threads)
-    result["config"].update(data=ds.name, data_fingerprint=data.fingerprint(ds))  # which split it learned
-    result["command"] = " ".join(["python collab.py", *argv])  # eval.py --table --json puts it beside the numbers
+    m["config"].update(data=ds.name, data_fingerprint=data.fingerprint(ds))  # which split it learned
+    m["command"] = " ".join(["python collab.py", *argv])  # eval.py --table --json puts it beside the numbers
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "model.pt")
-    ckpt = rec_checkpoint(model, result["config"])  # config: every setting of the run, the table sizes first
+    ckpt = rec_checkpoint(model, m["config"])  # config: every setting of the run, the table sizes first
     prepare.write_atomic(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
-    metrics.write_metrics(os.path.join(args.out, "metrics.json"), result)
-    m = result
+    metrics.write_metrics(os.path.join(args.out, "metrics.json"), m)
     print(f"{args.model}: best epoch {m['best_epoch']}, valid AUC {m['valid']['auc']:.4f}, "
           f"test AUC {m['test']['auc']:.4f} UAUC {m['test']['uauc']:.4f} "
           f"(warm {m['test_warm']['auc']:.4f}, cold {m['test_cold']['auc']:.4f}), {m['seconds']:.1f}s -> {ckpt_path}")
