@@ -340,6 +340,8 @@ def evaluate(args, state, cfg, command):
     result.setdefault("command", command)
     if "samples_seen" in state:
         result.setdefault("samples_seen", state["samples_seen"])
+    if state.get("best") and "auc" in state["best"]:  # the valid score training chose these weights by
+        result.setdefault("valid", {k: state["best"][k] for k in ("auc", "uauc", "uauc_users", "rows")})
     metrics.write_metrics(path, result)
     print(f"-> {path}")
 

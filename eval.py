@@ -250,6 +250,8 @@ def export_model(model, tok, state, template, folder, with_base=False, source=""
         "what": "a CoLLM checkpoint exported by train.py --evaluate --export (arXiv 2310.19488)",
         "stage": cfg["stage"], "llm": cfg["llm"], "step": state.get("step"),
         "samples_seen": state.get("samples_seen"), "config": cfg,
+        # the valid score these weights were chosen by (train.py's best): results keep it beside test
+        "best_valid": state.get("best"),
         # never a path of this machine: the folder's own base/, a hub id, or null and the words below
         "base_model": "base" if with_base else None if os.path.isdir(name) else name,
         "base_model_source": source,
@@ -391,8 +393,9 @@ def export_state(folder, info, lora):
         config["llm"] = os.path.join(folder, "base")
     state = {"config": config, "step": info.get("step"), "lora": export_file(folder, ADAPTER_FILES[1], load_file),
              "score_bias": info.get("score_bias", 0.0)}
-    if info.get("samples_seen") is not None:
-        state["samples_seen"] = info["samples_seen"]
+    for key, saved in (("samples_seen", "samples_seen"), ("best", "best_valid")):
+        if info.get(saved) is not None:
+            state[key] = info[saved]
     if "rec" in info:
         state["proj"] = export_file(folder, info["projector"]["file"], load_file)
         state["rec"] = {"model": info["rec"]["model"], "config": info["rec"]["config"],
@@ -554,8 +557,8 @@ def result_row(run):
     try:
         config = m["config"]
         if "stage" in m:  # train.py: stage 1 is TALLRec, stage 2 CoLLM with its collaborative model
-            method = "TALLRec" if m["stage"] == "lora" else f"CoLLM-{REC_NAMES[m['rec']]}"
-            llm, rec = m["llm"], (m["rec"] if m["stage"] == "cie" else None)
+            method = "TALLRec" if m["stage"] == "lora" else f"CoLLM-{REC_NAMES[config['rec']]}"
+            llm, rec = m["llm"], (config["rec"] if m["stage"] == "cie" else None)
             kind, stage1 = (variant(config), config.get("ckpt")) if m["stage"] == "cie" else ("-", None)
         else:  # collab.py
             method, llm, rec, kind, stage1 = REC_NAMES[config["model"]], "-", config["model"], "-", None

@@ -120,8 +120,15 @@ def test_stage2_export_reloads_to_the_same_scores(runs, toy_root, tmp_path):
     batch = a_batch(original, tok, cfg, ds)
     state = metrics.load_export(str(out))
     assert (state["step"], state["samples_seen"]) == (ckpt["step"], ckpt["samples_seen"])  # what --table shows
+    assert state["best"] == ckpt["best"]  # the valid score the weights were chosen by
     reloaded, *_ = rebuilt(state, toy_root)
     np.testing.assert_allclose(our_scores(reloaded, batch), our_scores(original, batch), atol=1e-5)
+    # scored into a folder of its own (how checkpoints/results.json gets a shipped run's row), the export is
+    # one row of eval.py --table: its collaborative model, its variant, the run's valid AUC beside test
+    train.main(["--evaluate", "--ckpt", str(out), "--split", "test", "--out", str(tmp_path / "scored")])
+    row = metrics.result_row(tmp_path / "scored")
+    assert (row["method"], row["rec"], row["variant"]) == ("CoLLM-MF", "mf", "frozen")
+    assert row["valid_auc"] == ckpt["best"]["auc"] and row["command"] and row["test_rows"] == len(ds.splits["test"])
 
 
 @pytest.mark.parametrize("loaded_from", ["folder", "hub"])
