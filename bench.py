@@ -315,14 +315,6 @@ def padded_tokens(lengths, batches):
     return int(sum(lengths[b].sum() for b in batches)), int(sum(len(b) * lengths[b].max() for b in batches))
 
 
-def pick(batches, k, rng):
-    """k batches drawn at random (same-size ones only), in their original order."""
-    full = [b for b in batches if len(b) == len(batches[0])]
-    if len(full) < k:
-        raise UsageError(f"--warmup + --steps = {k} batches, but the split has only {len(full)} full ones")
-    return [full[i] for i in np.sort(rng.choice(len(full), k, replace=False))]
-
-
 # ---------------------------------------------------------------------------------------------
 # Our path: prompts tokenised once (data.encode_split), length-bucketed batches, one LM-head row
 
