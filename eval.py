@@ -14,6 +14,7 @@ commands that start from a checkpoint are `python train.py --evaluate ...`:
 
     python eval.py --table runs/mf runs/lora runs/cie-mf            # the results table of finished runs
     python eval.py --plot runs/lora runs/cie-mf --out curves.png    # valid AUC and loss vs samples seen
+    python eval.py --curves runs/cie-mf runs/cie-mf-tune-rec        # valid AUC at each scoring, as a table
     python train.py --evaluate --ckpt runs/cie-mf/best.pt --split test          # AUC / UAUC of a checkpoint
     python train.py --evaluate --ckpt runs/cie-mf/best.pt --export out/cie-mf   # LoRA for peft, the rest as safetensors
     python train.py --evaluate --ckpt runs/cie-mf/best.pt --user 17 --show-prompt   # rank one user's items
@@ -632,6 +633,27 @@ def learning_curve(m, path):
             [x["step"] * per_step for x in losses], [x["loss"] for x in losses])
 
 
+def curves_table(run_dirs):
+    """--curves: the valid AUC of train.py runs at each of their scorings, one Markdown row per run,
+    the best in bold (the checkpoint best.pt keeps): how the settings of a study are compared, on
+    valid and never on test."""
+    import os
+    lines = ["| run | method | variant | seed | valid rows | steps | valid AUC at each scoring | best |",
+             "|---|---|---|---:|---:|---|---|---|"]
+    for run in run_dirs:
+        path, m = read_metrics(run, "--curves")
+        history, config = m.get("history"), m.get("config", {})
+        if not history or "stage" not in m:
+            raise UsageError(f"--curves {path}: no valid history (history) in it: only train.py runs have one")
+        method = "TALLRec" if m["stage"] == "lora" else f"CoLLM-{REC_NAMES[config['rec']]}"
+        best = max(history, key=lambda h: h["auc"])
+        aucs = " / ".join(f"**{h['auc']:.4f}**" if h is best else f"{h['auc']:.4f}" for h in history)
+        lines.append(f"| {os.path.basename(os.path.dirname(os.path.abspath(path)))} | {method} | "
+                     f"{variant(config) if m['stage'] == 'cie' else '-'} | {config.get('seed')} | {history[0]['rows']:,} | "
+                     f"{' / '.join(str(h['step']) for h in history)} | {aucs} | {best['auc']:.4f} at {best['step']} |")
+    return "\n".join(lines)
+
+
 def plot_runs(run_dirs, out):
     """Valid AUC (top) and training loss (bottom) against samples seen, one line per run, to `out`
     (any format matplotlib writes: .png, .pdf, .svg). matplotlib is optional: without it, one clear
@@ -670,8 +692,8 @@ def plot_runs(run_dirs, out):
 
 def main(argv=None):
     import argparse
-    p = argparse.ArgumentParser(description="Tabulate finished runs (--table) or draw their learning curves "
-                                            "(--plot). Scoring a checkpoint needs the model rebuilt, which is the "
+    p = argparse.ArgumentParser(description="Tabulate finished runs (--table), their valid AUC "
+                                            "at each scoring (--curves) or draw their learning curves (--plot). Scoring a checkpoint needs the model rebuilt, which is the "
                                             "training loop's knowledge: python train.py --evaluate --ckpt ...")
     p.add_argument("--table", nargs="+", metavar="RUN_DIR",
                    help="print a Markdown results table of these train.py / collab.py output folders (their "
@@ -679,13 +701,16 @@ def main(argv=None):
     p.add_argument("--plot", nargs="+", metavar="RUN_DIR",
                    help="draw valid AUC and training loss against samples seen for these train.py output "
                         "folders into --out (needs matplotlib)")
+    p.add_argument("--curves", nargs="+", metavar="RUN_DIR",
+                   help="print a Markdown table of these train.py output folders' valid AUC at each scoring "
+                        "(their metrics.json history), the best in bold: a study's runs side by side")
     p.add_argument("--json", metavar="FILE", help="--table: also write its rows, with each run's command, "
                    "variant, seed and valid AUC, to FILE as a JSON list (checkpoints/results.json)")
     p.add_argument("--out", help="--plot: the picture to write (.png, .pdf, .svg)")
     args = p.parse_args(argv)
-    if bool(args.table) == bool(args.plot):
-        raise UsageError("give --table RUN_DIR ... or --plot RUN_DIR ... --out FILE.png (one of them); "
-                         "to score a checkpoint: python train.py --evaluate --ckpt CHECKPOINT")
+    if sum(map(bool, (args.table, args.plot, args.curves))) != 1:
+        raise UsageError("give --table RUN_DIR ..., --curves RUN_DIR ... or --plot RUN_DIR ... --out FILE.png (one "
+                         "of them); to score a checkpoint: python train.py --evaluate --ckpt CHECKPOINT")
     if args.table:
         rows = [result_row(run) for run in args.table]
         print(results_table(rows))
@@ -695,6 +720,9 @@ def main(argv=None):
         return
     if args.json:
         raise UsageError("--json goes with --table")
+    if args.curves:
+        print(curves_table(args.curves))
+        return
     if not args.out:
         raise UsageError("--plot needs --out FILE.png")
     print(f"-> {plot_runs(args.plot, args.out)}")

@@ -137,8 +137,25 @@ def test_plot_without_matplotlib_is_one_clear_error(tmp_path, monkeypatch):
         metrics.main(["--plot", str(run), "--out", str(tmp_path / "curves.png")])
 
 
+def test_curves_tabulate_each_scoring_with_the_best_in_bold(tmp_path, capsys):
+    import json
+    run, m = fake_run(tmp_path / "cie-x", history_steps=(125, 250, 375))
+    for h, auc in zip(m["history"], (0.625, 0.9, 0.875)):  # the best scoring is the middle one, not the last
+        h.update(auc=auc, rows=1000)
+    m.update(stage="cie", config={"rec": "mf", "tune_rec": True, "rec_ckpt": "runs/mf/model.pt", "seed": 7})
+    (run / "metrics.json").write_text(json.dumps(m))
+    metrics.main(["--curves", str(run)])
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row == ("| cie-x | CoLLM-MF | tune-rec | 7 | 1,000 | 125 / 250 / 375 | 0.6250 / **0.9000** / 0.8750 "
+                   "| 0.9000 at 250 |")
+    (tmp_path / "mf").mkdir()
+    (tmp_path / "mf" / "metrics.json").write_text(json.dumps({"config": {"model": "mf"}, "test": {}}))
+    with pytest.raises(data.UsageError, match="--curves .*mf.*only train.py runs"):  # collab.py: no history
+        metrics.main(["--curves", str(tmp_path / "mf")])
+
+
 @pytest.mark.parametrize("args, words", [
-    ([], ["--table RUN_DIR", "train.py --evaluate"]),
+    ([], ["--table RUN_DIR", "--curves", "train.py --evaluate"]),
     (["--plot", "somewhere"], ["--plot needs --out"]),
     (["--table", "nowhere"], ["--table nowhere", "no metrics.json"]),
 ], ids=["nothing to do", "plot without --out", "no run there"])
