@@ -638,8 +638,8 @@ def curves_table(run_dirs):
     the best in bold (the checkpoint best.pt keeps): how the settings of a study are compared, on
     valid and never on test."""
     import os
-    lines = ["| run | method | variant | seed | valid rows | steps | valid AUC at each scoring | best |",
-             "|---|---|---|---:|---:|---|---|---|"]
+    lines = ["| run | method | variant | seed | valid rows | steps | valid AUC at each scoring | best | wall s |",
+             "|---|---|---|---:|---:|---|---|---|---:|"]
     for run in run_dirs:
         path, m = read_metrics(run, "--curves")
         history, config = m.get("history"), m.get("config", {})
@@ -648,9 +648,11 @@ def curves_table(run_dirs):
         method = "TALLRec" if m["stage"] == "lora" else f"CoLLM-{REC_NAMES[config['rec']]}"
         best = max(history, key=lambda h: h["auc"])
         aucs = " / ".join(f"**{h['auc']:.4f}**" if h is best else f"{h['auc']:.4f}" for h in history)
+        wall = f"{m['seconds']:,.0f}" if "seconds" in m else "-"  # every sitting's wall time, scoring included
         lines.append(f"| {os.path.basename(os.path.dirname(os.path.abspath(path)))} | {method} | "
                      f"{variant(config) if m['stage'] == 'cie' else '-'} | {config.get('seed')} | {history[0]['rows']:,} | "
-                     f"{' / '.join(str(h['step']) for h in history)} | {aucs} | {best['auc']:.4f} at {best['step']} |")
+                     f"{' / '.join(str(h['step']) for h in history)} | {aucs} | {best['auc']:.4f} at {best['step']} | "
+                     f"{wall} |")
     return "\n".join(lines)
 
 

@@ -142,14 +142,19 @@ def test_curves_tabulate_each_scoring_with_the_best_in_bold(tmp_path, capsys):
     run, m = fake_run(tmp_path / "cie-x", history_steps=(125, 250, 375))
     for h, auc in zip(m["history"], (0.625, 0.9, 0.875)):  # the best scoring is the middle one, not the last
         h.update(auc=auc, rows=1000)
-    m.update(stage="cie", config={"rec": "mf", "tune_rec": True, "rec_ckpt": "runs/mf/model.pt", "seed": 7})
+    m.update(stage="cie", config={"rec": "mf", "tune_rec": True, "rec_ckpt": "runs/mf/model.pt", "seed": 7},
+             seconds=1234.5)
     (run / "metrics.json").write_text(json.dumps(m))
     metrics.main(["--curves", str(run)])
     row = capsys.readouterr().out.splitlines()[-1]
     assert row == ("| cie-x | CoLLM-MF | tune-rec | 7 | 1,000 | 125 / 250 / 375 | 0.6250 / **0.9000** / 0.8750 "
-                   "| 0.9000 at 250 |")
+                   "| 0.9000 at 250 | 1,234 |")
     (tmp_path / "mf").mkdir()
     (tmp_path / "mf" / "metrics.json").write_text(json.dumps({"config": {"model": "mf"}, "test": {}}))
+    del m["seconds"]  # a run older than the wall-time record
+    (run / "metrics.json").write_text(json.dumps(m))
+    metrics.main(["--curves", str(run)])
+    assert capsys.readouterr().out.splitlines()[-1].endswith("| 0.9000 at 250 | - |")
     with pytest.raises(data.UsageError, match="--curves .*mf.*only train.py runs"):  # collab.py: no history
         metrics.main(["--curves", str(tmp_path / "mf")])
 
