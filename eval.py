@@ -550,6 +550,15 @@ def variant(config):
     return name + ("+tune-lora" if config.get("tune_lora") else "")
 
 
+def llm_run_kind(m):
+    """train.py's metrics.json -> (method, variant): stage 1 is TALLRec, stage 2 CoLLM-<its
+    collaborative model> with the variant its switches name."""
+    config = m["config"]
+    if m["stage"] == "lora":
+        return "TALLRec", "-"
+    return f"CoLLM-{REC_NAMES[config['rec']]}", variant(config)
+
+
 def result_row(run):
     """A run folder (train.py's or collab.py's) -> one results row: what the table prints and what
     --json keeps."""
@@ -558,9 +567,9 @@ def result_row(run):
     try:
         config = m["config"]
         if "stage" in m:  # train.py: stage 1 is TALLRec, stage 2 CoLLM with its collaborative model
-            method = "TALLRec" if m["stage"] == "lora" else f"CoLLM-{REC_NAMES[config['rec']]}"
+            method, kind = llm_run_kind(m)
             llm, rec = m["llm"], (config["rec"] if m["stage"] == "cie" else None)
-            kind, stage1 = (variant(config), config.get("ckpt")) if m["stage"] == "cie" else ("-", None)
+            stage1 = config.get("ckpt") if m["stage"] == "cie" else None
         else:  # collab.py
             method, llm, rec, kind, stage1 = REC_NAMES[config["model"]], "-", config["model"], "-", None
         t, w, c = m["test"], m["test_warm"], m["test_cold"]
@@ -643,16 +652,16 @@ def curves_table(run_dirs):
     for run in run_dirs:
         path, m = read_metrics(run, "--curves")
         history, config = m.get("history"), m.get("config", {})
-        if not history or "stage" not in m:
+        if not history or "stage" not in m or "config" not in m:
             raise UsageError(f"--curves {path}: no valid history (history) in it: only train.py runs have one")
-        method = "TALLRec" if m["stage"] == "lora" else f"CoLLM-{REC_NAMES[config['rec']]}"
+        method, kind = llm_run_kind(m)
         best = max(history, key=lambda h: h["auc"])
         aucs = " / ".join(f"**{h['auc']:.4f}**" if h is best else f"{h['auc']:.4f}" for h in history)
+        rows = f"{history[0]['rows']:,}" if "rows" in history[0] else "-"  # older runs did not record it
         wall = f"{m['seconds']:,.0f}" if "seconds" in m else "-"  # every sitting's wall time, scoring included
-        lines.append(f"| {os.path.basename(os.path.dirname(os.path.abspath(path)))} | {method} | "
-                     f"{variant(config) if m['stage'] == 'cie' else '-'} | {config.get('seed')} | {history[0]['rows']:,} | "
-                     f"{' / '.join(str(h['step']) for h in history)} | {aucs} | {best['auc']:.4f} at {best['step']} | "
-                     f"{wall} |")
+        lines.append(f"| {os.path.basename(os.path.dirname(os.path.abspath(path)))} | {method} | {kind} | "
+                     f"{config.get('seed')} | {rows} | {' / '.join(str(h['step']) for h in history)} | {aucs} | "
+                     f"{best['auc']:.4f} at {best['step']} | {wall} |")
     return "\n".join(lines)
 
 
@@ -694,9 +703,10 @@ def plot_runs(run_dirs, out):
 
 def main(argv=None):
     import argparse
-    p = argparse.ArgumentParser(description="Tabulate finished runs (--table), their valid AUC "
-                                            "at each scoring (--curves) or draw their learning curves (--plot). Scoring a checkpoint needs the model rebuilt, which is the "
-                                            "training loop's knowledge: python train.py --evaluate --ckpt ...")
+    p = argparse.ArgumentParser(description="Tabulate finished runs (--table), their valid AUC at each scoring "
+                                            "(--curves) or draw their learning curves (--plot). Scoring a checkpoint "
+                                            "needs the model rebuilt, which is the training loop's knowledge: "
+                                            "python train.py --evaluate --ckpt ...")
     p.add_argument("--table", nargs="+", metavar="RUN_DIR",
                    help="print a Markdown results table of these train.py / collab.py output folders (their "
                         "metrics.json), with the paper's ML-1M numbers beside them")
