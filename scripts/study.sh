@@ -23,10 +23,10 @@ QUEUE='
 1 mf-s2024              --rec mf --rec-ckpt runs/mf/model.pt --seed 2024
 0 lightgcn              --rec lightgcn --rec-ckpt runs/lightgcn/model.pt
 0 lightgcn-s2024        --rec lightgcn --rec-ckpt runs/lightgcn/model.pt --seed 2024
+1 din-tune-lora         --rec din --rec-ckpt runs/din/model.pt --tune-lora
+1 sasrec-tune-rec       --rec sasrec --rec-ckpt runs/sasrec/model.pt --tune-rec
 1 lightgcn-tune-rec     --rec lightgcn --rec-ckpt runs/lightgcn/model.pt --tune-rec
-0 sasrec-tune-rec       --rec sasrec --rec-ckpt runs/sasrec/model.pt --tune-rec
-1 mf-tune-rec-scratch   --rec mf --tune-rec
-0 din-tune-lora         --rec din --rec-ckpt runs/din/model.pt --tune-lora
+0 mf-tune-rec-scratch   --rec mf --tune-rec
 '
 # the four collaborative models the runs read (collab.py's defaults, seed 0; one queue trains them,
 # the other waits on the lock)
