@@ -13,7 +13,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 core=$1
 # core  name                 flags (after scripts/stage2.sh's shared ones); mf-s2024 and lightgcn-s2024
-# are the second seed of the setting chosen on valid (frozen: for MF 0.7100 against tune-rec's 0.7072)
+# are the second seed of the setting chosen on valid (frozen: for MF 0.7100 against tune-rec's 0.7072).
+# Not in the queue: sasrec-tune-rec (--rec sasrec --rec-ckpt runs/sasrec/model.pt --tune-rec), stopped
+# after its first scoring (valid 0.5837 against the frozen run's 0.6707 at step 125).
 QUEUE='
 0 din-tune-rec          --rec din --rec-ckpt runs/din/model.pt --tune-rec
 1 mf                    --rec mf --rec-ckpt runs/mf/model.pt
@@ -24,7 +26,10 @@ QUEUE='
 0 lightgcn              --rec lightgcn --rec-ckpt runs/lightgcn/model.pt
 0 lightgcn-s2024        --rec lightgcn --rec-ckpt runs/lightgcn/model.pt --seed 2024
 1 din-tune-lora         --rec din --rec-ckpt runs/din/model.pt --tune-lora
-1 sasrec-tune-rec       --rec sasrec --rec-ckpt runs/sasrec/model.pt --tune-rec
+0 din-lr3e-3            --rec din --rec-ckpt runs/din/model.pt --lr 3e-3
+1 sasrec-tune-lora      --rec sasrec --rec-ckpt runs/sasrec/model.pt --tune-lora
+0 din-1000              --rec din --rec-ckpt runs/din/model.pt --max-steps 1000
+1 sasrec-1000           --rec sasrec --rec-ckpt runs/sasrec/model.pt --max-steps 1000
 1 lightgcn-tune-rec     --rec lightgcn --rec-ckpt runs/lightgcn/model.pt --tune-rec
 0 mf-tune-rec-scratch   --rec mf --tune-rec
 '
