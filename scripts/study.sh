@@ -13,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 core=$1
 # core  name                 flags (after scripts/stage2.sh's shared ones); mf-s2024 and lightgcn-s2024
-# are the second seed of the setting chosen on valid (frozen: for MF 0.7100 against tune-rec's 0.7072).
+# are the second seed of the setting chosen on valid (frozen: for MF 0.7100 against tune-rec's 0.7072);
+# sasrec-tune-lora-s2024 likewise (valid 0.6818 with the LoRA tuned, 0.6816 frozen).
 # Not in the queue: sasrec-tune-rec (--rec sasrec --rec-ckpt runs/sasrec/model.pt --tune-rec), stopped
 # after its first scoring (valid 0.5837 against the frozen run's 0.6707 at step 125).
 QUEUE='
@@ -28,6 +29,7 @@ QUEUE='
 1 din-tune-lora         --rec din --rec-ckpt runs/din/model.pt --tune-lora
 0 din-lr3e-3            --rec din --rec-ckpt runs/din/model.pt --lr 3e-3
 1 sasrec-tune-lora      --rec sasrec --rec-ckpt runs/sasrec/model.pt --tune-lora
+1 sasrec-tune-lora-s2024 --rec sasrec --rec-ckpt runs/sasrec/model.pt --tune-lora --seed 2024
 1 sasrec-lr3e-3         --rec sasrec --rec-ckpt runs/sasrec/model.pt --lr 3e-3
 0 din-1000              --rec din --rec-ckpt runs/din/model.pt --max-steps 1000
 1 sasrec-1000           --rec sasrec --rec-ckpt runs/sasrec/model.pt --max-steps 1000
