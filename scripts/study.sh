@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 core=$1
 # core  name                 flags (after scripts/stage2.sh's shared ones); mf-s2024 and lightgcn-s2024
 # are the second seed of the setting chosen on valid (frozen: for MF 0.7100 against tune-rec's 0.7072);
-# sasrec-tune-lora-s2024 likewise (valid 0.6818 with the LoRA tuned, 0.6816 frozen).
+# sasrec-tune-lora-s2024 likewise (valid 0.6818 with the LoRA tuned, 0.6816 frozen), and din-1000-s2024
+# (1,000 steps: valid 0.7108 at step 500, above every 500-step DIN run).
 # Not in the queue: sasrec-tune-rec (--rec sasrec --rec-ckpt runs/sasrec/model.pt --tune-rec), stopped
 # after its first scoring (valid 0.5837 against the frozen run's 0.6707 at step 125).
 QUEUE='
@@ -30,9 +31,10 @@ QUEUE='
 0 din-lr3e-3            --rec din --rec-ckpt runs/din/model.pt --lr 3e-3
 1 sasrec-tune-lora      --rec sasrec --rec-ckpt runs/sasrec/model.pt --tune-lora
 1 sasrec-tune-lora-s2024 --rec sasrec --rec-ckpt runs/sasrec/model.pt --tune-lora --seed 2024
-1 sasrec-lr3e-3         --rec sasrec --rec-ckpt runs/sasrec/model.pt --lr 3e-3
-0 din-1000              --rec din --rec-ckpt runs/din/model.pt --max-steps 1000
 1 sasrec-1000           --rec sasrec --rec-ckpt runs/sasrec/model.pt --max-steps 1000
+0 din-1000              --rec din --rec-ckpt runs/din/model.pt --max-steps 1000
+0 din-1000-s2024        --rec din --rec-ckpt runs/din/model.pt --max-steps 1000 --seed 2024
+1 sasrec-lr3e-3         --rec sasrec --rec-ckpt runs/sasrec/model.pt --lr 3e-3
 1 lightgcn-tune-rec     --rec lightgcn --rec-ckpt runs/lightgcn/model.pt --tune-rec
 0 mf-tune-rec-scratch   --rec mf --tune-rec
 '
