@@ -570,11 +570,15 @@ def result_row(run):
             method, kind = llm_run_kind(m)
             llm, rec = m["llm"], (config["rec"] if m["stage"] == "cie" else None)
             stage1 = config.get("ckpt") if m["stage"] == "cie" else None
+            # the variant names the switches; the budget and learning rate (the other axes of the
+            # stage-2 study) stand beside it, so two rows of one variant are told apart without --command
+            steps, lr = config["max_steps"], config["lr"]
         else:  # collab.py
             method, llm, rec, kind, stage1 = REC_NAMES[config["model"]], "-", config["model"], "-", None
+            steps, lr = None, config.get("lr")
         t, w, c = m["test"], m["test_warm"], m["test_cold"]
         row = {"name": os.path.basename(os.path.dirname(os.path.abspath(path))), "method": method, "llm": llm,
-               "rec": rec, "variant": kind, "seed": config.get("seed"), "stage1": stage1,
+               "rec": rec, "variant": kind, "max_steps": steps, "lr": lr, "seed": config.get("seed"), "stage1": stage1,
                "samples_seen": m.get("samples_seen"), "test_rows": t["rows"], "test_auc": t["auc"],
                "test_uauc": t["uauc"], "warm_auc": w["auc"], "cold_auc": c["auc"],
                "valid_auc": m.get("valid", {}).get("auc"), "command": m.get("command"), "data": config["data"]}
@@ -599,10 +603,24 @@ def results_table(rows):
 
 def write_results_json(rows, path):
     """--json FILE: the rows as a JSON list; `shipped` says whether a folder of the run's name stands
-    beside FILE (checkpoints/results.json lists every run, and ships some as export folders)."""
+    beside FILE (checkpoints/results.json lists every run, and ships some as export folders).
+    An existing FILE is updated, not replaced: a row of the same name is swapped in place and the rows
+    of other runs stay, since run folders live on one machine and results.json outlives them (a
+    later sitting adds its runs without the earlier ones' folders)."""
     import json
     import os
     here = os.path.dirname(os.path.abspath(path))
+    old = []
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+            assert isinstance(old, list) and all(isinstance(r, dict) and "name" in r for r in old)
+        except (ValueError, AssertionError):
+            raise UsageError(f"--json {path}: not a results list written by eval.py --table --json (move it "
+                             f"aside to start a new one)")
+    new = {r["name"]: r for r in rows}
+    rows = [new.pop(r["name"], r) for r in old] + list(new.values())
     rows = [{**r, "shipped": os.path.isdir(os.path.join(here, r["name"]))} for r in rows]
 
     def dump(tmp):
@@ -717,7 +735,8 @@ def main(argv=None):
                    help="print a Markdown table of these train.py output folders' valid AUC at each scoring "
                         "(their metrics.json history), the best in bold: a study's runs side by side")
     p.add_argument("--json", metavar="FILE", help="--table: also write its rows, with each run's command, "
-                   "variant, seed and valid AUC, to FILE as a JSON list (checkpoints/results.json)")
+                   "variant, budget, lr, seed and valid AUC, to FILE as a JSON list (checkpoints/results.json); "
+                   "an existing FILE keeps its other runs' rows and gets these runs' rows in place of older ones")
     p.add_argument("--out", help="--plot: the picture to write (.png, .pdf, .svg)")
     args = p.parse_args(argv)
     if sum(map(bool, (args.table, args.plot, args.curves))) != 1:

@@ -21,8 +21,8 @@ def read(name):
 
 def test_results_json_lists_every_run_and_ships_what_it_says():
     rows = read("results.json")
-    keys = {"name", "method", "rec", "variant", "seed", "stage1", "test_auc", "test_uauc", "valid_auc", "command",
-            "shipped"}
+    keys = {"name", "method", "rec", "variant", "max_steps", "lr", "seed", "stage1", "test_auc", "test_uauc",
+            "valid_auc", "command", "shipped"}
     assert rows and all(keys <= set(r) for r in rows)
     assert len({r["name"] for r in rows}) == len(rows)
     for r in rows:  # a shipped run is an export folder of its name; the others are not in the repository

@@ -544,12 +544,20 @@ def test_a_history_model_through_train_and_eval(toy_root, lora_run, rec_ckpts, t
     assert res.returncode == 0 and "| cie-din | CoLLM-DIN | tune-rec | tiny |" in res.stdout, res.stderr[-3000:]
     row, = json.load(open(table / "results.json"))
     assert (row["variant"], row["rec"], row["shipped"], row["test_auc"]) == ("tune-rec", "din", False, m["test"]["auc"])
+    assert (row["max_steps"], row["lr"]) == (4, 1e-2)  # the budget and lr beside the variant
     assert row["command"].startswith("python train.py --stage cie") and "--tune-rec" in row["command"]
     again = dataclasses.asdict(train.parse_config(row["command"].split()[2:]))
     assert again == {**m["config"], "resume": None, "pause_at": 0}
     (table / "cie-din").mkdir()  # a folder of the run's name beside results.json: shipped
+    json.dump([{"name": "earlier", "test_auc": 0.7}, row], open(table / "results.json", "w"))
     assert run_python("eval.py", "--table", out, "--json", table / "results.json").returncode == 0
-    assert json.load(open(table / "results.json"))[0]["shipped"] is True
+    earlier, updated = json.load(open(table / "results.json"))  # a run's row is replaced, other runs' rows stay
+    assert earlier["name"] == "earlier" and updated["name"] == "cie-din" and updated["shipped"] is True
+    (table / "results.json").write_text("{}")
+    res = run_python("eval.py", "--table", out, "--json", table / "results.json")
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"error: --json {table / 'results.json'}: not a results list written by eval.py --table --json (move it "
+        "aside to start a new one)"], res.stderr
 
 
 def test_rec_is_read_from_rec_ckpt(toy_root, lora_run, rec_ckpts):
