@@ -31,10 +31,10 @@ QUEUE='
 0 din-lr3e-3            --rec din --rec-ckpt runs/din/model.pt --lr 3e-3
 1 sasrec-tune-lora      --rec sasrec --rec-ckpt runs/sasrec/model.pt --tune-lora
 1 sasrec-tune-lora-s2024 --rec sasrec --rec-ckpt runs/sasrec/model.pt --tune-lora --seed 2024
-1 sasrec-1000           --rec sasrec --rec-ckpt runs/sasrec/model.pt --max-steps 1000
 0 din-1000              --rec din --rec-ckpt runs/din/model.pt --max-steps 1000
-0 din-1000-s2024        --rec din --rec-ckpt runs/din/model.pt --max-steps 1000 --seed 2024
-1 sasrec-lr3e-3         --rec sasrec --rec-ckpt runs/sasrec/model.pt --lr 3e-3
+1 din-1000-s2024        --rec din --rec-ckpt runs/din/model.pt --max-steps 1000 --seed 2024
+0 sasrec-lr3e-3         --rec sasrec --rec-ckpt runs/sasrec/model.pt --lr 3e-3
+0 sasrec-1000           --rec sasrec --rec-ckpt runs/sasrec/model.pt --max-steps 1000
 1 lightgcn-tune-rec     --rec lightgcn --rec-ckpt runs/lightgcn/model.pt --tune-rec
 0 mf-tune-rec-scratch   --rec mf --tune-rec
 '
