@@ -615,8 +615,9 @@ def write_results_json(rows, path):
         try:
             with open(path) as f:
                 old = json.load(f)
-            assert isinstance(old, list) and all(isinstance(r, dict) and "name" in r for r in old)
-        except (ValueError, AssertionError):
+        except ValueError:  # not JSON (or cut short)
+            old = None
+        if not (isinstance(old, list) and all(isinstance(r, dict) and "name" in r for r in old)):
             raise UsageError(f"--json {path}: not a results list written by eval.py --table --json (move it "
                              f"aside to start a new one)")
     new = {r["name"]: r for r in rows}

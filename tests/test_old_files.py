@@ -12,6 +12,7 @@ import shutil
 import pytest
 import torch
 
+import backbone
 import checkpoint
 from conftest import ROOT, run_python, toy_frames, write_dataset
 
@@ -27,7 +28,7 @@ def cpu_vendor():
     """GenuineIntel, AuthenticAMD, ...: MKL and oneDNN take other code paths on AMD than on Intel at
     the same capability (AVX512 on both), so fp32 results agree only to rounding across vendors."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(backbone.CPUINFO) as f:
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")),
                         platform.processor())
     except OSError:  # not Linux
