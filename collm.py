@@ -52,6 +52,10 @@ def add_lora(llm, r=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"), top
 # ---------------------------------------------------------------------------------------------
 # The model
 
+# The decoders whose forward backbone.decode_after_prefix repeats step by step (config.model_type);
+# any other LLM runs every prompt in one call: the same numbers, more compute.
+PREFIX_DECODERS = ("llama", "qwen2", "gemma3_text")
+
 
 class CoLLM(nn.Module):
     """LLM (+LoRA) scoring Yes, optionally with collaborative embeddings in two prompt slots.
@@ -141,7 +145,7 @@ class CoLLM(nn.Module):
     def shares_prefixes(self):
         """Whether prompt prefixes may run apart: on unless bench.py turned it off, and only for the
         decoders whose forward decode_after_prefix repeats (others run every prompt in one call)."""
-        return self.prefix_cache and self.llm.get_base_model().config.model_type in ("llama", "qwen2")
+        return self.prefix_cache and self.llm.get_base_model().config.model_type in PREFIX_DECODERS
 
     def prefix_split(self, slots, shared):
         """-> p, the number of leading positions to run first without gradients (0 = one call)."""

@@ -73,9 +73,10 @@ class Config:
     each checkpoint saves them all, which --resume and --evaluate rebuild the run from."""
     stage: str = opt("lora", "lora: stage 1, LoRA on text-only prompts (TALLRec); cie: stage 2, the projector",
                      choices=("lora", "cie"))
-    llm: str = opt("smollm2-135m", "tiny | smollm2-135m | a model folder | a hub id (e.g. lmsys/vicuna-7b-v1.3) | "
-                                   "random:vicuna-7b, random:qwen2-1.5b, random:smollm2-135m (the real shapes with "
-                                   "random weights: speed and memory only)")
+    llm: str = opt("smollm2-135m", "smollm2-135m | gemma3-270m (real LLMs from pip packages, README) | tiny | "
+                                   "tiny-gemma3 (tests) | a model folder | a hub id (e.g. lmsys/vicuna-7b-v1.3) | "
+                                   "random:vicuna-7b, random:qwen2-1.5b, random:smollm2-135m, random:gemma3-270m (the "
+                                   "real shapes with random weights: speed and memory only)")
     data: str = opt(*DATA_FLAGS["data"])
     data_root: str = opt(*DATA_FLAGS["data_root"])
     template: str = opt(None, "prompt template file (default prompts/<domain>_<text|collm>.txt)")

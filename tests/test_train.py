@@ -986,3 +986,72 @@ def test_explicit_bf16_runs_but_warns_only_without_bf16_units(monkeypatch, capsy
     assert (dtype, name, reason) == (torch.bfloat16, "bf16", "set by --dtype")  # the user's choice stands
     out = capsys.readouterr().out
     assert ("warning: --dtype bf16" in out and "500x slower" in out) is (not units)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemma 3 (--llm gemma3-270m): local sliding-window layers and global layers with two rotary bases.
+# The tiny one's window (24 tokens) is shorter than the toy prompts, so the shared-prefix path must
+# build the sliding-window mask itself to match one call.
+
+
+def test_tiny_gemma3_shared_prefix_scores_and_gradients_equal_one_call(toy_root):
+    tok = backbone.tiny_tokenizer()
+    ds = data.load_dataset("toy", toy_root)
+    llm = collm.add_lora(backbone.tiny_llm(tok, "gemma3"), dropout=0.0)
+    model = collm.CoLLM(llm, collm.yes_token_id(tok), collab.MF(ds.user_num, ds.item_num, dim=16))
+    window = llm.get_base_model().config.sliding_window
+    for rows in ([0, 5, 9, 13], [20, 21, 40, 77]):
+        batch = one_batch(ds, tok, "collm", rows=rows)
+        assert batch["input_ids"].shape[1] > 2 * window and int(batch["slots"][:, 0].min()) > window
+        results = []
+        for cached in (True, False):  # stage 2: the prefix before the first slot runs without gradients
+            model.prefix_cache = cached
+            model.zero_grad()
+            score = model(**batch)
+            F.binary_cross_entropy_with_logits(score, batch["label"]).backward()
+            results.append((score.detach(), [p.grad.clone() for p in model.proj.parameters()]))
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(results[0][1], results[1][1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        with torch.no_grad():  # scoring: every row's shared prefix once, then one user's catalog
+            model.prefix_cache = True
+            shared = model(**batch)
+            model.prefix_cache = False
+            whole = model(**batch)
+            torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-5)
+    # one user's catalog: a prefix run once (run_prefix), every row continuing it (decode_rest)
+    train = ds.splits["train"]
+    groups = {}
+    for r in range(len(train)):  # rows of one user with one history: the same prompt up to the target title
+        groups.setdefault((int(train.uid[r]), tuple(train.history(r)[-data.MAX_TITLES:])), []).append(r)
+    rows = max(groups.values(), key=len)[:4]
+    assert len(rows) >= 2
+    batch = one_batch(ds, tok, "collm", rows=rows)
+    p = int(batch["shared"].min())
+    assert p > window
+    with torch.no_grad():
+        model.prefix_cache = False
+        whole = model(**batch)
+        prefix = model.run_prefix(batch, p, batch["uid"], batch["iid"], batch.get("his"))
+        torch.testing.assert_close(model(**batch, prefix=prefix), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_gemma3_runs_both_stages(toy_root, mf_ckpt, tmp_path):
+    """train.py with --llm tiny-gemma3 runs stage 1, then stage 2 on it; and each stage's trainable
+    set (LoRA; the projector) can fit one batch of Gemma 3 prompts."""
+    tiny = ["tiny-gemma3" if a == "tiny" else a for a in TINY]
+    res = run_python("train.py", "--stage", "lora", *tiny, "--data", "toy", "--data-root", toy_root,
+                     "--out", tmp_path / "lora", "--max-steps", 10, "--eval-every", 10)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_python("train.py", "--stage", "cie", *tiny, "--data", "toy", "--data-root", toy_root,
+                     "--ckpt", tmp_path / "lora" / "best.pt", "--rec-ckpt", mf_ckpt, "--out", tmp_path / "cie",
+                     "--max-steps", 10, "--eval-every", 10)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.load(open(tmp_path / "cie" / "metrics.json"))["test"]["rows"] > 0
+    ds = data.load_dataset("toy", toy_root)
+    for stage in ("lora", "cie"):
+        extra = dict(ckpt=str(tmp_path / "lora" / "best.pt"), rec_ckpt=mf_ckpt) if stage == "cie" else {}
+        cfg = cfg_for(toy_root, llm="tiny-gemma3", stage=stage, lora_dropout=0.0, **extra)
+        model, tok = checkpoint.build_model(cfg, ds, None)
+        losses = fit(model, one_batch(ds, tok, "text" if stage == "lora" else "collm"), lr=1e-2, steps=40)
+        assert losses[-1] < 0.5 * losses[0], (stage, losses)
