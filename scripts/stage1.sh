@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One stage-1 (TALLRec) run of the backbone probe on ONE CPU core, continuing where an earlier sitting
+# stopped (issue: a stronger LLM half; docs/RESULTS.md: the backbone probe).
+#
+#   scripts/stage1.sh CORE NAME [train.py flags]   e.g.
+#   scripts/stage1.sh 0 lora-gemma3 --llm gemma3-270m                    # the shipped recipe
+#   scripts/stage1.sh 1 lora-gemma3-pass --llm gemma3-270m --max-steps 4237   # one whole pass
+#
+# The run goes to runs/NAME (log: runs/NAME.log), pinned to core CORE with one thread (two runs side by
+# side finish sooner than one run on both cores). If runs/NAME/last.pt exists the run is resumed with the
+# flags it started with, so the same line starts a run and continues it in a later sitting. Valid AUC on
+# the first 1,000 valid_small rows every 250 steps (2,000 samples), as the shipped SmolLM2 stage 1 was
+# measured; 16 test rows at the end (the chosen run is scored on the whole test split afterwards).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+core=$1 name=$2
+shift 2
+out=runs/$name
+if [ -f "$out/last.pt" ]; then
+  args=(--resume "$out")
+else
+  args=(--stage lora --test-rows 16 --out "$out" "$@")
+fi
+mkdir -p runs
+echo "$(date -u +%FT%TZ) python train.py ${args[*]}" >> "runs/$name.log"
+OMP_NUM_THREADS=1 exec taskset -c "$core" python train.py "${args[@]}" >> "runs/$name.log" 2>&1
