@@ -1,6 +1,6 @@
 """collab.py: the collaborative models CoLLM borrows its user/item embeddings from (paper section 4.2).
 
-Chapter four. Four recommenders of the paper's Table II and a popularity anchor, each trained alone
+Chapter three. Four recommenders of the paper's Table II and a popularity anchor, each trained alone
 on the same pointwise task as the LLM (label = liked or not, binary cross-entropy on one logit per
 row), with Adam + L2 weight decay and early stopping on the FULL valid AUC:
   - MF: one learned vector per user and per item; score = their dot product.
@@ -39,18 +39,16 @@ from tqdm import tqdm
 
 import data
 import eval as metrics  # our eval.py, by what it holds (a plain `import eval` would hide the builtin)
-import prepare
+from data import UsageError
 
-# The best valid AUC of a small grid per model on ML-1M, with unseen="mean" (below); the grids, their
-# commands and their numbers are in docs/RESULTS.md. For MF the best is the reference's own setting.
+# Each model class owns its `defaults`: the settings of its constructor and of its training (TRAINING
+# below), chosen as the best valid AUC of a small grid per model on ML-1M with unseen="mean" (the
+# grids, their commands and numbers are in docs/RESULTS.md; for MF the best is the reference's own).
 # Weight decay is the knob that matters: too strong and the model stops learning, too weak and it
-# overfits. DIN and SASRec peak within a few epochs and then only overfit, and an epoch of SASRec
-# costs many of MF, so their patience is 10 instead of 50. SASRec keeps the paper's dropout 0.2.
-DEFAULTS = {"mf": dict(dim=256, lr=1e-3, wd=1e-4),
-            "lightgcn": dict(dim=64, lr=3e-3, wd=1e-5, layers=2),
-            "sasrec": dict(dim=64, lr=3e-3, wd=1e-2, dropout=0.2, patience=10),
-            "din": dict(dim=64, lr=1e-3, wd=1e-4, dropout=0.0, patience=10),
-            "pop": dict(prior=3.0)}
+# overfits. A setting given per domain ({"movie": .., "book": ..}) follows the dataset (history
+# lengths: the reference's). A new model is a class with `name`, `defaults`, `dim`, `his_len`,
+# `embed` and `forward`, and one line in MODELS below.
+TRAINING = ("lr", "wd", "patience")  # the defaults train_rec reads; every other one goes to the constructor
 INIT_STD = 0.1  # N(0, 0.1) init (LightGCN's); nn.Embedding's N(0, 1) makes d=256 dot products ~16 at step 0
 
 # An id with no train rows never gets a gradient from the data, only from the weight decay, which
@@ -101,9 +99,10 @@ def frozen_once(model, compute):
 class MF(nn.Module):
     """Matrix factorisation: logit(u, i) = <U[u], I[i]>. CoLLM uses the tables as they are
     (bar the unseen rows)."""
-    his_len = 0
+    name, his_len = "MF", 0
+    defaults = dict(dim=256, lr=1e-3, wd=1e-4, patience=50)
 
-    def __init__(self, user_num, item_num, dim=256, seen=None):
+    def __init__(self, user_num, item_num, seen=None, edges=None, dim=256):
         super().__init__()
         self.dim, self.settings = dim, dict(dim=dim)
         self.user = nn.Embedding(user_num, dim, padding_idx=0)  # row 0 = padding, stays zero
@@ -145,9 +144,10 @@ class LightGCN(nn.Module):
 
     No weights or nonlinearities between layers: propagation only averages neighbours, so E0 are the
     only parameters. The train edges are a buffer, so the checkpoint carries the graph with it."""
-    his_len = 0
+    name, his_len = "LightGCN", 0
+    defaults = dict(dim=64, layers=2, lr=3e-3, wd=1e-5, patience=50)
 
-    def __init__(self, user_num, item_num, edges, dim=64, layers=2, seen=None):
+    def __init__(self, user_num, item_num, seen=None, edges=None, dim=64, layers=2):
         super().__init__()
         self.dim, self.layers, self.user_num, self.item_num = dim, layers, user_num, item_num
         self.settings = dict(dim=dim, layers=layers)
@@ -221,9 +221,13 @@ class SASRec(nn.Module):
 
     Empty history (a user's first rows): every position is padding; each position may always read
     itself, so the last one still has an output: the blocks applied to a zero input, one learned
-    "no history yet" vector shared by all such rows (no NaN from a softmax over nothing)."""
+    "no history yet" vector shared by all such rows (no NaN from a softmax over nothing).
+    It peaks within a few epochs and then only overfits, and an epoch costs many of MF's: patience 10.
+    Dropout 0.2 is the paper's."""
+    name = "SASRec"
+    defaults = dict(dim=64, his_len={"movie": 25, "book": 20}, blocks=2, dropout=0.2, lr=3e-3, wd=1e-2, patience=10)
 
-    def __init__(self, user_num, item_num, dim=64, his_len=25, blocks=2, dropout=0.2, seen=None):
+    def __init__(self, user_num, item_num, seen=None, edges=None, dim=64, his_len=25, blocks=2, dropout=0.2):
         super().__init__()
         self.dim, self.his_len = dim, his_len
         self.settings = dict(dim=dim, his_len=his_len, blocks=blocks, dropout=dropout)
@@ -291,9 +295,12 @@ class DIN(nn.Module):
     no activation after 16). The weights are NOT softmax-normalised (DIN keeps the sum's size as a
     signal of how much of the history matches); padding gets weight 0. An empty history pools to zero.
     For CoLLM: user slot = the merged vector [q, pooled, u] (3 * dim), item slot = [q, q, q], so one
-    projector of width 3 * dim serves both (the reference's `all_encode` / `item_encoder`)."""
+    projector of width 3 * dim serves both (the reference's `all_encode` / `item_encoder`). Like
+    SASRec it peaks within a few epochs: patience 10."""
+    name = "DIN"
+    defaults = dict(dim=64, his_len={"movie": 10, "book": 10}, dropout=0.0, lr=1e-3, wd=1e-4, patience=10)
 
-    def __init__(self, user_num, item_num, dim=64, his_len=10, dropout=0.2, seen=None):
+    def __init__(self, user_num, item_num, seen=None, edges=None, dim=64, his_len=10, dropout=0.2):
         super().__init__()
         self.dim, self.his_len = 3 * dim, his_len  # `dim` = what CoLLM's projector receives
         self.settings = dict(dim=dim, his_len=his_len, dropout=dropout)
@@ -328,9 +335,10 @@ class Pop(nn.Module):
     (positives_i + prior * global) / (rows_i + prior). An item with no train rows gets the global
     rate. The same score for every user: UAUC still ranks a user's items by how liked they are in
     general, the bar any personalised model has to clear. No embeddings, so CoLLM cannot use it."""
-    his_len, dim = 0, 0
+    name, his_len, dim = "Pop", 0, 0
+    defaults = dict(prior=3.0)
 
-    def __init__(self, user_num, item_num, prior=10.0):
+    def __init__(self, user_num, item_num, seen=None, edges=None, prior=3.0):
         super().__init__()
         self.settings = dict(prior=prior)
         self.user_num, self.prior = user_num, prior
@@ -348,20 +356,24 @@ class Pop(nn.Module):
         return self.logit[iid]  # (B,)
 
 
+# The model table: --model / --rec NAME -> its class. Checkpoints, results tables and the CLI read it.
 MODELS = {"mf": MF, "lightgcn": LightGCN, "sasrec": SASRec, "din": DIN, "pop": Pop}
-HIS_LEN = {"sasrec": {"movie": 25, "book": 20}, "din": {"movie": 10, "book": 10}}  # reference settings
 
 
-def build_model(name, user_num, item_num, dim, layers, edges, seen=None, **settings):
-    """The one place that knows each constructor's arguments (train_rec and load_rec share it).
-    `settings`: his_len, blocks, dropout (SASRec, DIN), prior (pop); None means the default."""
-    settings = {k: v for k, v in settings.items() if v is not None}
-    if name == "pop":
-        return Pop(user_num, item_num, **{k: v for k, v in settings.items() if k == "prior"})
-    extra = dict(edges=edges, layers=layers) if name == "lightgcn" else {}
-    keys = {"sasrec": ("his_len", "blocks", "dropout"), "din": ("his_len", "dropout")}.get(name, ())
-    extra.update({k: v for k, v in settings.items() if k in keys})
-    return MODELS[name](user_num, item_num, dim=dim, seen=seen, **extra)
+def settings_for(name, domain="movie", **given):
+    """A model's defaults (the domain's value where one is given per domain) with the `given` ones
+    that are not None in their place: both its constructor's settings and its training's."""
+    cfg = {k: v[domain] if isinstance(v, dict) else v for k, v in MODELS[name].defaults.items()}
+    cfg.update({k: v for k, v in given.items() if v is not None and k in cfg})
+    return cfg
+
+
+def build_model(name, user_num, item_num, seen=None, edges=None, domain="movie", **given):
+    """A fresh model `name` with its default settings, those in `given` replacing them (train_rec,
+    load_rec and CoLLM's --tune-rec from scratch all build through here). `given` may hold more
+    (a checkpoint's whole config): only the model's own settings are read."""
+    settings = {k: v for k, v in settings_for(name, domain, **given).items() if k not in TRAINING}
+    return MODELS[name](user_num, item_num, seen=seen, edges=edges, **settings)
 
 
 def model_name(model):
@@ -386,11 +398,7 @@ def seen_in_train(ds, unseen="mean"):
 
 def new_rec(name, ds):
     """A freshly initialised model with the default settings (CoLLM's --tune-rec from scratch)."""
-    cfg = dict(DEFAULTS[name])
-    if name in HIS_LEN:
-        cfg["his_len"] = HIS_LEN[name][ds.domain]
-    return build_model(name, ds.user_num, ds.item_num, cfg.pop("dim", None), cfg.pop("layers", None),
-                       train_graph(ds), seen_in_train(ds), **{k: v for k, v in cfg.items() if k not in ("lr", "wd")})
+    return build_model(name, ds.user_num, ds.item_num, seen_in_train(ds), train_graph(ds), ds.domain)
 
 
 def rec_checkpoint(model, run_settings=None):
@@ -409,15 +417,15 @@ def rec_from_checkpoint(ckpt, user_num=None, item_num=None, where="checkpoint"):
     try:
         name, cfg, state = ckpt["model"], ckpt["config"], ckpt["state_dict"]
         have = (cfg["user_num"], cfg["item_num"])
-        settings = {k: cfg.get(k) for k in ("his_len", "blocks", "dropout", "prior")}
-        model = build_model(name, *have, cfg.get("dim"), cfg.get("layers"), state.get("edges"), **settings)
+        settings = {k: v for k, v in cfg.items() if k not in ("user_num", "item_num")}
+        model = build_model(name, *have, edges=state.get("edges"), **settings)
         model.load_state_dict(state)
     except Exception as e:  # a foreign checkpoint, a missing key, tables of other sizes: all mean "not ours"
-        raise prepare.UsageError(f"{where}: not a collab.py checkpoint that fits its own settings "
+        raise UsageError(f"{where}: not a collab.py checkpoint that fits its own settings "
                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     want = (user_num or have[0], item_num or have[1])
     if have != want:  # ids would index the wrong rows (or past the end) without a word
-        raise prepare.UsageError(f"{where}: tables are {have[0]} users x {have[1]} items, expected "
+        raise UsageError(f"{where}: tables are {have[0]} users x {have[1]} items, expected "
                                  f"{want[0]} x {want[1]} (a model trained on another dataset?)")
     return model.eval()
 
@@ -428,9 +436,9 @@ def load_rec(path, user_num=None, item_num=None, fingerprint=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise prepare.UsageError(f"{path}: file not found")
+        raise UsageError(f"{path}: file not found")
     except Exception as e:  # a truncated file, not a torch file
-        raise prepare.UsageError(f"{path}: not a collab.py checkpoint ({type(e).__name__}: {e})")
+        raise UsageError(f"{path}: not a collab.py checkpoint ({type(e).__name__}: {e})")
     model = rec_from_checkpoint(ckpt, user_num, item_num, where=path)
     if fingerprint is not None:
         check_trained_on(ckpt["config"], fingerprint, path)
@@ -450,13 +458,10 @@ def model_in(path):
 def check_trained_on(cfg, fingerprint, path):
     """Same table sizes is not same data: a model trained on another split of equal sizes loads and
     runs, and its embeddings describe other users. model.pt records its split's data.fingerprint
-    (main); a file written before it did still loads, with a warning, as it always did."""
+    (main), checked here."""
     saved = cfg.get("data_fingerprint")
-    if saved is None:
-        print(f"warning: {path} records no fingerprint of the split it was trained on (written by an older "
-              f"collab.py): not checked against this data", flush=True)
-    elif saved != fingerprint:
-        raise prepare.UsageError(f"{path}: trained on another split (--data {cfg.get('data')}, fingerprint {saved}) "
+    if saved != fingerprint:
+        raise UsageError(f"{path}: trained on another split (--data {cfg.get('data')}, fingerprint {saved}) "
                                  f"than this one (fingerprint {fingerprint}); train it on this data with collab.py")
 
 
@@ -471,7 +476,7 @@ def history(split, model, rows=None):
     his = data.padded_history(split, model.his_len, rows)
     n_items = model.item_seen.numel()
     if his.size and his.max() >= n_items:  # an embedding lookup would fail with an IndexError traceback
-        raise prepare.UsageError(f"history item id {his.max()} is beyond the model's item table ({n_items} items)")
+        raise UsageError(f"history item id {his.max()} is beyond the model's item table ({n_items} items)")
     return torch.from_numpy(his)
 
 
@@ -490,28 +495,19 @@ def final_metrics(model, valid, test):
     return metrics.metrics_block(metrics.report(valid, score(model, valid))["all"], metrics.report(test, score(model, test)))
 
 
-def settings_for(model_name, ds, dim=None, lr=None, wd=None, layers=None, dropout=None, prior=None):
-    """DEFAULTS[model] with the given overrides, and the history length the dataset's domain calls for."""
-    cfg = dict(DEFAULTS[model_name])
-    cfg.update({k: v for k, v in dict(dim=dim, lr=lr, wd=wd, layers=layers, dropout=dropout, prior=prior).items()
-                if v is not None})
-    if model_name in HIS_LEN:
-        cfg["his_len"] = HIS_LEN[model_name].get(ds.domain, 10)
-    return cfg
-
-
 def train_rec(ds, model_name, dim=None, lr=None, wd=None, batch_size=1024, epochs=300, patience=None,
               seed=0, layers=None, unseen="mean", progress=True, dropout=None, prior=None):
     """Train one model on ds (a data.Dataset) -> (model with the best-valid-AUC weights, metrics dict)."""
-    cfg = settings_for(model_name, ds, dim, lr, wd, layers, dropout, prior)
-    cfg.update(model=model_name, batch_size=batch_size, epochs=epochs, patience=patience or cfg.get("patience", 50),
-               seed=seed, unseen=unseen, user_num=ds.user_num, item_num=ds.item_num)
+    cfg = settings_for(model_name, ds.domain, dim=dim, lr=lr, wd=wd, layers=layers, dropout=dropout, prior=prior,
+                       patience=patience)
+    settings = dict(cfg)  # the model's own, before the run's settings join them
+    cfg.update(model=model_name, batch_size=batch_size, epochs=epochs, seed=seed, unseen=unseen,
+               user_num=ds.user_num, item_num=ds.item_num)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)  # the epoch shuffles; torch's generator only draws the init
     tr, va, te = ds.splits["train"], ds.splits["valid"], ds.splits["test"]
-    settings = {k: cfg.get(k) for k in ("his_len", "dropout", "prior")}
-    model = build_model(model_name, ds.user_num, ds.item_num, cfg.get("dim"), cfg.get("layers"), train_graph(ds),
-                        seen_in_train(ds, unseen), **settings)
+    model = build_model(model_name, ds.user_num, ds.item_num, seen_in_train(ds, unseen), train_graph(ds), ds.domain,
+                        **settings)
     start = time.time()
     if model_name == "pop":  # counted, not trained: one pass, nothing to stop early
         model.fit(tr.iid, tr.label).eval()
@@ -571,13 +567,13 @@ def evaluate_main(argv):
     --eval-rows rows of valid_small), so a CoLLM run's valid curve can be read against the model it reads."""
     p = argparse.ArgumentParser(description="Score a trained collaborative model (a model.pt of collab.py) on a split.")
     p.add_argument("--evaluate", required=True, metavar="MODEL_PT", help="the model.pt to score")
-    prepare.add_data_flags(p)
+    data.add_data_flags(p)
     p.add_argument("--split", default="valid_small", choices=("valid_small", "valid", "test"),
                    help="split to score (default valid_small, the one train.py chooses LLM runs on)")
     p.add_argument("--rows", type=int, default=0, help="score only the first N rows (0 = all)")
     args = p.parse_args(argv)
     if args.rows < 0:
-        raise prepare.UsageError(f"--rows {args.rows} must be >= 0 (0 = all)")
+        raise UsageError(f"--rows {args.rows} must be >= 0 (0 = all)")
     ds = data.load_dataset(args.data, args.data_root)
     model = load_rec(args.evaluate, ds.user_num, ds.item_num, data.fingerprint(ds))
     split = ds.splits[args.split]
@@ -594,13 +590,13 @@ def main(argv=None):
     if any(a.split("=")[0] == "--evaluate" for a in argv):  # scoring a saved model, not training one
         return evaluate_main(argv)
 
-    def per_model(key):  # "256 mf, 64 lightgcn, ...": the help text follows DEFAULTS
-        return ", ".join(f"{v[key]:g} {name}" for name, v in DEFAULTS.items() if key in v)
+    def per_model(key):  # "256 mf, 64 lightgcn, ...": the help text follows each model's defaults
+        return ", ".join(f"{settings_for(name)[key]:g} {name}" for name, cls in MODELS.items() if key in cls.defaults)
 
     p = argparse.ArgumentParser(description="Train a collaborative model (MF, LightGCN, SASRec, DIN) or count the "
                                             "popularity baseline on a CoLLM dataset (BCE, early stop on valid AUC).")
     p.add_argument("--model", required=True, choices=sorted(MODELS), help="which collaborative model")
-    prepare.add_data_flags(p)
+    data.add_data_flags(p)
     p.add_argument("--out", required=True, help="output folder for model.pt and metrics.json")
     p.add_argument("--dim", type=int, default=None, help=f"embedding size, for DIN of each of its three tables (default: {per_model('dim')})")
     p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default: {per_model('lr')})")
@@ -608,14 +604,14 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=1024, help="train rows per step (default 1024)")
     p.add_argument("--epochs", type=int, default=300, help="most epochs to train (default 300)")
     p.add_argument("--patience", type=int, default=None,
-                   help="stop after this many epochs without a better valid AUC (default 50; 10 sasrec, din)")
+                   help=f"stop after this many epochs without a better valid AUC (default: {per_model('patience')})")
     p.add_argument("--seed", type=int, default=0, help="seeds the init (torch) and the shuffles (numpy)")
     p.add_argument("--layers", type=int, default=None,
-                   help=f"LightGCN propagation layers (default {DEFAULTS['lightgcn']['layers']})")
+                   help=f"LightGCN propagation layers (default: {per_model('layers')})")
     p.add_argument("--dropout", type=float, default=None,
                    help=f"SASRec / DIN dropout (default: {per_model('dropout')})")
     p.add_argument("--prior", type=float, default=None,
-                   help=f"pop: pseudo-rows of the global rate added to each item's counts (default {DEFAULTS['pop']['prior']:g})")
+                   help=f"pop: pseudo-rows of the global rate added to each item's counts (default: {per_model('prior')})")
     p.add_argument("--unseen", default="mean", choices=UNSEEN,
                    help="how to score a user or item with no train rows: 'mean' (default) uses the mean of the "
                         "trained rows (the average user); 'untouched' keeps its never-trained row, as the reference")
@@ -630,13 +626,12 @@ def main(argv=None):
                  if v is not None and v < 0]
     if args.dropout is not None and not 0 <= args.dropout < 1:
         problems.append(f"--dropout {args.dropout} must be in [0, 1)")
-    for flag, models in (("layers", ("lightgcn",)), ("dropout", ("sasrec", "din")), ("prior", ("pop",)),
-                         ("dim", ("mf", "lightgcn", "sasrec", "din")), ("lr", ("mf", "lightgcn", "sasrec", "din")),
-                         ("wd", ("mf", "lightgcn", "sasrec", "din"))):
-        if getattr(args, flag) is not None and args.model not in models:
+    for flag in ("layers", "dropout", "prior", "dim", "lr", "wd", "patience"):  # a setting the model does not have
+        if getattr(args, flag) is not None and flag not in MODELS[args.model].defaults:
+            models = [name for name, cls in MODELS.items() if flag in cls.defaults]
             problems.append(f"--{flag} is for {' / '.join(models)} only, not {args.model}")
     if problems:  # report every bad flag at once
-        raise prepare.UsageError("; ".join(problems))
+        raise UsageError("; ".join(problems))
     ds = data.load_dataset(args.data, args.data_root)
     # These models do many tiny ops (a 1024 x 64 batch): one thread is faster than two spin-waiting on
     # each other, most of all beside other jobs. So one thread by default; results are the same either way.
@@ -649,11 +644,11 @@ def main(argv=None):
     finally:  # main() also runs inside other programs (tests): leave their thread count as it was
         torch.set_num_threads(threads)
     m["config"].update(data=ds.name, data_fingerprint=data.fingerprint(ds))  # which split it learned
-    m["command"] = " ".join(["python collab.py", *argv])  # eval.py --table --json puts it beside the numbers
+    m["command"] = " ".join(["python collab.py", *argv])  # tools/results.py --table --json puts it beside the numbers
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "model.pt")
     ckpt = rec_checkpoint(model, m["config"])  # config: every setting of the run, the table sizes first
-    prepare.write_atomic(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
+    data.write_atomic(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
     metrics.write_metrics(os.path.join(args.out, "metrics.json"), m)
     print(f"{args.model}: best epoch {m['best_epoch']}, valid AUC {m['valid']['auc']:.4f}, "
           f"test AUC {m['test']['auc']:.4f} UAUC {m['test']['uauc']:.4f} "
@@ -661,4 +656,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    prepare.cli_main(main)
+    data.cli_main(main)

@@ -1,27 +1,188 @@
 """data.py: splits, prompts, tokens and batches for CoLLM (paper sections 3.1 and 4.1).
 
-Chapter two. The four split pickles that prepare.py finds (or builds) become plain numpy arrays
-(load_dataset), each row becomes the paper's Yes/No prompt (prompt_segments), prompts are tokenised
-once (encode_split) and cut into padded batches (train_batches, collate). Nothing here imports torch
-models or the LLM.
+Chapter one. The authors' four split pickles become plain numpy arrays (load_dataset), each row
+becomes the paper's Yes/No prompt (prompt_segments), prompts are tokenised once (encode_split) and cut
+into padded batches (train_batches, collate). Nothing here imports torch models or the LLM. It also
+holds the two things every later chapter shares: the error type a CLI prints as one `error:` line
+(UsageError), and the atomic writer everything kept on disk goes through (write_atomic).
 
-    python data.py --data ml-1m --stats                           # split sizes, positive rates, cold shares
-    python data.py --data ml-1m --split test --show 5 --prompt collm   # row 5's prompt text
-    python data.py --data amazon-book --stats                     # the paper's second dataset
+    python tools/prepare.py --data ml-1m --stats                  # split sizes, positive rates, cold shares
+    python tools/prepare.py --data ml-1m --show 5 --prompt collm  # test row 5's prompt text
+
+Where a split is read from (`--data NAME_OR_DIR`, root = `--data-root`, else $COLLM_DATA, else ./data):
+  1. `<root>/<name>/{train,valid,test,valid_small}_ood2.pkl`: the authors' pickles;
+  2. `<root>/<name>.zip` holding those pickles (the released ml-1m.zip), read in place, never unpacked,
+     so a read-only data folder works;
+  3. the pickles that `python tools/prepare.py --data NAME` built from raw files in `<root>/<name>/`
+     (GroupLens ratings.dat + movies.dat; Amazon 2018 Books_5.json.gz + meta_Books.json.gz) by the
+     authors' rules, kept in a cache ($COLLM_CACHE, else ~/.cache/collm) under a name that records
+     the raw files' sizes and times, so a changed raw file is never silently ignored.
+tools/prepare.py also downloads what is missing; this chapter never touches the network.
 """
-import argparse
 import hashlib
 import io
 import os
 import re
+import shutil
+import sys
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 
-from prepare import SPLITS, UsageError, add_data_flags, cli_main, data_root, find_split_files
-
+SPLITS = ("train", "valid", "test", "valid_small")
 COLUMNS = ("uid", "iid", "label", "his", "his_title", "title", "not_cold")
 PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+# The datasets tools/prepare.py can build from raw files, and the files each needs
+RAW_FILES = {"ml-1m": ("ratings.dat", "movies.dat"), "amazon-book": ("Books_5.json.gz", "meta_Books.json.gz")}
+BUILD_VERSION = 2  # part of a build's cache name: bump it when a builder's output changes
+
+# ---------------------------------------------------------------------------------------------
+# What every chapter shares: the one error type, the dataset flags, atomic writes
+
+
+class UsageError(Exception):
+    """Bad input from the user (a file, a row, a flag). Every CLI prints it as one `error:` line and
+    exits 2; it is the only exception type this toolkit defines."""
+
+
+def cli_main(main):
+    """Run a CLI `main()` so that a UsageError becomes `error: ...` on stderr and exit status 2."""
+    try:
+        main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def data_root(flag=None):
+    """--data-root, else $COLLM_DATA, else ./data (the rule every CLI shares)."""
+    return flag or os.environ.get("COLLM_DATA") or "data"
+
+# The two flags that choose a dataset, worded once for every CLI (train.py's Config reads them too).
+DATA_FLAGS = {"data": ("ml-1m", "dataset name under the data root, or a dataset folder (default ml-1m)"),
+              "data_root": (None, "folder holding datasets (default $COLLM_DATA, else ./data)")}
+
+
+def add_data_flags(parser):
+    """--data and --data-root on an argparse parser, as DATA_FLAGS says."""
+    for name, (default, help) in DATA_FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), default=default, help=help)
+
+
+def write_atomic(path, write):
+    """write(tmp) creates a file or a folder at a temporary name beside `path`, which is then renamed
+    to `path` in one step: a crash or an error never leaves half a file under the real name, and the
+    temporary is removed whatever happens. The one way this toolkit writes what it keeps (pickles,
+    checkpoints, metrics.json, exports, converted models). An empty folder at `path` is replaced
+    (a rename cannot replace a folder on every system); anything else there makes the rename fail."""
+    tmp = f"{path}.tmp{os.getpid()}"  # the final name in front: torch.save refuses some dot-names
+    remove_stale_temporaries(path)  # what killed earlier writes of the same path left behind
+    try:
+        write(tmp)
+        if os.path.isdir(path) and not os.listdir(path) and os.path.isdir(tmp):
+            os.rmdir(path)
+        os.replace(tmp, path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove_stale_temporaries(path):
+    """Remove `path.tmpPID` files and folders whose writer is gone: a write killed mid-way (kill -9,
+    a power cut) never reaches its `finally`, and without this its temporary stayed forever. A
+    writer is gone when no process on this machine has its id; one with our own id is an earlier
+    write of ours that died the same way (ids are reused). A live writer's temporary is left alone."""
+    folder, base = os.path.split(os.path.abspath(path))
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        m = re.fullmatch(re.escape(base) + r"\.tmp(\d+)", name)
+        if m and (int(m.group(1)) == os.getpid() or not process_alive(int(m.group(1)))):
+            stale = os.path.join(folder, name)
+            if os.path.isdir(stale):  # a folder: an export, a converted model, a split being built
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                os.remove(stale)
+
+
+def process_alive(pid):
+    """True if a process with this id runs on this machine (signal 0 checks without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding a dataset's four pickles: a folder, a zip, or a build of tools/prepare.py in the cache
+
+
+def _pickles_in(folder):
+    """{split: (opener, printable path)} if `folder` holds all four pickles, else None."""
+    files = {s: os.path.join(folder, f"{s}_ood2.pkl") for s in SPLITS}
+    if all(os.path.exists(p) for p in files.values()):
+        return {s: (lambda p=p: open(p, "rb"), p) for s, p in files.items()}
+    return None
+
+
+def _pickles_in_zip(zpath, name):
+    """The same inside a zip, read in place: `<name>/<split>_ood2.pkl`, else the four pickles in the
+    zip's only folder that has them (people zip the book split as `book/`, or with no folder)."""
+    try:
+        zf = zipfile.ZipFile(zpath)
+    except zipfile.BadZipFile:
+        raise UsageError(f"{zpath}: not a zip file")
+    names = set(zf.namelist())
+    folders = sorted({n[:-len(f"{s}_ood2.pkl")] for n in names for s in SPLITS if n.endswith(f"/{s}_ood2.pkl")
+                      or n == f"{s}_ood2.pkl"})  # every folder holding any of the four ("" = the zip's top)
+    complete = [f for f in folders if all(f"{f}{s}_ood2.pkl" in names for s in SPLITS)]
+    folder = f"{name}/" if f"{name}/" in complete else complete[0] if len(complete) == 1 else None
+    if folder is None and folders and not complete:  # some of a split, not all: say which pickle is missing
+        f = f"{name}/" if f"{name}/" in folders else folders[0]
+        missing = [f"{f}{s}_ood2.pkl" for s in SPLITS if f"{f}{s}_ood2.pkl" not in names]
+        have = [f"{f}{s}_ood2.pkl" for s in SPLITS if f"{f}{s}_ood2.pkl" in names]
+        raise UsageError(f"{zpath}: holds {', '.join(have)} but no {', '.join(missing)}; a dataset zip needs all "
+                         f"four pickles")
+    if folder is None:
+        return None
+    inner = {s: f"{folder}{s}_ood2.pkl" for s in SPLITS}
+    return {s: (lambda p=p: zf.open(p), f"{zpath}:{p}") for s, p in inner.items()}
+
+
+def find_split_files(name, root):
+    """-> ({split: (opener, printable path)}, where the split came from, in words), from the first
+    source that has it: pickles, a zip of them, tools/prepare.py's build of the raw files."""
+    folder = name if os.path.isdir(name) else os.path.join(root, name)
+    name = os.path.basename(os.path.normpath(folder))
+    zpath = folder + ".zip"
+    if found := _pickles_in(folder):
+        return found, f"the four pickles in {folder}"
+    if os.path.exists(zpath) and (found := _pickles_in_zip(zpath, name)):
+        return found, f"the four pickles in {zpath}"
+    raw = [os.path.join(folder, f) for f in RAW_FILES.get(name, ())]
+    if raw and all(os.path.exists(p) for p in raw) and (found := _pickles_in(built_folder(name, raw))):
+        return found, f"built by tools/prepare.py from {' + '.join(raw)} (cached in {built_folder(name, raw)})"
+    missing = [p for p in (os.path.join(folder, f"{s}_ood2.pkl") for s in SPLITS) if not os.path.exists(p)]
+    how = f"; python tools/prepare.py --data {name} builds it from raw files or downloads it" if raw else ""
+    raise UsageError(f"--data {name}: no {', '.join(missing)} and no {zpath}{how}")
+
+
+def cache_dir():
+    """$COLLM_CACHE, else ~/.cache/collm: where splits built from raw files are kept."""
+    return os.environ.get("COLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "collm")
+
+
+def built_folder(name, raw):
+    """Where tools/prepare.py keeps the split it built from the raw files `raw`: a cache folder named by
+    a hash of their paths, sizes and modification times (and BUILD_VERSION), so a changed raw file
+    means a new build, and nothing is written beside the raw files."""
+    stamp = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in raw]
+    key = hashlib.sha1(repr((BUILD_VERSION, stamp)).encode()).hexdigest()[:12]
+    return os.path.join(cache_dir(), f"{name}-{key}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,10 +557,6 @@ def collate(enc, split, rows, pad_id, his_len=0):
     return batch
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
 def items_in_data(data):
     """-> (item_num,) bool, True for the ids that occur in the data, as a target or in a history (a
     title cannot tell: an Amazon book may have an empty one)."""
@@ -408,53 +565,3 @@ def items_in_data(data):
         seen[sp.iid] = True
         seen[sp.his_items] = True
     return seen
-
-
-def untitled_items(data):
-    """-> ids of the items in the data whose title is ''. The Amazon-Book notebook keeps books whose
-    metadata has no title (its fillna('')), and so do we: their prompts quote an empty title. Worth
-    knowing before training on them, so --stats says how many."""
-    return [i for i in np.flatnonzero(items_in_data(data)).tolist() if data.titles[i] == ""]
-
-
-def print_stats(data):
-    """--stats: per split, its rows, positive rate, cold and warm shares and history lengths."""
-    print(f"{data.name}: users {data.user_num - 1} (table {data.user_num}), items {data.item_num - 1} "
-          f"(table {data.item_num}), domain {data.domain}")
-    print(f"{'split':<12}{'rows':>8}{'pos rate':>10}{'cold':>8}{'warm':>8}{'his min':>9}{'his mean':>10}{'his max':>9}")
-    for s, sp in data.splits.items():
-        h = np.diff(sp.his_ptr)
-        print(f"{s:<12}{len(sp):>8,}{sp.label.mean():>10.3f}{1 - sp.not_cold.mean():>8.3f}{sp.warm.mean():>8.3f}"
-              f"{h.min():>9}{h.mean():>10.1f}{h.max():>9}")
-    print(f"source: {data.source}")
-    untitled = untitled_items(data)
-    if untitled:
-        print(f"warning: {len(untitled)} items have no title (kept as the authors' notebook keeps them: their prompts "
-              f"quote an empty title \"\"), e.g. item {', '.join(map(str, untitled[:3]))}")
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Inspect a CoLLM dataset: split statistics or one row's prompt.")
-    add_data_flags(p)
-    p.add_argument("--stats", action="store_true", help="print split sizes, positive rates, cold/warm shares, history lengths")
-    p.add_argument("--split", default="test", choices=SPLITS, help="split for --show (default test)")
-    p.add_argument("--show", type=int, default=None, metavar="ROW", help="print the prompt of this row of --split")
-    p.add_argument("--prompt", default="text", choices=("text", "collm"), help="text-only (stage 1) or CoLLM (stage 2) prompt")
-    p.add_argument("--template", default=None, help="a template file to use instead of prompts/<domain>_<prompt>.txt")
-    args = p.parse_args(argv)
-    if args.stats is False and args.show is None:
-        raise UsageError("nothing to do: give --stats and/or --show ROW")
-    data = load_dataset(args.data, args.data_root)
-    if args.stats:
-        print_stats(data)
-    if args.show is not None:
-        template = load_template(data.domain, args.prompt, args.template)
-        sp = data.splits[args.split]
-        if not 0 <= args.show < len(sp):
-            raise UsageError(f"--show {args.show}: {args.split} has rows 0..{len(sp) - 1}")
-        hist = [data.titles[i] for i in sp.history(args.show)]
-        print(render_prompt(prompt_segments(template, hist, data.titles[sp.iid[args.show]])))
-
-
-if __name__ == "__main__":
-    cli_main(main)

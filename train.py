@@ -4,7 +4,7 @@
     python train.py --stage cie --ckpt runs/lora/best.pt \\
                     --rec mf --rec-ckpt runs/mf/model.pt --out runs/cie  # stage 2: the projector ("CIE")
     torchrun --nproc-per-node 8 train.py --stage lora ...               # the same on 8 GPUs (DDP)
-    python train.py --evaluate --ckpt runs/cie/best.pt --split test      # score a saved run (checkpoint.py)
+    python tools/use.py --ckpt runs/cie/best.pt --split test            # score a saved run
 
 Stage 1 trains only the LoRA adapters, on prompts made of titles alone. Stage 2 loads those adapters
 and freezes them, loads a trained collaborative model (collab.py) and freezes it too, and trains only
@@ -21,12 +21,13 @@ without improvement; at the end, the best checkpoint is scored on the test split
 written beside it. Checkpoints hold only the small tensors (LoRA, projector, collaborative model),
 never the LLM, and are written atomically; `--resume DIR` continues a stopped run exactly.
 
-The file reads in the order a run happens: settings (Config), the schedule, the optimizer, then the
-loop in chapters (set_up, train_step, evaluate_and_save, finish, and train() that calls them).
-Devices and precision are backbone.py's; reading checkpoints, building the model for a stage and
-`--evaluate` (score, export or rank with a saved run) are checkpoint.py's.
+Chapter five. The file reads in the order a run happens: settings (Config), devices and precision,
+checkpoints and the model a stage's settings describe (build_model), the schedule, the optimizer,
+then the loop in chapters (set_up, train_step, evaluate_and_save, finish, and train() that calls
+them). Scoring, exporting or ranking with a saved run is tools/use.py's, which builds the model here.
 """
 import argparse
+import json
 import math
 import os
 import sys
@@ -40,14 +41,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import backbone
-import checkpoint
 import collab
 import collm
 import data
 import eval as metrics  # our eval.py, by what it holds (a plain `import eval` would hide the builtin)
-import prepare
-from prepare import UsageError
+from data import UsageError
 
 # ---------------------------------------------------------------------------------------------
 # Settings: one dataclass, and the command line is generated from it (help text lives here)
@@ -57,87 +55,90 @@ def opt(default, help, **kw):
     return field(default=default, metadata=dict(help=help, **kw))
 
 
-DATA_FLAGS = prepare.DATA_FLAGS  # --data and --data-root, worded as every CLI words them
+DATA_FLAGS = data.DATA_FLAGS  # --data and --data-root, worded as every CLI words them
 
 
 # --help shows the settings in these groups, each opening at the field named here (Config's order)
-HELP_GROUPS = {"stage": "the run", "ckpt": "stage 2 (--stage cie): what the projector is trained with",
+HELP_GROUPS = {"stage": "the run: the flags a newcomer sets",
+               "rec": "stage 2's switches (--stage cie)",
                "lora_r": "the LoRA adapters (stage 1 trains them; stage 2 reads their shape from --ckpt)",
-               "batch_size": "optimisation", "eval_every": "evaluation and early stopping",
-               "device": "hardware and speed"}
+               "grad_accum": "optimisation",
+               "eval_split": "evaluation and early stopping",
+               "template": "the rest: prompts, seeds, logs, sittings, memory"}
 
 
 @dataclass
 class Config:
     """Every setting of a run: --help is generated from the fields (their help text lives here), and
-    each checkpoint saves them all, which --resume and --evaluate rebuild the run from."""
+    each checkpoint saves them all, which --resume and tools/use.py rebuild the run from."""
+    # the run: the flags a newcomer sets
     stage: str = opt("lora", "lora: stage 1, LoRA on text-only prompts (TALLRec); cie: stage 2, the projector",
                      choices=("lora", "cie"))
     llm: str = opt("smollm2-135m", "smollm2-135m | gemma3-270m (real LLMs from pip packages, README) | tiny | "
                                    "tiny-gemma3 (tests) | a model folder | a hub id (e.g. lmsys/vicuna-7b-v1.3) | "
                                    "random:vicuna-7b, random:qwen2-1.5b, random:smollm2-135m, random:gemma3-270m (the "
                                    "real shapes with random weights: speed and memory only)")
-    data: str = opt(*DATA_FLAGS["data"])
-    data_root: str = opt(*DATA_FLAGS["data_root"])
-    template: str = opt(None, "prompt template file (default prompts/<domain>_<text|collm>.txt)")
     out: str = opt(None, "output folder for best.pt, last.pt, metrics.json (default runs/<stage>)")
-    seed: int = opt(2023, "seed for initialisation, batch order and dropout")
-    log_every: int = opt(10, "print a log line every N steps")
-    pause_at: int = opt(0, "end this sitting after N steps with last.pt saved; --resume continues (0 = off)")
     resume: str = opt(None, "continue the run saved in this folder (its last.pt and settings)")
-    # stage 2
     ckpt: str = opt(None, "stage 2: the stage-1 checkpoint whose LoRA is loaded (and frozen unless --tune-lora): "
                           "its best.pt, or an --export folder of it such as checkpoints/tallrec-smollm2")
-    rec: str = opt("mf", "stage 2: the collaborative model (default: the one --rec-ckpt holds, else mf)",
-                   choices=tuple(collab.MODELS))
     rec_ckpt: str = opt(None, "stage 2: a collab.py model.pt (frozen unless --tune-rec); the reference's "
                               "pretrained_path")
+    data: str = opt(*DATA_FLAGS["data"])
+    data_root: str = opt(*DATA_FLAGS["data_root"])
+    max_steps: int = opt(1750, "optimizer steps; also the length of the cosine schedule (the defaults are the "
+                               "recipe of the shipped SmolLM2 stage-1 checkpoint, docs/RESULTS.md)")
+    batch_size: int = opt(8, "rows per micro-batch per process (the reference: 16 per GPU)")
+    lr: float = opt(1e-3, "peak learning rate (the reference's ML-1M value for both stages)")
+    eval_every: int = opt(250, "evaluate (and save last.pt) every N steps (the reference: 50, its 'epoch')")
+    device: str = opt("auto", "auto (cuda if available) | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    dtype: str = opt("auto", "compute dtype; auto = what the hardware computes natively: bf16 on GPUs and CPUs "
+                             "with bf16 units (AVX-512 BF16/AMX), fp16 on older GPUs, fp32 on other CPUs",
+                     choices=("auto", "bf16", "fp16", "fp32"))
+    compile: bool = opt(False, "torch.compile each decoder layer (collm.compile_decoder): on CPU faster steps "
+                        "and less activation memory (bench.py --compile measures both), after tens of "
+                        "seconds of compiling")
+    # stage 2's switches (--stage cie)
+    rec: str = opt("mf", "stage 2: the collaborative model (default: the one --rec-ckpt holds, else mf)",
+                   choices=tuple(k for k, m in collab.MODELS.items() if "dim" in m.defaults))  # pop has none
     tune_rec: bool = opt(False, "stage 2: train the collaborative model too, the paper's whole-CIE tuning "
                                 "(section 5.3.2; the reference's freeze_rec: False): from --rec-ckpt, or from "
                                 "scratch without it")
     tune_lora: bool = opt(False, "stage 2: train stage 1's LoRA on too (the reference's freeze_lora: False); the "
                                  "whole prompt then runs with gradients, as in stage 1, so a step costs more")
-    # the adapters
+    # the LoRA adapters (stage 1 trains them; stage 2 reads their shape from --ckpt)
     lora_r: int = opt(8, "LoRA rank (stage 2 takes this and the other --lora-* settings from --ckpt)")
     lora_alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA input")
     lora_targets: str = opt("q_proj,v_proj", "comma-separated module names that get LoRA")
     lora_layers: int = opt(0, "LoRA in the top N decoder layers only; the layers below then run forward-only "
                               "(0 = every layer, the paper's)")
-    calibrate: bool = opt(True, "stage 1: before the first step, shift the score by a constant so that the mean "
-                                "logit on 256 train rows is the logit of the train positive rate (a small LLM's "
-                                "untrained 'Yes' logit is far off, and its first steps would only move it); AUC is "
-                                "unchanged by it, and stage 2 starts from stage 1's shift (--no-calibrate: the "
-                                "reference's start)")
     # optimisation
-    batch_size: int = opt(8, "rows per micro-batch per process (the reference: 16 per GPU)")
     grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch * accum * processes)")
-    lr: float = opt(1e-3, "peak learning rate (the reference's ML-1M value for both stages)")
     min_lr: float = opt(8e-5, "learning rate at the end of the cosine decay")
     warmup_steps: int = opt(50, "linear warmup length in optimizer steps (the reference: 200)")
     warmup_start_lr: float = opt(1e-5, "learning rate at step 0")
     weight_decay: float = opt(1e-3, "AdamW weight decay, on matrices only (not biases)")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
-    max_steps: int = opt(1750, "optimizer steps; also the length of the cosine schedule (the defaults are the "
-                               "recipe of the shipped SmolLM2 stage-1 checkpoint, checkpoints/README.md)")
     bucket: bool = opt(True, "group rows of similar length into batches (under 5%% padding)")
-    # evaluation
-    eval_every: int = opt(250, "evaluate (and save last.pt) every N steps (the reference: 50, its 'epoch')")
+    calibrate: bool = opt(True, "stage 1: before the first step, shift the score by a constant so that the mean "
+                                "logit on 256 train rows is the logit of the train positive rate (a small LLM's "
+                                "untrained 'Yes' logit is far off, and its first steps would only move it); AUC is "
+                                "unchanged by it, and stage 2 starts from stage 1's shift (--no-calibrate: the "
+                                "reference's start)")
+    # evaluation and early stopping
     eval_split: str = opt("valid_small", "split used for model selection", choices=("valid_small", "valid"))
     eval_rows: int = opt(1000, "score only the first N rows of --eval-split while training (0 = all 5,200 of "
                                "valid_small, the reference's; 1,000 keeps each evaluation short on a CPU)")
     eval_batch_size: int = opt(0, "rows per scoring batch (0 = twice --batch-size)")
     test_rows: int = opt(0, "score only the first N test rows at the end (0 = all)")
     patience: int = opt(20, "stop after this many evaluations without a better valid AUC")
-    # hardware and speed
-    device: str = opt("auto", "auto (cuda if available) | cpu | cuda", choices=("auto", "cpu", "cuda"))
-    dtype: str = opt("auto", "compute dtype; auto = what the hardware computes natively: bf16 on GPUs and CPUs "
-                             "with bf16 units (AVX-512 BF16/AMX), fp16 on older GPUs, fp32 on other CPUs",
-                     choices=("auto", "bf16", "fp16", "fp32"))
+    # the rest: prompts, seeds, logs, sittings, memory
+    template: str = opt(None, "prompt template file (default prompts/<domain>_<text|collm>.txt)")
+    seed: int = opt(2023, "seed for initialisation, batch order and dropout")
+    log_every: int = opt(10, "print a log line every N steps")
+    pause_at: int = opt(0, "end this sitting after N steps with last.pt saved; --resume continues (0 = off)")
     cache_dir: str = opt("cache", "where converted models (SmolLM2's safetensors copy) are kept")
-    compile: bool = opt(False, "torch.compile each decoder layer (backbone.compile_decoder): on CPU faster steps "
-                        "and less activation memory (bench.py --compile measures both), after tens of "
-                        "seconds of compiling")
     grad_checkpoint: bool = opt(False, "activation checkpointing of the decoder layers: each layer's activations are "
                                        "recomputed in the backward instead of kept (about 1/3 more compute, far less "
                                        "memory: for GPUs too small for a batch)")
@@ -145,7 +146,7 @@ class Config:
 
 def parse_config(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="python train.py --evaluate --help: scoring, exporting and ranking with a saved run")
+                                epilog="python tools/use.py --help: scoring, exporting and ranking with a saved run")
     for f in fields(Config):
         group = p.add_argument_group(HELP_GROUPS[f.name]) if f.name in HELP_GROUPS else group
         flag = "--" + f.name.replace("_", "-")
@@ -163,8 +164,8 @@ def parse_config(argv=None):
     check_config(cfg)
     if cfg.stage == "cie" and not cfg.resume:
         # Stage 2 loads stage 1's adapters, so their shape is stage 1's whatever this command says;
-        # recorded in this run's settings, so that --resume and --evaluate rebuild the same shape.
-        saved = checkpoint.load_stage1(cfg.ckpt).get("config", {})
+        # recorded in this run's settings, so that --resume and tools/use.py rebuild the same shape.
+        saved = load_stage1(cfg.ckpt).get("config", {})
         cfg = replace(cfg, **{k: saved[k] for k in LORA_SHAPE if k in saved})
     return cfg
 
@@ -187,7 +188,7 @@ LORA_SHAPE = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_laye
 
 def command_line(cfg, world=1):
     """The shortest command that makes this run again: every setting that differs from its default
-    (metrics.json keeps it, and eval.py --table --json puts it beside the run's numbers)."""
+    (metrics.json keeps it, and tools/results.py --table --json puts it beside the run's numbers)."""
     flags = []
     for f in fields(Config):
         value = getattr(cfg, f.name)
@@ -241,8 +242,234 @@ def resume_config(cfg):
     path = os.path.join(cfg.resume, "last.pt")
     if not os.path.isfile(path):
         raise UsageError(f"--resume {cfg.resume}: no last.pt there")
-    saved = checkpoint.load_checkpoint(path, checkpoint.LAST_KEYS)["config"]
+    saved = load_checkpoint(path, LAST_KEYS)["config"]
     return Config(**{**saved, "resume": cfg.resume, "pause_at": cfg.pause_at, "out": cfg.resume})
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes, devices and precision
+
+
+def setup_distributed(cfg):
+    """-> (rank, world, device). Plain `python train.py` is world 1; torchrun sets RANK/WORLD_SIZE."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")  # gloo is the CPU backend
+    return rank, world, device
+
+
+# Which dtype to compute in. Half precision (bf16/fp16) halves memory and, on hardware built for it,
+# multiplies matmul speed. On hardware NOT built for it, it is a disaster: on a CPU without bf16
+# matrix units (AVX2 only; most laptops, many cloud machines) bf16 matmuls run hundreds of times
+# slower than fp32 (docs/SPEED.md has the measurement). So `--dtype auto` picks what the hardware
+# computes natively, and says why.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # None = plain fp32, no autocast
+BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX-512 BF16 / AMX, Arm's BF16 extension
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_has_bf16_units():
+    """True when the CPU has bf16 matrix instructions AND torch's CPU matmul library (oneDNN) may use
+    them. The instructions are read from the kernel's CPU flags (Linux): torch's own check
+    (torch.ops.mkldnn._is_mkldnn_bf16_supported) asks oneDNN, which on x86 says yes for any AVX-512
+    CPU, bf16 units or not. But oneDNN's answer follows ONEDNN_MAX_CPU_ISA: capped below the units
+    (=AVX2, say, as the README's AVX2 measurements were taken), bf16 runs slowly again, so both must
+    say yes. Where /proc/cpuinfo does not exist we cannot tell, so False: fp32 is never wrong, at worst slower."""
+    try:
+        with open(CPUINFO) as f:
+            flags = {w for line in f if line.startswith(("flags", "Features")) for w in line.split(":", 1)[1].split()}
+    except OSError:
+        return False
+    return bool(flags & BF16_CPU_FLAGS) and onednn_runs_bf16()
+
+
+def onednn_runs_bf16():
+    """oneDNN's own answer: False where ONEDNN_MAX_CPU_ISA caps it below the bf16 instructions."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN: the flags alone decide
+        return True
+
+
+def native_dtype(device):
+    """-> (dtype name, reason): the fastest dtype this device computes natively."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "the GPU computes bf16"
+        return "fp16", "the GPU has no bf16 (fp16 with loss scaling)"
+    if cpu_has_bf16_units():
+        return "bf16", "the CPU has bf16 matrix units (AVX-512 BF16 / AMX)"
+    return "fp32", "the CPU has no bf16 matrix units torch may use, without which bf16 runs ~500x slower than fp32"
+
+
+def compute_dtype(choice, device):
+    """--dtype (auto | bf16 | fp16 | fp32) -> (torch dtype or None for fp32, name, reason). An explicit
+    half dtype on a CPU without units for it still runs, after a warning: the user asked for it."""
+    if choice == "auto":
+        name, reason = native_dtype(device)
+        return DTYPES[name], name, "auto: " + reason
+    if device.type == "cpu" and choice != "fp32" and native_dtype(device)[0] != choice:
+        print(f"warning: --dtype {choice} on a CPU without {choice} matrix units: matmuls run about 500x slower "
+              f"than fp32 there (0.3 vs 142 GFLOP/s measured on an AVX2 CPU); --dtype auto picks fp32", flush=True)
+    return DTYPES[choice], choice, "set by --dtype"
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: a run's settings and its small trained tensors (collm.model_tensors), never the LLM,
+# written atomically by save(); and the model a stage's settings describe (build_model), which a
+# new run, --resume and tools/use.py all build the same way
+
+
+# What each use of a checkpoint needs: scoring (best.pt, or last.pt) the tensors and the settings
+# that rebuild the model; --resume also the optimizer and loop state that only last.pt holds.
+BEST_KEYS = ("config", "lora", "step")
+
+LAST_KEYS = BEST_KEYS + ("optimizer", "scaler", "best", "bad_evals", "history")
+
+
+def load_checkpoint(path, need=()):
+    """A train.py checkpoint, checked before use: every fault is one line naming the file and what is
+    wrong with it (missing, empty, truncated, damaged, not ours, or without the keys `need` lists)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: file not found")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{path}: empty (0 bytes): a copy or a write that never finished")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a checkpoint, a pickle from elsewhere
+        why = (str(e).strip().splitlines() or [""])[0][:120]  # some exceptions carry no message at all
+        raise UsageError(f"{path}: {unreadable(path)} ({type(e).__name__}: {why})")
+    if not isinstance(state, dict):
+        raise UsageError(f"{path}: holds a {type(state).__name__}, not a train.py checkpoint")
+    # torch.load does not check the zip's checksums: flipped bytes inside a tensor load as other
+    # numbers, silently. So every checkpoint carries a digest of its tensors (save), checked here.
+    if "digest" not in state:  # e.g. a collab.py model.pt given where a train.py checkpoint belongs
+        what = f"a collab.py {state['model']} model.pt" if "model" in state and "state_dict" in state else \
+            "no digest of its tensors in it"
+        raise UsageError(f"{path}: {what}; not a train.py checkpoint (best.pt or last.pt; a collaborative model "
+                         f"goes to --rec-ckpt)")
+    if state["digest"] != tensor_digest(tensors_in({**state, "digest": None})):
+        raise UsageError(f"{path}: damaged: its tensors do not match the digest saved with them (bytes changed "
+                         f"on disk or in a copy); use another copy of the run")
+    missing = [k for k in need if k not in state]
+    if "optimizer" in missing and "lora" in state:
+        raise UsageError(f"{path}: weights only, no optimizer state (a best.pt?); --resume continues from the "
+                         f"last.pt that train.py saves at every evaluation")
+    if missing:
+        raise UsageError(f"{path}: no {', '.join(missing)} in it; not a train.py checkpoint (best.pt or last.pt)")
+    return state
+
+
+def write_checkpoint(ckpt, path):
+    """torch.save a checkpoint dict atomically, with the digest of its tensors load_checkpoint checks."""
+    ckpt["digest"] = tensor_digest(tensors_in(ckpt))
+    data.write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def unreadable(path):
+    """Why torch could not read a file, in words: a checkpoint is a zip (torch.save's format), so a
+    zip's signature without the directory at its end means the file was cut short."""
+    import zipfile
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return f"truncated ({os.path.getsize(path):,} bytes, the end of the file is missing)"
+    return "not a train.py checkpoint"
+
+
+def tensors_in(obj):
+    """Every tensor inside nested dicts and lists, in their stored order (kept by pickling)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors_in(v)
+
+
+def tensor_digest(tensors):
+    """A SHA-1 of tensors' dtypes, shapes and raw bytes: equal iff the tensors are bit for bit equal.
+    Checkpoints carry one (checked on load) and metrics.json one per rank (rank_digests)."""
+    import hashlib
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
+    return h.hexdigest()
+
+
+def load_stage1(path):
+    """Stage 2's --ckpt: a stage-1 checkpoint file (best.pt), or an --export folder of one, such as the
+    shipped checkpoints/ folders, which hold the same tensors as safetensors."""
+    if not os.path.isdir(path):
+        return load_checkpoint(path)
+    state = collm.load_export(path)
+    # load_export points "llm" at the folder's base/ copy when it has one; stage 2 checks the LLM by
+    # the name the run trained with (its --llm), which the export records
+    with open(os.path.join(path, collm.EXPORT_JSON)) as f:
+        state["config"]["llm"] = json.load(f)["llm"]
+    return state
+
+
+def build_model(cfg, data_set, dtype, state=None):
+    """-> (CoLLM, tokenizer). `state` = a checkpoint of this script whose tensors are loaded
+    (resume, evaluation); without it, stage 2 takes LoRA from --ckpt and the rec model from --rec-ckpt."""
+    from peft import set_peft_model_state_dict
+    stage1 = None
+    if cfg.stage == "cie" and state is None:
+        stage1 = load_stage1(cfg.ckpt)
+        if "lora" not in stage1 or "llm" not in stage1.get("config", {}):  # e.g. a collab.py model.pt
+            what = f"a collab.py {stage1['model']} model.pt" if "state_dict" in stage1 and "model" in stage1 else \
+                "not a train.py checkpoint"
+            raise UsageError(f"--ckpt {cfg.ckpt}: {what}; --ckpt takes stage 1's best.pt (train.py --stage lora), "
+                             f"the collaborative model goes to --rec-ckpt")
+        if stage1["config"].get("stage") != "lora" or stage1["config"]["llm"] != cfg.llm:
+            raise UsageError(f"--ckpt {cfg.ckpt}: a stage-{stage1['config'].get('stage')} checkpoint of "
+                             f"--llm {stage1['config']['llm']}; expected a stage-lora checkpoint of --llm {cfg.llm}")
+        lora_cfg = stage1["config"]  # the adapters must be rebuilt with the shape they were trained with
+    else:
+        lora_cfg = asdict(cfg)
+    llm, tok = collm.load_llm(cfg.llm, cfg.cache_dir, dtype or torch.float32)
+    if cfg.grad_checkpoint:  # non-reentrant: works although the input embeddings need no gradient
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    yes = collm.yes_token_id(tok)
+    llm = collm.add_lora(llm, lora_cfg["lora_r"], lora_cfg["lora_alpha"], lora_cfg["lora_dropout"],
+                         lora_cfg["lora_targets"].split(","), lora_cfg.get("lora_layers", 0))
+    lora = (state or stage1 or {}).get("lora")
+    if lora is not None:
+        result = set_peft_model_state_dict(llm, lora)
+        if getattr(result, "unexpected_keys", None):
+            raise UsageError(f"{cfg.ckpt or cfg.resume}: LoRA tensors do not fit --llm {cfg.llm}")
+    rec = None
+    if collm.STAGES[cfg.stage]["rec"]:  # stage 2 reads a collaborative model
+        if state is not None:
+            rec = collab.rec_from_checkpoint(state["rec"], data_set.user_num, data_set.item_num, "checkpoint")
+        elif cfg.rec_ckpt:
+            rec = collab.load_rec(cfg.rec_ckpt, data_set.user_num, data_set.item_num, data.fingerprint(data_set))
+        else:  # --tune-rec from scratch
+            rec = collab.new_rec(cfg.rec, data_set)
+        if collab.model_name(rec) != cfg.rec:  # a DIN checkpoint would fill the slots of a run that says MF
+            raise UsageError(f"--rec-ckpt {cfg.rec_ckpt or cfg.resume}: a {collab.model_name(rec)} model, but "
+                             f"--rec is {cfg.rec}")
+    model = collm.CoLLM(llm, yes, rec, tune_rec=cfg.tune_rec)
+    model.score_bias.fill_((state or stage1 or {}).get("score_bias", 0.0))  # stage 2 starts from stage 1's
+    if state is not None and rec is not None:
+        model.proj.load_state_dict(state["proj"])
+    collm.set_trainable(model, cfg.stage, cfg.tune_rec, cfg.tune_lora)  # collm.STAGES says what trains
+    return model, tok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +512,7 @@ class LoopState:
     best: dict = field(default_factory=lambda: {"auc": -1.0, "step": 0})
     bad_evals: int = 0        # evaluations since the best one (early stop at --patience)
     history: list = field(default_factory=list)   # every evaluation's metrics
-    loss_log: list = field(default_factory=list)  # the logged training losses (eval.py --plot)
+    loss_log: list = field(default_factory=list)  # the logged training losses (tools/results.py --plot)
     # what the next log line averages: this window's summed step losses, steps, rows, start time
     window: dict = field(default_factory=lambda: {"t": time.time(), "rows": 0, "loss": 0.0, "steps": 0})
     t0: float = field(default_factory=time.time)  # when the run began, less earlier sittings' wall time
@@ -347,11 +574,11 @@ class Run:
 def set_up(cfg):
     """Chapter 1: processes, data, the model and its optimizer; resuming, the loop state of last.pt."""
     t0 = time.time()
-    rank, world, device = backbone.setup_distributed(cfg)
+    rank, world, device = setup_distributed(cfg)
     out = cfg.out or os.path.join("runs", cfg.stage)
     lock = claim_folder(cfg, out) if rank == 0 else None  # only rank 0 writes the folder
-    dtype, dtype_name, dtype_reason = backbone.compute_dtype(cfg.dtype, device)
-    state = checkpoint.load_checkpoint(os.path.join(cfg.resume, "last.pt"), checkpoint.LAST_KEYS) if cfg.resume else None
+    dtype, dtype_name, dtype_reason = compute_dtype(cfg.dtype, device)
+    state = load_checkpoint(os.path.join(cfg.resume, "last.pt"), LAST_KEYS) if cfg.resume else None
     if state is not None:
         check_same_world(state, cfg, world)
     torch.manual_seed(cfg.seed)  # identical LoRA/projector init on every rank
@@ -361,11 +588,11 @@ def set_up(cfg):
                                f"--eval-split {cfg.eval_split} --eval-rows {cfg.eval_rows}")
     metrics.check_both_classes(ds.splits["test"], np.arange(len(ds.splits["test"]))[:cfg.test_rows or None],
                                f"--test-rows {cfg.test_rows}")
-    model, tok = checkpoint.build_model(cfg, ds, dtype, state)
-    enc_train, enc_eval = (checkpoint.encode(cfg, ds, tok, split, model) for split in ("train", cfg.eval_split))
+    model, tok = build_model(cfg, ds, dtype, state)
+    enc_train, enc_eval = (collm.encode(cfg, ds, tok, split, model) for split in ("train", cfg.eval_split))
     model.to(device)
     if cfg.compile:
-        backbone.compile_decoder(model)
+        collm.compile_decoder(model)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     # DDP syncs the parameters that require grad when it is built: freeze/unfreeze first (done in
     # build_model), then wrap, then build the optimizer.
@@ -479,7 +706,7 @@ def train_step(run, window):
         # Under DDP every backward all-reduces the gradients across ranks; only the last micro-batch's
         # needs to (the sum is what counts), so the others run inside no_sync() and skip the traffic.
         sync = run.net.no_sync() if run.world > 1 and not last_micro else nullcontext()
-        with sync, backbone.autocast(run.device, run.dtype):
+        with sync, autocast(run.device, run.dtype):
             score = run.net(**batch)                               # (B,) Yes-logits
             loss = F.binary_cross_entropy_with_logits(score, batch["label"])
         # Divide by the accumulation count so the summed gradient is the mean over the global batch.
@@ -518,13 +745,12 @@ def save(run, name, with_state):
     """best.pt holds the trained tensors and settings; last.pt also the optimizer and loop state that
     --resume needs. Only rank 0 writes (every rank holds the same weights)."""
     loop = run.loop
-    ckpt = {"config": asdict(run.cfg), **checkpoint.model_tensors(run.model), "step": loop.step, "best": loop.best,
+    ckpt = {"config": asdict(run.cfg), **collm.model_tensors(run.model), "step": loop.step, "best": loop.best,
             "samples_seen": loop.step * run.samples_per_step}  # what these weights learned from
     if with_state:  # world: the process count the data order and the global batch depend on
         ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), **run.loop.saved(),
                     world=run.world)
-    ckpt["digest"] = checkpoint.tensor_digest(checkpoint.tensors_in(ckpt))  # checked by load_checkpoint
-    prepare.write_atomic(os.path.join(run.out, name), lambda tmp: torch.save(ckpt, tmp))
+    write_checkpoint(ckpt, os.path.join(run.out, name))
 
 
 def evaluate_and_save(run, bar):
@@ -554,9 +780,9 @@ def evaluate_and_save(run, bar):
 def finish(run):
     """Chapter 4: reload the best weights, score the test split once, write metrics.json. -> the result."""
     cfg, ds = run.cfg, run.ds
-    checkpoint.restore_tensors(run.model, checkpoint.load_checkpoint(os.path.join(run.out, "best.pt"), checkpoint.BEST_KEYS))
+    collm.restore_tensors(run.model, load_checkpoint(os.path.join(run.out, "best.pt"), BEST_KEYS))
     test_rows = np.arange(len(ds.splits["test"]))[:cfg.test_rows or None]
-    enc_test = checkpoint.encode(cfg, ds, run.tok, "test", run.model)
+    enc_test = collm.encode(cfg, ds, run.tok, "test", run.model)
     test_scores = metrics.score_rows(run.model, enc_test, ds.splits["test"], test_rows, run.eval_batch_size, run.pad,
                                      run.device, run.dtype, run.rank, run.world)
     test = metrics.report(ds.splits["test"], test_scores, test_rows)
@@ -630,7 +856,7 @@ def calibrate(model, enc, split, batch_size, pad, device, dtype, seed, n=256):
 def rank_digests(trainable, world):
     """A hash of the trained weights from every rank. DDP keeps the replicas bit-identical; if they
     ever differ (a parameter unfrozen after wrapping, say), the run says so instead of hiding it."""
-    mine = checkpoint.tensor_digest(trainable.values())
+    mine = tensor_digest(trainable.values())
     digests = [mine]
     if world > 1:
         digests = [None] * world
@@ -649,15 +875,8 @@ def all_ranks_agree(flag, world, device):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--evaluate" in argv:  # score, export or rank with a saved run instead of training (checkpoint.py)
-        argv.remove("--evaluate")
-        args = checkpoint.parse_evaluate(argv)
-        state, saved = checkpoint.load_for_evaluation(args)
-        cfg = Config(**saved)  # the run's settings, with this command's device, dtype and data root
-        return checkpoint.evaluate(args, state, cfg, command_line(cfg))
     train(parse_config(argv))
 
 
 if __name__ == "__main__":
-    prepare.cli_main(main)
+    data.cli_main(main)

@@ -1,5 +1,10 @@
-"""Shared test fixtures and helpers. Real-data tests read the data root from $COLLM_DATA, else ./data
-(.ci/run points it at ../shared/data) and skip with a reason when the released split is not there."""
+"""Shared test fixtures and helpers, and the two tiers of the suite.
+
+Tier 1, `python -m pytest -q -rs tests`: the sanity checks on tiny models built in code, the toy data
+and the real tokenizers; minutes on a laptop CPU. Tier 2, `--real` added: also every test of the real
+ML-1M split, SmolLM2-135M and the shipped checkpoints (the ones that take the `real_root` or `ml1m`
+fixture). Real-data tests read the data root from $COLLM_DATA, else ./data (.ci/run points it at
+../shared/data, and runs both tiers) and skip with a reason when the released split is not there."""
 import os
 import subprocess
 import sys
@@ -17,6 +22,24 @@ def _real_root():
     root = os.environ.get("COLLM_DATA", "data")
     ok = os.path.exists(os.path.join(root, "ml-1m.zip")) or os.path.exists(os.path.join(root, "ml-1m", "train_ood2.pkl"))
     return root if ok else None
+
+
+TIER2_FIXTURES = {"real_root", "ml1m"}  # a test that takes one of these is in the second tier
+
+
+def pytest_addoption(parser):
+    parser.addoption("--real", action="store_true", help="also run the second tier: the real ML-1M split, "
+                     "SmolLM2-135M and the shipped checkpoints (slower; .ci/run runs it)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --real, each second-tier test is skipped with a reason that says how to run it."""
+    if config.getoption("--real"):
+        return
+    skip = pytest.mark.skip(reason="second tier (real split, SmolLM2, shipped checkpoints): add --real to run it")
+    for item in items:
+        if TIER2_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(skip)
 
 
 # ---------------------------------------------------------------------------------------------

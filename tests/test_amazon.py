@@ -1,4 +1,4 @@
-"""Tests for the Amazon-Book builder in data.py (the authors' notebook
+"""Tests for the Amazon-Book builder in tools/prepare.py (the authors' notebook
 dataset/amazon_book/processing_ood.ipynb), on small generated files in the exact raw format of Amazon
 Review Data 2018: gzip JSON lines, `Books_5.json.gz` (reviews) and `meta_Books.json.gz` (metadata).
 
@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import prepare  # noqa: E402
+from tools import prepare  # noqa: E402
 from conftest import assert_error_line, run_python  # noqa: E402
 
 
@@ -174,7 +174,7 @@ def write_generated(folder, n_lines, seed=0, users=None, books=None, text_len=40
 
 
 def notebook_split(folder):
-    """The notebook's cells, nearly verbatim, in pandas (December sorted stably, as data.py does)."""
+    """The notebook's cells, nearly verbatim, in pandas (December sorted stably, as tools/prepare.py does)."""
     df = pd.read_json(os.path.join(folder, "Books_5.json.gz"), lines=True, dtype=False)
     df_meta = pd.read_json(os.path.join(folder, "meta_Books.json.gz"), lines=True, dtype=False)
     rating = df[["asin", "reviewerID", "overall", "unixReviewTime"]]
@@ -241,7 +241,7 @@ def test_untitled_books_are_kept_as_the_notebook_keeps_them(tmp_path):
     got = built_like_the_notebook(raw, tmp_path / "out")
     untitled = set(got.iid[got.title == ""])
     assert len(untitled) >= 2
-    res = run_python("data.py", "--data", "amazon-book", "--stats", env={"COLLM_DATA": tmp_path}, timeout=120)
+    res = run_python("tools/prepare.py", "--data", "amazon-book", "--stats", env={"COLLM_DATA": tmp_path}, timeout=120)
     assert res.returncode == 0, res.stderr
     warning = res.stdout.splitlines()[-1]
     assert warning.startswith(f"warning: {len(untitled)} items have no title"), warning
@@ -249,12 +249,13 @@ def test_untitled_books_are_kept_as_the_notebook_keeps_them(tmp_path):
 
 def test_stats_cli_on_generated_files(tmp_path):
     write_generated(tmp_path / "amazon-book", 6000, seed=2)
-    res = run_python("data.py", "--data", "amazon-book", "--stats", env={"COLLM_DATA": tmp_path}, timeout=120)
+    res = run_python("tools/prepare.py", "--data", "amazon-book", "--stats", env={"COLLM_DATA": tmp_path}, timeout=120)
     assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
+    assert "build_amazon_book_split" in res.stdout.splitlines()[0]  # built, and said so
+    lines = res.stdout.splitlines()[1:]
     assert lines[0].startswith("amazon-book: users ") and lines[0].endswith("domain book")
     assert [line.split()[0] for line in lines[2:6]] == ["train", "valid", "test", "valid_small"]
-    assert "build_amazon_book_split" in lines[6]
+    assert "built by tools/prepare.py" in lines[6]
     d = data.load_dataset("amazon-book", tmp_path)  # the second load reads the cache
     assert d.source == lines[6][len("source: "):]
     assert len(d.splits["valid_small"]) == round(0.25 * len(d.splits["valid"]))
@@ -295,14 +296,14 @@ def test_bad_raw_files_are_one_error_line(tmp_path, monkeypatch, make):
     words = make(str(folder))
     before = sorted(os.listdir(folder))
     with pytest.raises(data.UsageError) as e:
-        data.load_dataset("amazon-book", tmp_path)
+        prepare.prepare("amazon-book", str(tmp_path))
     assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
-    assert sorted(os.listdir(folder)) == before and os.listdir(prepare.cache_dir()) == []  # nothing half-written
+    assert sorted(os.listdir(folder)) == before and os.listdir(data.cache_dir()) == []  # nothing half-written
 
 
 def test_bad_raw_file_from_the_cli_exits_2(tmp_path):
     _truncated(str(tmp_path / "amazon-book"))
-    res = run_python("data.py", "--data", "amazon-book", "--stats", env={"COLLM_DATA": tmp_path}, timeout=60)
+    res = run_python("tools/prepare.py", "--data", "amazon-book", env={"COLLM_DATA": tmp_path}, timeout=60)
     assert_error_line(res.returncode, res.stderr, "Books_5.json.gz")
 
 
@@ -321,7 +322,7 @@ def test_a_zip_of_the_pickles_is_read_in_place(tmp_path, monkeypatch):
 def test_no_files_and_no_network_says_what_to_put_where(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "AMAZON_URLS", {n: "http://127.0.0.1:9/" + n for n in prepare.AMAZON_URLS})
     with pytest.raises(data.UsageError) as e:
-        data.load_dataset("amazon-book", tmp_path)
+        prepare.prepare("amazon-book", str(tmp_path))
     msg = str(e.value)
     assert "\n" not in msg and "download failed" in msg and "Books_5.json.gz + meta_Books.json.gz" in msg
     assert str(tmp_path / "amazon-book") in msg and str(tmp_path / "amazon-book.zip") in msg

@@ -1,4 +1,4 @@
-"""bench.py end to end on the tiny LLM and the toy dataset: one step per path, so the script cannot
+"""tools/bench.py end to end on the tiny LLM and the toy dataset: one step per path, so the script cannot
 rot. No timing thresholds here (other jobs share these CPUs); the README records real numbers."""
 import json
 
@@ -12,7 +12,7 @@ KEYS = ("train_samples_per_s", "eval_samples_per_s", "train_peak_share", "eval_p
 
 
 def bench(*args):
-    return run_python("bench.py", *args)
+    return run_python("tools/bench.py", *args)
 
 
 TINY = ["--llm", "tiny", "--dtype", "fp32", "--device", "cpu", "--batch-size", 2, "--steps", 1, "--warmup", 0,
@@ -62,7 +62,7 @@ def test_tensor_peak_counts_live_tensors_once():
     """TensorPeak: ten 1 MB tensors alive at once (and a view of each, no new memory) peak at 10 MB,
     even if each is freed before the next ten are made."""
     import torch
-    import bench
+    from tools import bench
     def run_pass():
         for _ in range(3):
             held = [torch.ones(256, 1024) for _ in range(10)]   # 1 MiB of fp32 each

@@ -14,16 +14,29 @@ import pandas as pd
 import pytest
 
 import data
-import prepare
+from tools import prepare
 from conftest import (TEST, TINY_TITLES, TRAIN, VALID, assert_error_line, frame, run_python, shared_tokenizer,
                       write_dataset)
 
 AUTHORS_COLUMNS = ["uid", "iid", "label", "timestamp", "his", "his_title", "title", "flag", "not_cold"]
 
 
+def prepared(name, root):
+    """tools/prepare.py's build (or download) of a dataset, then data.py's load of it: the user's two steps."""
+    prepare.prepare(name, str(root))
+    return data.load_dataset(name, root)
+
+
+def prepare_cli(*args):
+    """`python tools/prepare.py ARGS` -> (exit code, stderr), for assert_error_line."""
+    res = run_python("tools/prepare.py", *args, timeout=60)
+    return res.returncode, res.stderr
+
+
 def data_cli(*args, root=None):
-    """`python data.py ARGS` with $COLLM_DATA = root (unset when None) -> (exit code, stderr), for assert_error_line."""
-    res = run_python("data.py", *args, env={"COLLM_DATA": root}, timeout=60)
+    """`python tools/prepare.py ARGS` (its --stats and --show look at a split) with $COLLM_DATA = root (unset
+    when None) -> (exit code, stderr), for assert_error_line."""
+    res = run_python("tools/prepare.py", *args, env={"COLLM_DATA": root}, timeout=60)
     return res.returncode, res.stderr
 
 
@@ -108,9 +121,11 @@ def test_build_ml1m_split_follows_the_authors_rules(tmp_path, monkeypatch):
 
 def test_load_dataset_builds_from_raw_files_then_loads(tmp_path):
     write_raw(tmp_path / "ml-1m")
-    d = data.load_dataset("ml-1m", tmp_path)
+    with pytest.raises(data.UsageError, match="python tools/prepare.py --data ml-1m builds it"):
+        data.load_dataset("ml-1m", tmp_path)  # data.py builds nothing: it says which tool does
+    d = prepared("ml-1m", tmp_path)
     assert sorted(os.listdir(tmp_path / "ml-1m")) == ["movies.dat", "ratings.dat"]  # nothing written beside them
-    assert "build_ml1m_split" in d.source and prepare.cache_dir() in d.source
+    assert "built by tools/prepare.py" in d.source and data.cache_dir() in d.source
     assert (d.name, d.domain, d.user_num, d.item_num) == ("ml-1m", "movie", 4, 7)
     assert d.titles == [""] + [TITLE[i] for i in range(1, 7)]
     test = d.splits["test"]
@@ -125,7 +140,7 @@ def test_no_raw_files_and_no_network_says_where_to_put_what(tmp_path, monkeypatc
     monkeypatch.setattr(prepare, "GROUPLENS_URL", "http://127.0.0.1:9/x.zip")  # nothing listens on port 9
     monkeypatch.setattr(prepare, "AUTHORS_ZIP_URL", "http://127.0.0.1:9/y.zip")
     with pytest.raises(data.UsageError) as e:
-        data.load_dataset("ml-1m", tmp_path)
+        prepared("ml-1m", tmp_path)
     msg = str(e.value)
     assert "\n" not in msg and "download failed" in msg
     assert str(tmp_path / "ml-1m.zip") in msg
@@ -141,7 +156,7 @@ def test_malformed_ratings_line_names_the_file_and_line(tmp_path):
     with pytest.raises(data.UsageError, match=r"ratings\.dat: line 3: expected four integers"):
         prepare.build_ml1m_split(tmp_path / "b", tmp_path / "b")
     write_raw(tmp_path / "ml-1m", ratings_text=good + "1::6::5\n")
-    assert_error_line(*data_cli("--data", "ml-1m", "--data-root", tmp_path, "--stats"), "ratings.dat: line 2")
+    assert_error_line(*prepare_cli("--data", "ml-1m", "--data-root", tmp_path), "ratings.dat: line 2")
 
 
 def test_no_rating_in_the_window_is_one_error_line(tmp_path):
@@ -150,13 +165,13 @@ def test_no_rating_in_the_window_is_one_error_line(tmp_path):
     with pytest.raises(data.UsageError, match=r"ratings\.dat: no rating falls in months 14-33 .*\(2000-04\)"):
         prepare.build_ml1m_split(tmp_path / "ml-1m", tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    assert_error_line(*data_cli("--data", "ml-1m", "--data-root", tmp_path, "--stats"), "ratings.dat", "months 14-33")
-    assert os.listdir(prepare.cache_dir()) == []  # the failed build left nothing in the cache
+    assert_error_line(*prepare_cli("--data", "ml-1m", "--data-root", tmp_path), "ratings.dat", "months 14-33")
+    assert os.listdir(data.cache_dir()) == []  # the failed build left nothing in the cache
     train_only = "".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in RATINGS[:5])
     write_raw(tmp_path / "ml-1m", ratings_text=train_only)
     with pytest.raises(data.UsageError, match=r"ratings\.dat: the authors' rules leave no valid and no test rows"):
-        data.load_dataset("ml-1m", tmp_path)
-    assert os.listdir(prepare.cache_dir()) == []
+        prepared("ml-1m", tmp_path)
+    assert os.listdir(data.cache_dir()) == []
 
 
 def test_one_raw_file_missing_names_it_and_downloads_nothing(tmp_path, monkeypatch):
@@ -164,7 +179,7 @@ def test_one_raw_file_missing_names_it_and_downloads_nothing(tmp_path, monkeypat
     write_raw(tmp_path / "ml-1m")
     os.remove(tmp_path / "ml-1m" / "movies.dat")
     with pytest.raises(data.UsageError, match=r"holds ratings\.dat but no movies\.dat; put movies\.dat there too"):
-        data.load_dataset("ml-1m", tmp_path)
+        prepared("ml-1m", tmp_path)
     assert os.listdir(tmp_path / "ml-1m") == ["ratings.dat"]
 
 
@@ -181,10 +196,10 @@ def test_downloads_try_the_authors_zip_first_and_never_overwrite(tmp_path, monke
                 zf.writestr(f"ml-1m/{n}", (write_raw(tmp_path / "src") / n).read_bytes())
         f.write(buf.getvalue())
     monkeypatch.setattr(prepare, "_fetch", fake_fetch)
-    d = data.load_dataset("ml-1m", tmp_path / "root")
+    d = prepared("ml-1m", tmp_path / "root")
     assert fetched == [prepare.AUTHORS_ZIP_URL, prepare.GROUPLENS_URL]
     assert sorted(os.listdir(tmp_path / "root")) == ["ml-1m"]  # no zip, no temporary file left behind
-    assert len(d.splits["test"]) == 4 and "build_ml1m_split" in d.source
+    assert len(d.splits["test"]) == 4 and "built by tools/prepare.py" in d.source
 
     # when the authors' zip comes, it is the split, read in place; a file already at the target stays
     (tmp_path / "rel" / "ml-1m").mkdir(parents=True)
@@ -194,8 +209,10 @@ def test_downloads_try_the_authors_zip_first_and_never_overwrite(tmp_path, monke
         for s, df in frames.items():
             zf.writestr(f"ml-1m/{s}_ood2.pkl", _pickle_bytes(df))
     monkeypatch.setattr(prepare, "_fetch", lambda url, f, desc: f.write(buf.getvalue()))
-    d = data.load_dataset("ml-1m", tmp_path / "rel")
-    assert d.source.startswith("the four pickles in " + str(tmp_path / "rel" / "ml-1m.zip")) and "downloaded" in d.source
+    _, source = prepare.prepare("ml-1m", str(tmp_path / "rel"))
+    assert source.startswith("the four pickles in " + str(tmp_path / "rel" / "ml-1m.zip")) and "downloaded" in source
+    d = data.load_dataset("ml-1m", tmp_path / "rel")  # the zip, read in place from now on
+    assert d.source == "the four pickles in " + str(tmp_path / "rel" / "ml-1m.zip")
     target = tmp_path / "busy.zip"
     target.write_bytes(b"the user's own file")
     with pytest.raises(FileExistsError):
@@ -219,26 +236,24 @@ def _rebuilt(tmp_path):
 
 def test_cache_follows_the_raw_files_and_a_read_only_folder_works(tmp_path, monkeypatch):
     raw = write_raw(tmp_path / "ml-1m")
-    first = data.load_dataset("ml-1m", tmp_path)
-    assert data.load_dataset("ml-1m", tmp_path).source == first.source  # built once, then read
+    first = prepared("ml-1m", tmp_path)
+    assert prepared("ml-1m", tmp_path).source == first.source  # built once, then read
     # change ratings.dat: drop the last row (user 4's test row); the cache key changes, the split follows
     text = "".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in RATINGS[:-1])
     write_raw(raw, ratings_text=text)
-    second = data.load_dataset("ml-1m", tmp_path)
+    second = prepared("ml-1m", tmp_path)
     assert second.source != first.source and len(second.splits["test"]) == len(first.splits["test"]) - 1
-    assert len(os.listdir(prepare.cache_dir())) == 2
+    assert len(os.listdir(data.cache_dir())) == 2
     # a read-only data folder (as root, chmod does not stop writes: the listing below is the check)
     os.chmod(raw, 0o555)
     os.chmod(tmp_path, 0o555)
     try:
-        monkeypatch.setenv("COLLM_CACHE", os.path.join(prepare.cache_dir(), "elsewhere"))
-        assert len(data.load_dataset("ml-1m", tmp_path).splits["test"]) == len(second.splits["test"])
+        monkeypatch.setenv("COLLM_CACHE", os.path.join(data.cache_dir(), "elsewhere"))
+        assert len(prepared("ml-1m", tmp_path).splits["test"]) == len(second.splits["test"])
     finally:
         os.chmod(tmp_path, 0o755)
         os.chmod(raw, 0o755)
     assert sorted(os.listdir(raw)) == ["movies.dat", "ratings.dat"]
-    prepare.build_ml1m_split(raw, raw)  # pickles beside the raw files, as earlier versions left them: read, and said
-    assert data.load_dataset("ml-1m", tmp_path).source.endswith("(ratings.dat + movies.dat there unused)")
 
 
 def release_as_raw(frames, folder, seed=0):
@@ -361,21 +376,23 @@ def test_released_split_obeys_the_build_rules(real_root):
 
 
 def test_stats_cli_prints_row_counts(real_root):
-    res = run_python("data.py", "--data", "ml-1m", "--stats", env={"COLLM_DATA": real_root})
+    res = run_python("tools/prepare.py", "--data", "ml-1m", "--stats", env={"COLLM_DATA": real_root})
     assert res.returncode == 0, res.stderr
-    rows = {line.split()[0]: line.split()[1] for line in res.stdout.splitlines()[2:6]}
-    assert res.stdout.splitlines()[6].startswith("source: the four pickles in ")
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("--data ml-1m: the four pickles in ")  # where it was found, then the stats
+    rows = {line.split()[0]: line.split()[1] for line in lines[3:7]}
+    assert lines[7].startswith("source: the four pickles in ")
     assert rows == {"train": "33,891", "valid": "10,401", "test": "7,331", "valid_small": "5,200"}
 
 
 def test_show_cli_prints_the_collm_prompt(ml1m, real_root):
-    res = run_python("data.py", "--data", "ml-1m", "--split", "test", "--show", 5, "--prompt", "collm",
+    res = run_python("tools/prepare.py", "--data", "ml-1m", "--split", "test", "--show", 5, "--prompt", "collm",
                      env={"COLLM_DATA": real_root})
     assert res.returncode == 0, res.stderr
     sp = ml1m.splits["test"]
     segs = data.prompt_segments(data.load_template("movie", "collm"), [ml1m.titles[i] for i in sp.history(5)],
                                 ml1m.titles[sp.iid[5]])
-    assert res.stdout == data.render_prompt(segs) + "\n"
+    assert res.stdout.split("\n", 1)[1] == data.render_prompt(segs) + "\n"  # after the line saying where from
     assert "<UserID>" in res.stdout and "<TargetItemID>" in res.stdout
 
 
@@ -604,7 +621,7 @@ def test_killed_writes_leave_nothing_the_next_write_keeps(tmp_path):
     os.makedirs(tmp_path / f"m.json.tmp{gone[1]}" / "inner")  # a folder (an export, a split being built)
     (tmp_path / f"m.json.tmp{os.getppid()}").write_text("being written")  # our parent: alive
     (tmp_path / "other.json.tmp1").write_text("not this path's")
-    prepare.write_atomic(str(tmp_path / "m.json"), lambda tmp: open(tmp, "w").write("{}"))
+    data.write_atomic(str(tmp_path / "m.json"), lambda tmp: open(tmp, "w").write("{}"))
     assert sorted(os.listdir(tmp_path)) == ["m.json", f"m.json.tmp{os.getppid()}", "other.json.tmp1"]
 
 
@@ -633,11 +650,9 @@ def test_templates_must_hold_the_placeholders_of_their_mode(tmp_path):
 
 def test_cli_flags_checked_in_process(tmp_path):
     write_dataset(tmp_path)
-    with pytest.raises(data.UsageError, match="nothing to do"):
-        data.main(["--data", "tiny", "--data-root", str(tmp_path)])
     for row in (8, -1):
         with pytest.raises(data.UsageError, match=f"--show {row}: test has rows 0..7"):
-            data.main(["--data", "tiny", "--data-root", str(tmp_path), "--show", str(row)])
+            prepare.main(["--data", "tiny", "--data-root", str(tmp_path), "--show", str(row)])
 
 
 def _garbage(root):

@@ -4,6 +4,7 @@ import pytest
 
 import data
 import eval as metrics  # our eval.py
+from tools import results
 from conftest import TEST, write_dataset
 
 
@@ -86,7 +87,7 @@ def test_report_warm_and_cold_subsets(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Learning curves of finished runs (eval.py --plot): read from metrics.json alone
+# Learning curves of finished runs (tools/results.py --plot): read from metrics.json alone
 
 
 def fake_run(folder, history_steps=(2, 4), logged_steps=(1, 2, 3, 4), per_step=8):
@@ -103,28 +104,28 @@ def fake_run(folder, history_steps=(2, 4), logged_steps=(1, 2, 3, 4), per_step=8
 
 def test_learning_curve_is_in_samples_seen(tmp_path):
     _, m = fake_run(tmp_path / "run")
-    assert metrics.learning_curve(m, "run") == ([16, 32], [0.52, 0.54], [8, 16, 24, 32], [1.0, 0.5, 1 / 3, 0.25])
+    assert results.learning_curve(m, "run") == ([16, 32], [0.52, 0.54], [8, 16, 24, 32], [1.0, 0.5, 1 / 3, 0.25])
     del m["samples_per_step"]  # a run from before it was recorded: derived from the total
-    assert metrics.learning_curve(m, "run")[0] == [16, 32]
+    assert results.learning_curve(m, "run")[0] == [16, 32]
     with pytest.raises(data.UsageError, match="no learning curve"):  # a collab.py run has no history
-        metrics.learning_curve({"samples_seen": 10}, "mf/metrics.json")
+        results.learning_curve({"samples_seen": 10}, "mf/metrics.json")
 
 
 def test_plot_draws_a_png(tmp_path):
-    pytest.importorskip("matplotlib", reason="matplotlib is optional (eval.py --plot only)")
+    pytest.importorskip("matplotlib", reason="matplotlib is optional (tools/results.py --plot only)")
     runs = [fake_run(tmp_path / name)[0] for name in ("a", "b")]
-    metrics.main(["--plot", *map(str, runs), "--out", str(tmp_path / "curves.png")])
+    results.main(["--plot", *map(str, runs), "--out", str(tmp_path / "curves.png")])
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "curves.png"]  # no temporary file left
 
 
 def test_plot_of_runs_without_a_loss_log_has_only_the_auc_panel(tmp_path):
     """Runs older than loss_log: no empty loss panel, the picture is the AUC panel alone (shorter)."""
-    pytest.importorskip("matplotlib", reason="matplotlib is optional (eval.py --plot only)")
+    pytest.importorskip("matplotlib", reason="matplotlib is optional (tools/results.py --plot only)")
     heights = []
     for name, logged in (("with", (1, 2, 3, 4)), ("without", ())):
         run = fake_run(tmp_path / name, logged_steps=logged)[0]
-        metrics.main(["--plot", str(run), "--out", str(tmp_path / f"{name}.png")])
+        results.main(["--plot", str(run), "--out", str(tmp_path / f"{name}.png")])
         heights.append(int.from_bytes((tmp_path / f"{name}.png").read_bytes()[20:24], "big"))  # PNG header: height
     assert heights[1] < heights[0]
 
@@ -134,7 +135,7 @@ def test_plot_without_matplotlib_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an environment without it looks like to import
     run, _ = fake_run(tmp_path / "a")
     with pytest.raises(data.UsageError, match="--plot needs matplotlib.*pip install matplotlib"):
-        metrics.main(["--plot", str(run), "--out", str(tmp_path / "curves.png")])
+        results.main(["--plot", str(run), "--out", str(tmp_path / "curves.png")])
 
 
 def test_curves_tabulate_each_scoring_with_the_best_in_bold(tmp_path, capsys):
@@ -145,7 +146,7 @@ def test_curves_tabulate_each_scoring_with_the_best_in_bold(tmp_path, capsys):
     m.update(stage="cie", config={"rec": "mf", "tune_rec": True, "rec_ckpt": "runs/mf/model.pt", "seed": 7},
              seconds=1234.5)
     (run / "metrics.json").write_text(json.dumps(m))
-    metrics.main(["--curves", str(run)])
+    results.main(["--curves", str(run)])
     row = capsys.readouterr().out.splitlines()[-1]
     assert row == ("| cie-x | CoLLM-MF | tune-rec | 7 | 1,000 | 125 / 250 / 375 | 0.6250 / **0.9000** / 0.8750 "
                    "| 0.9000 at 250 | 1,234 |")
@@ -153,21 +154,21 @@ def test_curves_tabulate_each_scoring_with_the_best_in_bold(tmp_path, capsys):
     for h in m["history"]:
         del h["rows"]
     (run / "metrics.json").write_text(json.dumps(m))
-    metrics.main(["--curves", str(run)])
+    results.main(["--curves", str(run)])
     assert capsys.readouterr().out.splitlines()[-1] == ("| cie-x | CoLLM-MF | tune-rec | 7 | - | 125 / 250 / 375 | "
                                                         "0.6250 / **0.9000** / 0.8750 | 0.9000 at 250 | - |")
     (tmp_path / "mf").mkdir()
     (tmp_path / "mf" / "metrics.json").write_text(json.dumps({"config": {"model": "mf"}, "test": {}}))
     with pytest.raises(data.UsageError, match="--curves .*mf.*only train.py runs"):  # collab.py: no history
-        metrics.main(["--curves", str(tmp_path / "mf")])
+        results.main(["--curves", str(tmp_path / "mf")])
 
 
 @pytest.mark.parametrize("args, words", [
-    ([], ["--table RUN_DIR", "--curves", "train.py --evaluate"]),
+    ([], ["--table RUN_DIR", "--curves", "tools/use.py --ckpt"]),
     (["--plot", "somewhere"], ["--plot needs --out"]),
     (["--table", "nowhere"], ["--table nowhere", "no metrics.json"]),
 ], ids=["nothing to do", "plot without --out", "no run there"])
 def test_cli_bad_use_is_one_clear_line(args, words):
     with pytest.raises(data.UsageError) as e:
-        metrics.main(args)
+        results.main(args)
     assert all(w in str(e.value) for w in words), str(e.value)

@@ -1,4 +1,4 @@
-"""Using a trained model (train.py --evaluate --export, --user): the LoRA in peft's own format, loaded by plain
+"""Using a trained model (tools/use.py --export, --user): the LoRA in peft's own format, loaded by plain
 transformers + peft with no code of ours; a stage-2 export reloaded through eval.load_export; nothing
 pickled; refusals; one user's ranking. Tiny LLaMA in fp32 on the toy dataset, runs of a few steps."""
 import json
@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
 import collab
+import collm
 import data
 import eval as metrics  # our eval.py
 import train
+from tools import results, use
 from conftest import assert_error_line, run_python
 
 TINY = ["--llm", "tiny", "--dtype", "fp32", "--batch-size", "4", "--warmup-steps", "1", "--log-every", "1",
@@ -56,15 +57,15 @@ def runs(toy_root, tmp_path_factory):
 
 
 def rebuilt(state, toy_root):
-    """Our CoLLM from a checkpoint-shaped dict, as train.py --evaluate rebuilds it; plus the toy dataset, tokenizer."""
+    """Our CoLLM from a checkpoint-shaped dict, as tools/use.py rebuilds it; plus the toy dataset, tokenizer."""
     cfg = train.Config(**{**state["config"], "data_root": str(toy_root)})
     ds = data.load_dataset("toy", str(toy_root))
-    model, tok = checkpoint.build_model(cfg, ds, None, state)
+    model, tok = train.build_model(cfg, ds, None, state)
     return model.eval(), tok, cfg, ds
 
 
 def a_batch(model, tok, cfg, ds, n=8):
-    enc = checkpoint.encode(cfg, ds, tok, "test", model)
+    enc = collm.encode(cfg, ds, tok, "test", model)
     return data.collate(enc, ds.splits["test"], np.arange(n), data.SegmentTokenizer(tok).pad_id)
 
 
@@ -84,11 +85,11 @@ def no_pickles(folder):
 
 def test_stage1_export_loads_with_plain_transformers_and_peft(runs, toy_root, tmp_path):
     out = tmp_path / "export"
-    train.main(["--evaluate", "--export", str(out), "--ckpt", str(runs / "lora" / "best.pt")])
+    use.main(["--export", str(out), "--ckpt", str(runs / "lora" / "best.pt")])
     assert {"adapter_config.json", "adapter_model.safetensors", "collm_export.json", "base"} <= set(os.listdir(out))
     assert not (out / "projector.safetensors").exists()  # stage 1 has no projector
     no_pickles(out)
-    model, tok, cfg, ds = rebuilt(checkpoint.load_checkpoint(str(runs / "lora" / "best.pt")), toy_root)
+    model, tok, cfg, ds = rebuilt(train.load_checkpoint(str(runs / "lora" / "best.pt")), toy_root)
     batch = a_batch(model, tok, cfg, ds)
     res = run_python("-I", "-c", PLAIN_PEFT, out, cwd=tmp_path, timeout=120,
                      input=json.dumps({k: batch[k].tolist() for k in ("input_ids", "attention_mask")}))
@@ -105,8 +106,8 @@ def test_stage1_export_loads_with_plain_transformers_and_peft(runs, toy_root, tm
 
 def test_stage2_export_reloads_to_the_same_scores(runs, toy_root, tmp_path):
     out = tmp_path / "export"
-    ckpt = checkpoint.load_checkpoint(str(runs / "cie" / "best.pt"))
-    train.main(["--evaluate", "--export", str(out), "--ckpt", str(runs / "cie" / "best.pt")])
+    ckpt = train.load_checkpoint(str(runs / "cie" / "best.pt"))
+    use.main(["--export", str(out), "--ckpt", str(runs / "cie" / "best.pt")])
     no_pickles(out)
     info = json.loads((out / "collm_export.json").read_text())
     from safetensors.torch import load_file
@@ -118,15 +119,15 @@ def test_stage2_export_reloads_to_the_same_scores(runs, toy_root, tmp_path):
     assert "<UserID>" in info["prompt"]["template"] and "slot_token_id" in info["prompt"]
     original, tok, cfg, ds = rebuilt(ckpt, toy_root)
     batch = a_batch(original, tok, cfg, ds)
-    state = metrics.load_export(str(out))
+    state = collm.load_export(str(out))
     assert (state["step"], state["samples_seen"]) == (ckpt["step"], ckpt["samples_seen"])  # what --table shows
     assert state["best"] == ckpt["best"]  # the valid score the weights were chosen by
     reloaded, *_ = rebuilt(state, toy_root)
     np.testing.assert_allclose(our_scores(reloaded, batch), our_scores(original, batch), atol=1e-5)
     # scored into a folder of its own (how checkpoints/results.json gets a shipped run's row), the export is
-    # one row of eval.py --table: its collaborative model, its variant, the run's valid AUC beside test
-    train.main(["--evaluate", "--ckpt", str(out), "--split", "test", "--out", str(tmp_path / "scored")])
-    row = metrics.result_row(tmp_path / "scored")
+    # one row of tools/results.py --table: its collaborative model, its variant, the run's valid AUC beside test
+    use.main(["--ckpt", str(out), "--split", "test", "--out", str(tmp_path / "scored")])
+    row = results.result_row(tmp_path / "scored")
     assert (row["method"], row["rec"], row["variant"]) == ("CoLLM-MF", "mf", "frozen")
     assert row["valid_auc"] == ckpt["best"]["auc"] and row["command"] and row["test_rows"] == len(ds.splits["test"])
 
@@ -136,14 +137,14 @@ def test_an_export_names_no_path_of_this_machine(runs, toy_root, tmp_path, loade
     """An LLM loaded from a folder here (SmolLM2's converted copy in cache/) is named by where it comes
     from, never by that path: base_model null (or base/ with --with-base), in collm_export.json,
     adapter_config.json and peft's README.md alike. A hub id stays, it means the same everywhere."""
-    model, tok, cfg, ds = rebuilt(checkpoint.load_checkpoint(str(runs / "lora" / "best.pt")), toy_root)
+    model, tok, cfg, ds = rebuilt(train.load_checkpoint(str(runs / "lora" / "best.pt")), toy_root)
     here = tmp_path / "cache" / "an-llm"
     here.mkdir(parents=True)
     name = str(here) if loaded_from == "folder" else "some-org/some-llm"
     model.llm.get_base_model().config._name_or_path = name
-    state = checkpoint.load_checkpoint(str(runs / "lora" / "best.pt"))
+    state = train.load_checkpoint(str(runs / "lora" / "best.pt"))
     template = data.load_template(ds.domain, "text")
-    info = metrics.export_model(model, tok, state, template, str(tmp_path / "out"), source="where it comes from")
+    info = use.export_model(model, tok, state, template, str(tmp_path / "out"), source="where it comes from")
     want = None if loaded_from == "folder" else name
     assert info["base_model"] == want and info["base_model_source"] == "where it comes from"
     assert "--with-base" in info["base_model_note"] and not (tmp_path / "out" / "base").exists()
@@ -167,11 +168,11 @@ def score_by_the_example(ckpt, export, doc, toy_root, tmp_path):
     """-> (the score the doc's script prints for one user and item, ours for the same prompt). The
     user with the longest history, so that the script must keep its last 10 titles itself."""
     import dataclasses
-    model, tok, cfg, ds = rebuilt(checkpoint.load_checkpoint(str(ckpt)), toy_root)
-    user = max(range(1, ds.user_num), key=lambda u: len(metrics.current_history(ds, metrics.user_rows(ds, u))[1]))
+    model, tok, cfg, ds = rebuilt(train.load_checkpoint(str(ckpt)), toy_root)
+    user = max(range(1, ds.user_num), key=lambda u: len(use.current_history(ds, use.user_rows(ds, u))[1]))
     item = 5
-    split, _, _ = metrics.candidates(ds, user, items=[item])
-    enc = checkpoint.encode(cfg, dataclasses.replace(ds, splits={**ds.splits, "rank": split}), tok, "rank", model)
+    split, _, _ = use.candidates(ds, user, items=[item])
+    enc = collm.encode(cfg, dataclasses.replace(ds, splits={**ds.splits, "rank": split}), tok, "rank", model)
     want = metrics.score_rows(model, enc, split, [0], 1, data.SegmentTokenizer(tok).pad_id, torch.device("cpu"))[0]
     liked = [ds.titles[i] for i in split.history(0)]
     assert len(liked) > data.MAX_TITLES
@@ -190,7 +191,7 @@ def score_by_the_example(ckpt, export, doc, toy_root, tmp_path):
 def test_the_stage1_example_adds_score_bias(runs, toy_root, tmp_path):
     """docs/USE.md's stage-1 script, plain transformers + peft, on a --calibrate run's export (base/ in it)."""
     out = tmp_path / "export"
-    train.main(["--evaluate", "--export", str(out), "--ckpt", str(runs / "lora" / "best.pt")])
+    use.main(["--export", str(out), "--ckpt", str(runs / "lora" / "best.pt")])
     got, want = score_by_the_example(runs / "lora" / "best.pt", out, "docs/USE.md", toy_root, tmp_path)
     assert got == pytest.approx(want, abs=1e-5)
 
@@ -207,7 +208,7 @@ def test_an_fp16_export_is_half_the_size_and_scores_as_the_run(runs, toy_root, t
     read back into the float32 model, scores equal up to that rounding."""
     ckpt = str(runs / "cie" / "best.pt")
     for dtype in ("fp32", "fp16"):
-        train.main(["--evaluate", "--export", str(tmp_path / dtype), "--ckpt", ckpt, "--export-dtype", dtype])
+        use.main(["--export", str(tmp_path / dtype), "--ckpt", ckpt, "--export-dtype", dtype])
     from safetensors.torch import load_file
     for name in ("adapter_model.safetensors", "projector.safetensors", "rec.safetensors"):
         half, full = load_file(tmp_path / "fp16" / name), load_file(tmp_path / "fp32" / name)
@@ -215,9 +216,9 @@ def test_an_fp16_export_is_half_the_size_and_scores_as_the_run(runs, toy_root, t
                {k: v.dtype for k, v in half.items()}, name  # floats halved, the bool "seen" masks kept
         assert os.path.getsize(tmp_path / "fp16" / name) < 0.6 * os.path.getsize(tmp_path / "fp32" / name)
     assert json.loads((tmp_path / "fp16" / "collm_export.json").read_text())["lora"]["dtype"] == "float16"
-    original, tok, cfg, ds = rebuilt(checkpoint.load_checkpoint(ckpt), toy_root)
+    original, tok, cfg, ds = rebuilt(train.load_checkpoint(ckpt), toy_root)
     batch = a_batch(original, tok, cfg, ds)
-    reloaded, *_ = rebuilt(metrics.load_export(str(tmp_path / "fp16")), toy_root)
+    reloaded, *_ = rebuilt(collm.load_export(str(tmp_path / "fp16")), toy_root)
     assert all(p.dtype == torch.float32 for p in reloaded.parameters())
     np.testing.assert_allclose(our_scores(reloaded, batch), our_scores(original, batch), atol=2e-2)
 
@@ -225,23 +226,23 @@ def test_an_fp16_export_is_half_the_size_and_scores_as_the_run(runs, toy_root, t
 def test_stage2_starts_from_an_exported_stage1_as_from_its_checkpoint(runs, toy_root, tmp_path):
     """checkpoints/ ships stage 1 as an export folder: --ckpt FOLDER builds the stage-2 model that
     --ckpt best.pt builds (the tiny LLM's export carries base/, yet the run still names --llm tiny)."""
-    train.main(["--evaluate", "--export", str(tmp_path / "lora"), "--ckpt", str(runs / "lora" / "best.pt")])
+    use.main(["--export", str(tmp_path / "lora"), "--ckpt", str(runs / "lora" / "best.pt")])
     ds = data.load_dataset("toy", str(toy_root))
     models = []
     for ckpt in (runs / "lora" / "best.pt", tmp_path / "lora"):
         cfg = train.parse_config(["--stage", "cie", *TINY, "--data", "toy", "--data-root", str(toy_root), "--ckpt",
                                   str(ckpt), "--rec-ckpt", str(runs / "mf" / "model.pt"), "--out", str(tmp_path)])
-        models.append(checkpoint.build_model(cfg, ds, None)[0])
+        models.append(train.build_model(cfg, ds, None)[0])
     a, b = ({n: p for n, p in m.named_parameters() if "lora_" in n} for m in models)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     assert float(models[0].score_bias) == float(models[1].score_bias) != 0
 
 
 def cli(monkeypatch, capsys, *args):
-    """train.py --evaluate as a user runs it (data.cli_main: a UsageError becomes one `error:` line, exit 2)."""
-    monkeypatch.setattr(sys, "argv", ["train.py", "--evaluate", *map(str, args)])
+    """tools/use.py as a user runs it (data.cli_main: a UsageError becomes one `error:` line, exit 2)."""
+    monkeypatch.setattr(sys, "argv", ["tools/use.py", *map(str, args)])
     try:
-        data.cli_main(train.main)
+        data.cli_main(use.main)
         code = 0
     except SystemExit as e:
         code = e.code
@@ -262,7 +263,7 @@ def test_export_refuses_a_non_empty_folder(runs, tmp_path, monkeypatch, capsys):
 def cie_export(runs, tmp_path_factory):
     """A stage-2 export of the toy run (tiny LLaMA: its base/ is in the folder)."""
     out = tmp_path_factory.mktemp("exports") / "cie"
-    train.main(["--evaluate", "--export", str(out), "--ckpt", str(runs / "cie" / "best.pt")])
+    use.main(["--export", str(out), "--ckpt", str(runs / "cie" / "best.pt")])
     return out
 
 
@@ -322,8 +323,8 @@ def test_rank_a_users_test_rows(runs, toy_root, monkeypatch, capsys):
         assert label == str(int(te.label[mine][te.iid[mine] == item][0]))
     assert "prompt of item" in out and "<UserID>" in out and f'"Item {te.iid[mine[0]]}"' in out
     # each test row is scored with the history it had: the same scores as evaluation gives those rows
-    model, tok, cfg, ds = rebuilt(checkpoint.load_checkpoint(str(ckpt)), toy_root)
-    enc = checkpoint.encode(cfg, ds, tok, "test", model)
+    model, tok, cfg, ds = rebuilt(train.load_checkpoint(str(ckpt)), toy_root)
+    enc = collm.encode(cfg, ds, tok, "test", model)
     want = metrics.score_rows(model, enc, te, mine, 4, data.SegmentTokenizer(tok).pad_id, torch.device("cpu"))
     got = {item: score for _, item, score, _ in rows}
     np.testing.assert_allclose([got[i] for i in te.iid[mine]], want, atol=2e-3)  # printed to 3 decimals
@@ -335,7 +336,7 @@ def test_rank_given_items_and_from_an_export(runs, toy_root, tmp_path, monkeypat
     assert code == 0, err
     rows = table_rows(out)
     assert len(rows) == 2 and {r[1] for r in rows} <= {5, 2, 7} and "current history" in out
-    train.main(["--evaluate", "--export", str(tmp_path / "export"), "--ckpt", str(ckpt)])
+    use.main(["--export", str(tmp_path / "export"), "--ckpt", str(ckpt)])
     capsys.readouterr()
     code, out2, err = cli(monkeypatch, capsys, "--ckpt", tmp_path / "export", "--user", 3, "--items", "5,2,7",
                           "--top", 2)
@@ -370,7 +371,7 @@ def test_candidates_without_test_rows_are_unrated_items_with_the_current_history
                     his_ptr=np.concatenate([[0], np.cumsum([len(h) for h in hist])]).astype(np.int64),
                     his_items=np.concatenate(hist).astype(np.int64))
     ds = dataclasses.replace(ds, splits={**ds.splits, "test": te})
-    split, labels, note = metrics.candidates(ds, user, None, k=3)
+    split, labels, note = use.candidates(ds, user, None, k=3)
     rated = {int(i) for s in ("train", "valid") for i in ds.splits[s].iid[ds.splits[s].uid == user]}
     assert len(split) == 3 and not set(split.iid.tolist()) & rated and np.isnan(labels).all()
     # the current history: every item the user liked in the rows that remain, and (the toy splits are
@@ -397,10 +398,10 @@ def sparse_root(tmp_path_factory):
 
 
 def catalog_of(model, tok, cfg, ds, user):
-    """-> (the candidate split, its encoding) of user's unseen items, as train.py --evaluate builds them."""
+    """-> (the candidate split, its encoding) of user's unseen items, as tools/use.py builds them."""
     import dataclasses
-    split, _, _ = metrics.candidates(ds, user, unseen=True)
-    enc = checkpoint.encode(cfg, dataclasses.replace(ds, splits={**ds.splits, "rank": split}), tok, "rank", model)
+    split, _, _ = use.candidates(ds, user, unseen=True)
+    enc = collm.encode(cfg, dataclasses.replace(ds, splits={**ds.splits, "rank": split}), tok, "rank", model)
     return split, enc
 
 
@@ -408,7 +409,7 @@ def catalog_of(model, tok, cfg, ds, user):
                          ids=["stage 1", "stage 2 MF", "stage 2 DIN (the user slot depends on the item)"])
 def test_catalog_scores_equal_scoring_each_row_alone(runs, sparse_root, stage, rec):
     import collm
-    model, tok, cfg, ds = rebuilt(checkpoint.load_checkpoint(str(runs / stage / "best.pt")), sparse_root)
+    model, tok, cfg, ds = rebuilt(train.load_checkpoint(str(runs / stage / "best.pt")), sparse_root)
     if rec:  # a DIN reads the target item to pool the history: user vectors differ from row to row
         torch.manual_seed(0)
         model = collm.CoLLM(model.llm, model.yes_id, collab.new_rec(rec, ds)).eval()
@@ -417,7 +418,7 @@ def test_catalog_scores_equal_scoring_each_row_alone(runs, sparse_root, stage, r
     pad, cpu = data.SegmentTokenizer(tok).pad_id, torch.device("cpu")
     got = metrics.score_catalog(model, enc, split, 4, pad, cpu)
     # test rows: one prefix group per history, each run once for its rows
-    te, enc_te, some = ds.splits["test"], checkpoint.encode(cfg, ds, tok, "test", model), np.arange(12)
+    te, enc_te, some = ds.splits["test"], collm.encode(cfg, ds, tok, "test", model), np.arange(12)
     got_te = metrics.score_catalog(model, enc_te, te, 4, pad, cpu, rows=some)
     assert len(set(data.prefix_groups(enc_te, some).tolist())) > 1
     model.prefix_cache = False  # each row's whole prompt, alone: no prefix shared with anything
@@ -435,7 +436,7 @@ def test_catalog_ranks_every_unseen_item_once(runs, sparse_root, monkeypatch, ca
     assert len(lines) == 2
     for user, line in zip((1, 2), lines):
         got = json.loads(line)
-        rows = metrics.user_rows(ds, user)
+        rows = use.user_rows(ds, user)
         rated = {int(ds.splits[s].iid[r]) for s, rs in rows.items() for r in rs}
         items = [x["item"] for x in got["items"]]
         assert got["user"] == user and got["candidates"] == len(items) > 0

@@ -12,9 +12,13 @@ import pytest
 
 from conftest import ROOT
 
-CHAPTERS = ["prepare", "data", "eval", "collab", "backbone", "collm", "checkpoint", "train", "bench"]  # the README's reading order
+CHAPTERS = ["data", "eval", "collab", "collm", "train"]  # the ladder: each imports only those before it
+TOOLS = sorted(f"tools/{f[:-3]}" for f in os.listdir(os.path.join(ROOT, "tools")) if f.endswith(".py"))
 MAX_FUNCTION_LINES = 70
 EXPLAIN_FROM = 10  # a definition this long or longer opens with a docstring
+
+
+MAX_CHAPTER_LINES = 2800  # the five chapters together: a newcomer reads them in an evening
 
 
 def source(module):
@@ -38,7 +42,20 @@ def test_each_chapter_imports_only_earlier_chapters(module):
     assert not later, f"{module}.py imports {later}: a chapter may only import the ones before it"
 
 
-@pytest.mark.parametrize("module", CHAPTERS)
+@pytest.mark.parametrize("tool", TOOLS)
+def test_tools_import_the_chapters_and_no_chapter_imports_a_tool(tool):
+    """tools/ stands beside the chapters: a tool may import chapters (and other tools), a chapter never
+    imports a tool, so the five chapters read and run without the folder."""
+    assert not any(m == "tools" for c in CHAPTERS for m in imported_modules(ast.parse(source(c))))
+    assert set(imported_modules(ast.parse(source(tool)))) & set(CHAPTERS), f"{tool}.py uses no chapter"
+
+
+def test_the_five_chapters_fit_their_budget():
+    lines = {c: source(c).count("\n") for c in CHAPTERS}
+    assert sum(lines.values()) <= MAX_CHAPTER_LINES, lines
+
+
+@pytest.mark.parametrize("module", CHAPTERS + TOOLS)
 def test_every_function_is_under_70_lines(module):
     long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(ast.parse(source(module)))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
@@ -54,13 +71,13 @@ def docstring(node):
     return None
 
 
-@pytest.mark.parametrize("module", CHAPTERS)
+@pytest.mark.parametrize("module", CHAPTERS + TOOLS)
 def test_each_chapter_opens_with_what_it_is(module):
     doc = docstring(ast.parse(source(module)))
     assert doc and doc.startswith(f"{module}.py: "), f"{module}.py: no opening docstring naming the chapter"
 
 
-@pytest.mark.parametrize("module", CHAPTERS)
+@pytest.mark.parametrize("module", CHAPTERS + TOOLS)
 def test_every_longer_definition_says_what_it_is_for(module):
     """A class or function of EXPLAIN_FROM lines or more opens with a docstring. Not a rule on how much
     is commented (a share of comment lines rewards volume), but on where a reader can always find the
@@ -73,8 +90,8 @@ def test_every_longer_definition_says_what_it_is_for(module):
 
 
 # A measured figure: a rate, a duration, a speed-up, a four-decimal AUC. They go stale as the code and
-# the machines change, so they live in docs/ beside the commands that measured them, and bench.py,
-# which measures, is the one chapter that may speak of them.
+# the machines change, so they live in docs/ beside the commands that measured them, and tools/bench.py,
+# which measures, is the one file that may speak of them.
 FIGURE = re.compile(r"\d\s*(samples|rows|tokens|steps)/s\b|[GT]FLOP/s|\b\d+(\.\d+)?\s?(ms|s|seconds|minutes)\b"
                     r"|\d(\.\d+)?x (faster|slower)|~\d+(\.\d+)?x\b|\b0\.\d{4}\b")
 
@@ -90,7 +107,7 @@ def explanations(text):
     return lines
 
 
-@pytest.mark.parametrize("module", [m for m in CHAPTERS if m != "bench"])
+@pytest.mark.parametrize("module", [m for m in CHAPTERS + TOOLS if m != "tools/bench"])
 def test_comments_hold_no_measurements(module):
     found = [f"{n}: {line.strip()}" for n, line in explanations(source(module)) if FIGURE.search(line)]
     assert not found, f"{module}.py: " + " | ".join(found)
@@ -107,7 +124,7 @@ TEST_FILES = [f[:-3] for f in sorted(os.listdir(os.path.join(ROOT, "tests"))) if
 UNCITABLE = "SP" + "EC"  # a design file of an early draft, never in the repository (spelled so, to not match here)
 
 
-@pytest.mark.parametrize("module", CHAPTERS + [f"tests/{t}" for t in TEST_FILES])
+@pytest.mark.parametrize("module", CHAPTERS + TOOLS + [f"tests/{t}" for t in TEST_FILES])
 def test_comments_cite_what_a_reader_can_open(module):
     """Comments cite the paper, the README or the reference's files, never a document that a reader
     of the repository cannot open."""

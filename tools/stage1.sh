@@ -2,9 +2,9 @@
 # One stage-1 (TALLRec) run of the backbone probe on ONE CPU core, continuing where an earlier sitting
 # stopped (issue: a stronger LLM half; docs/RESULTS.md: the backbone probe).
 #
-#   scripts/stage1.sh CORE NAME [train.py flags]   e.g.
-#   scripts/stage1.sh 0 lora-gemma3 --llm gemma3-270m                    # the shipped recipe
-#   scripts/stage1.sh 1 lora-gemma3-pass --llm gemma3-270m --max-steps 4237   # one whole pass
+#   tools/stage1.sh CORE NAME [train.py flags]   e.g.
+#   tools/stage1.sh 0 lora-gemma3 --llm gemma3-270m                    # the shipped recipe
+#   tools/stage1.sh 1 lora-gemma3-pass --llm gemma3-270m --max-steps 4237   # one whole pass
 #
 # The run goes to runs/NAME (log: runs/NAME.log), pinned to core CORE with one thread (two runs side by
 # side finish sooner than one run on both cores). If runs/NAME/last.pt exists the run is resumed with the

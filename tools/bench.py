@@ -1,7 +1,7 @@
-"""bench.py: speed and memory of CoLLM training and scoring, against the machine's own matmul peak
+"""tools/bench.py: speed and memory of CoLLM training and scoring, against the machine's own matmul peak
 and against the reference implementation's way of doing the same work.
 
-The chapter that measures the others. It answers three questions about one training stage:
+The tool that measures the chapters. It answers three questions about one training stage:
   1. How close to the hardware do we get? Matmul FLOP/s achieved on real ML-1M batches, as a share
      of the device's peak for the dtype (a large square matmul, best of a few).
   2. Does the loop lose anything around the model? The same model on one fixed B x 190-token batch
@@ -12,13 +12,13 @@ The chapter that measures the others. It answers three questions about one train
      re-built and re-tokenised from strings every step, and in stage 1 the collaborative model and
      projector run every step although nothing uses their output.
 
-    python bench.py --llm smollm2-135m --dtype bf16 --batch-size 8 --steps 5                 # stage 1
-    python bench.py --llm smollm2-135m --dtype bf16 --batch-size 8 --steps 5 --stage cie     # stage 2
-    python bench.py --llm smollm2-135m --dtype bf16 --batch-size 8 --steps 5 --device cuda
-    python bench.py --llm smollm2-135m --stage cie --only catalog --eval-rows 32 --repeats 1  # one user's catalog
+    python tools/bench.py --llm smollm2-135m --dtype bf16 --batch-size 8 --steps 5                 # stage 1
+    python tools/bench.py --llm smollm2-135m --dtype bf16 --batch-size 8 --steps 5 --stage cie     # stage 2
+    python tools/bench.py --llm smollm2-135m --dtype bf16 --batch-size 8 --steps 5 --device cuda
+    python tools/bench.py --llm smollm2-135m --stage cie --only catalog --eval-rows 32 --repeats 1  # one user's catalog
 
-A fourth, about using a trained model: how much faster is one user's whole catalog (train.py
---evaluate --user U --candidates unseen: the prompt up to the target title run once, then only each
+A fourth, about using a trained model: how much faster is one user's whole catalog (tools/use.py
+--user U --candidates unseen: the prompt up to the target title run once, then only each
 candidate's own tokens) than plain scoring of the same rows? `--only catalog` answers it alone.
 
 Each measurement runs in a child process of its own (`--only NAME` runs one and prints it as a JSON
@@ -52,15 +52,14 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import backbone
-import checkpoint
-import collab
-import collm
-import data
-import eval as metrics  # our eval.py, by what it holds (a plain `import eval` would hide the builtin)
-import prepare
-import train
-from prepare import UsageError
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the chapters, one folder up
+import collab  # noqa: E402
+import collm  # noqa: E402
+import data  # noqa: E402
+import eval as metrics  # noqa: E402  (our eval.py)
+import train  # noqa: E402
+from data import UsageError  # noqa: E402
+from tools import use  # noqa: E402
 
 CHILDREN = ("baseline", "ours-train", "whole-train", "ours-eval", "whole-eval", "ref-train", "ref-eval", "catalog")
 FIXED_LEN = 190  # tokens per row of the fixed-shape baseline: the mean ML-1M prompt in LLaMA tokens
@@ -93,8 +92,8 @@ def parse_args(argv=None):
                    help="our path with activation checkpointing (train.py --grad-checkpoint): run with and "
                         "without to see what it costs in samples/s and saves in peak memory; default off")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="our path with torch.compile'd decoder layers (backbone.compile_decoder); default off")
-    prepare.add_data_flags(p)
+                   help="our path with torch.compile'd decoder layers (collm.compile_decoder); default off")
+    data.add_data_flags(p)
     p.add_argument("--cache-dir", default="cache", help="where converted models are kept (as train.py)")
     p.add_argument("--seed", type=int, default=2023, help="seeds the LoRA init and which batches are drawn")
     p.add_argument("--only", default=None, choices=CHILDREN,
@@ -120,7 +119,7 @@ def parse_args(argv=None):
 def device_and_dtype(args):
     """-> (device, dtype (None = fp32), dtype name, why that dtype), chosen as train.py chooses."""
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    return (device, *backbone.compute_dtype(args.dtype, device))
+    return (device, *train.compute_dtype(args.dtype, device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,20 +270,19 @@ def decoder_matrix_params(model):
 def build(args, ds, dtype, device, with_rec, ours=True):
     """-> (CoLLM, tokenizer, cfg) with this stage's trainable tensors.
 
-    Stage 1 is checkpoint.build_model's model as it is. Stage 2 (and the reference's stage 1, which runs
+    Stage 1 is train.build_model's model as it is. Stage 2 (and the reference's stage 1, which runs
     a collaborative model it never uses) adds a fresh MF with its projector: trained or random
     weights cost the same time, and this way the bench needs no checkpoints. `--compile` applies to
     our path (and its fixed-batch baseline) only: the reference ran eager."""
     cfg = train.Config(stage=args.stage, llm=args.llm, data=args.data, data_root=args.data_root, cache_dir=args.cache_dir,
                        dtype=args.dtype, seed=args.seed, batch_size=args.batch_size, grad_checkpoint=args.grad_checkpoint and ours)
     torch.manual_seed(args.seed)
-    model, tok = checkpoint.build_model(replace(cfg, stage="lora"), ds, dtype)  # lora: needs no --ckpt
+    model, tok = train.build_model(replace(cfg, stage="lora"), ds, dtype)  # lora: needs no --ckpt
     if with_rec:
         model = collm.CoLLM(model.llm, model.yes_id, collab.MF(ds.user_num, ds.item_num))
-        for name, p in model.named_parameters():  # stage 2 trains the projector, stage 1 only LoRA
-            p.requires_grad_(name.startswith("proj.") if args.stage == "cie" else "lora_" in name)
+        collm.set_trainable(model, args.stage)  # what train.py trains in this stage (collm.STAGES)
     if args.compile and ours:
-        backbone.compile_decoder(model)
+        collm.compile_decoder(model)
     return model.to(device), tok, cfg
 
 
@@ -298,7 +296,7 @@ def train_step_fn(model, device, dtype, score_fn):
 
     def step(batch):
         """One optimizer step on `batch`, as train.train_step takes it (autocast, scaler, clip)."""
-        with backbone.autocast(device, dtype):
+        with train.autocast(device, dtype):
             loss = F.binary_cross_entropy_with_logits(score_fn(batch), batch["label"].to(device))
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -324,7 +322,7 @@ def ours_train(args, ds, device, dtype, prefix_cache=True):
     stage 2 only, as stage 1 always runs in one call)."""
     model, tok, cfg = build(args, ds, dtype, device, with_rec=args.stage == "cie")
     model.prefix_cache = prefix_cache
-    enc = checkpoint.encode(cfg, ds, tok, "train", model)
+    enc = collm.encode(cfg, ds, tok, "train", model)
     split, pad = ds.splits["train"], data.SegmentTokenizer(tok).pad_id
     epoch = data.train_batches(enc.lengths, args.batch_size, np.random.default_rng(args.seed), bucket=True)
     batches = epoch[:args.warmup + args.steps]
@@ -357,7 +355,7 @@ def ours_eval(args, ds, device, dtype, prefix_cache=True):
     whole prompt in one decoder call, in length order, as before shared prefixes."""
     model, tok, cfg = build(args, ds, dtype, device, with_rec=args.stage == "cie")
     model.prefix_cache = prefix_cache
-    enc = checkpoint.encode(cfg, ds, tok, "test", model)
+    enc = collm.encode(cfg, ds, tok, "test", model)
     split, pad, batch_size, rows = ds.splits["test"], data.SegmentTokenizer(tok).pad_id, args.eval_batch_size, eval_rows(args, ds)
     score = lambda rs: metrics.score_rows(model, enc, split, rs, batch_size, pad, device, dtype)
     m = measure(device, args, lambda: score(rows[:batch_size]), lambda: score(rows))
@@ -381,7 +379,7 @@ class ReferencePrompts:
 
     def __init__(self, ds, tok, stage):
         self.ds, self.tok = ds, tok
-        self.template = data.load_template(ds.domain, "text" if stage == "lora" else "collm")
+        self.template = data.load_template(ds.domain, collm.STAGES[stage]["template"])
         self.bos = tok.bos_token or ""  # the reference typed "<s>" before every prompt
         self.slot = tok.unk_token or tok.eos_token  # the reference's placeholder: <unk>, found by its id
         self.slot_id = tok.convert_tokens_to_ids(self.slot)
@@ -452,7 +450,7 @@ def ref_eval(args, ds, device, dtype):
 
     def run(rows_list):
         counts.clear()
-        with torch.no_grad(), backbone.autocast(device, dtype):
+        with torch.no_grad(), train.autocast(device, dtype):
             for rs in rows_list:
                 batch = {k: v.to(device) for k, v in prompts(split, rs).items()}
                 counts.append((int(batch["attention_mask"].sum()), batch["attention_mask"].numel()))
@@ -464,7 +462,7 @@ def ref_eval(args, ds, device, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# One user's catalog (train.py --evaluate --user U --candidates unseen): thousands of rows with one
+# One user's catalog (tools/use.py --user U --candidates unseen): thousands of rows with one
 # history, so one prompt prefix up to the target title
 
 
@@ -473,10 +471,10 @@ def user_catalog(args, ds, model, tok, cfg, n=None):
     rating of, with their current history (the first n of them, if n). On data where that user rated
     every item (the toy data of the tests), every item instead: the same prompts, rated or not."""
     user = int(ds.splits["test"].uid[0])
-    split, _, _ = metrics.candidates(ds, user, unseen=True)
+    split, _, _ = use.candidates(ds, user, unseen=True)
     items = split.iid.tolist() or np.flatnonzero(data.items_in_data(ds)).tolist()
-    split, _, _ = metrics.candidates(ds, user, items=items[:n])
-    enc = checkpoint.encode(cfg, replace(ds, splits={**ds.splits, "rank": split}), tok, "rank", model)
+    split, _, _ = use.candidates(ds, user, items=items[:n])
+    enc = collm.encode(cfg, replace(ds, splits={**ds.splits, "rank": split}), tok, "rank", model)
     return split, enc
 
 
@@ -533,7 +531,7 @@ def baseline(args, ds, device, dtype):
     tb, eb = fixed_batch(args.batch_size), fixed_batch(args.eval_batch_size)
 
     def score():
-        with torch.no_grad(), backbone.autocast(device, dtype):
+        with torch.no_grad(), train.autocast(device, dtype):
             model(**eb).cpu()
 
     c = model.llm.config
@@ -696,7 +694,7 @@ def report(args, device, dtype_name, res, load):
                 prefix_mem_eval=round(prefix_mem_eval, 3), prefix_tensors_train=round(prefix_tensors_train, 3) if train_whole else None,
                 prefix_tensors_eval=round(prefix_tensors_eval, 3), mem_ratio_train=round(mem_train, 3), device=device.type,
                 dtype=dtype_name, cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                cpu_bf16_units=backbone.cpu_has_bf16_units(), llm=args.llm, stage=args.stage, compile=args.compile,
+                cpu_bf16_units=train.cpu_has_bf16_units(), llm=args.llm, stage=args.stage, compile=args.compile,
                 grad_checkpoint=args.grad_checkpoint, peak_flops=peak, n_params=N, eval_padding_share=round(te["padding"], 4),
                 fixed_train_peak_share=round(f_train * args.batch_size * FIXED_LEN / base["train_seconds"] / peak, 4),
                 fixed_eval_peak_share=round(f_eval * args.eval_batch_size * FIXED_LEN / base["eval_seconds"] / peak, 4),
@@ -725,4 +723,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    prepare.cli_main(main)
+    data.cli_main(main)

@@ -1,32 +1,23 @@
-"""prepare.py: raw files -> the authors' four split pickles (paper section 4.1), as nanoGPT's
-data/*/prepare.py: finding a dataset, building it from raw files by the authors' rules, downloading it.
+"""tools/prepare.py: raw files -> the authors' four split pickles (paper section 4.1), as nanoGPT's
+data/*/prepare.py: building a dataset from raw files by the authors' rules, downloading what is missing.
 
-Chapter one of the toolkit, and the only one that touches the network or writes a dataset. It also
-holds the two things every later chapter shares: the error type a CLI prints as one `error:` line
-(UsageError), and the atomic writer everything kept on disk goes through (write_atomic).
+The one tool that touches the network or builds a dataset. data.py reads what it leaves: the released
+pickles (or their zip) in the data root, or this tool's build of the raw files, kept in the cache
+(data.built_folder).
 
-    python prepare.py --data ml-1m          # find, build or download the split; say where it came from
-    python prepare.py --data amazon-book    # the paper's second dataset (a 3 GB download, a long build)
+    python tools/prepare.py --data ml-1m          # find, build or download the split; say where it came from
+    python tools/prepare.py --data amazon-book    # the paper's second dataset (a 3 GB download, a long build)
+    python tools/prepare.py --data ml-1m --stats  # ... and its split sizes, positive rates, cold shares
+    python tools/prepare.py --data ml-1m --show 5 --prompt collm   # test row 5's prompt text
 
-Where data comes from (`--data NAME_OR_DIR`, root = `--data-root`, else $COLLM_DATA, else ./data):
-  1. `<root>/<name>/{train,valid,test,valid_small}_ood2.pkl`: the authors' pickles;
-  2. `<root>/<name>.zip` holding those pickles (the released ml-1m.zip), read in place, never unpacked,
-     so a read-only data folder works;
-  3. raw files in `<root>/<name>/`, turned into the same four pickles by the authors' rules (their
-     notebooks dataset/*/processing_ood.ipynb) and kept in a cache ($COLLM_CACHE, else ~/.cache/collm)
-     under a name that records the raw files' sizes and times:
-       ml-1m:        GroupLens `ratings.dat` + `movies.dat`                     (build_ml1m_split)
-       amazon-book:  Amazon 2018 `Books_5.json.gz` + `meta_Books.json.gz`       (build_amazon_book_split);
-  4. with none of these, a download when the network allows: for ml-1m the authors' ml-1m.zip
-     (the exact split) into `<root>/`, else the GroupLens files; for amazon-book the two raw files.
-     A download never replaces a file that is already there.
-data.py reads the pickles this chapter finds (load_dataset).
+With neither pickles nor raw files, it downloads: for ml-1m the authors' ml-1m.zip (the exact split)
+into `<root>/`, else the GroupLens files; for amazon-book the two raw files. A download never replaces
+a file that is already there. The builders follow the authors' notebooks dataset/*/processing_ood.ipynb:
+  ml-1m:        GroupLens `ratings.dat` + `movies.dat`                     (build_ml1m_split)
+  amazon-book:  Amazon 2018 `Books_5.json.gz` + `meta_Books.json.gz`       (build_amazon_book_split)
 """
 import argparse
-import hashlib
 import os
-import re
-import shutil
 import sys
 import tempfile
 import zipfile
@@ -34,147 +25,35 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-SPLITS = ("train", "valid", "test", "valid_small")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the chapters, one folder up
+import data  # noqa: E402
+from data import RAW_FILES, UsageError, write_atomic  # noqa: E402
+
+# Downloads, tried only when a dataset has neither pickles nor raw files (see prepare)
 # Downloads, tried only when a dataset has neither pickles nor raw files (see find_split_files)
 AUTHORS_ZIP_URL = "https://github.com/zyang1580/CoLLM/raw/HEAD/collm-datasets/ml-1m.zip"  # the exact split
+
 GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-1m.zip"
+
 AMAZON_URLS = {  # Amazon Review Data 2018, "5-core" Books reviews and Books metadata
     "Books_5.json.gz": "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_v2/categoryFilesSmall/Books_5.json.gz",
     "meta_Books.json.gz": "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_v2/metaFiles2/meta_Books.json.gz"}
-BUILD_VERSION = 2  # part of the cache key: bump it when a builder's output changes
-
-# ---------------------------------------------------------------------------------------------
-# What every chapter shares: the one error type, the dataset flags, atomic writes
-
-
-class UsageError(Exception):
-    """Bad input from the user (a file, a row, a flag). Every CLI prints it as one `error:` line and
-    exits 2; it is the only exception type this toolkit defines."""
-
-
-def cli_main(main):
-    """Run a CLI `main()` so that a UsageError becomes `error: ...` on stderr and exit status 2."""
-    try:
-        main()
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def data_root(flag=None):
-    """--data-root, else $COLLM_DATA, else ./data (the rule every CLI shares)."""
-    return flag or os.environ.get("COLLM_DATA") or "data"
-
-
-# The two flags that choose a dataset, worded once for every CLI (train.py's Config reads them too).
-DATA_FLAGS = {"data": ("ml-1m", "dataset name under the data root, or a dataset folder (default ml-1m)"),
-              "data_root": (None, "folder holding datasets (default $COLLM_DATA, else ./data)")}
-
-
-def add_data_flags(parser):
-    """--data and --data-root on an argparse parser, as DATA_FLAGS says."""
-    for name, (default, help) in DATA_FLAGS.items():
-        parser.add_argument("--" + name.replace("_", "-"), default=default, help=help)
-
-
-def write_atomic(path, write):
-    """write(tmp) creates a file or a folder at a temporary name beside `path`, which is then renamed
-    to `path` in one step: a crash or an error never leaves half a file under the real name, and the
-    temporary is removed whatever happens. The one way this toolkit writes what it keeps (pickles,
-    checkpoints, metrics.json, exports, converted models). An empty folder at `path` is replaced
-    (a rename cannot replace a folder on every system); anything else there makes the rename fail."""
-    tmp = f"{path}.tmp{os.getpid()}"  # the final name in front: torch.save refuses some dot-names
-    remove_stale_temporaries(path)  # what killed earlier writes of the same path left behind
-    try:
-        write(tmp)
-        if os.path.isdir(path) and not os.listdir(path) and os.path.isdir(tmp):
-            os.rmdir(path)
-        os.replace(tmp, path)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def remove_stale_temporaries(path):
-    """Remove `path.tmpPID` files and folders whose writer is gone: a write killed mid-way (kill -9,
-    a power cut) never reaches its `finally`, and without this its temporary stayed forever. A
-    writer is gone when no process on this machine has its id; one with our own id is an earlier
-    write of ours that died the same way (ids are reused). A live writer's temporary is left alone."""
-    folder, base = os.path.split(os.path.abspath(path))
-    for name in os.listdir(folder) if os.path.isdir(folder) else ():
-        m = re.fullmatch(re.escape(base) + r"\.tmp(\d+)", name)
-        if m and (int(m.group(1)) == os.getpid() or not process_alive(int(m.group(1)))):
-            stale = os.path.join(folder, name)
-            if os.path.isdir(stale):  # a folder: an export, a converted model, a split being built
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                os.remove(stale)
-
-
-def process_alive(pid):
-    """True if a process with this id runs on this machine (signal 0 checks without sending)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
 
 
 # ---------------------------------------------------------------------------------------------
-# Finding a dataset's four pickles: a folder, a zip, raw files built into the cache, a download
+# Finding a split, else building it from the raw files (once, into the cache), else downloading
 
 
-def _pickles_in(folder):
-    """{split: (opener, printable path)} if `folder` holds all four pickles, else None."""
-    files = {s: os.path.join(folder, f"{s}_ood2.pkl") for s in SPLITS}
-    if all(os.path.exists(p) for p in files.values()):
-        return {s: (lambda p=p: open(p, "rb"), p) for s, p in files.items()}
-    return None
-
-
-def _pickles_in_zip(zpath, name):
-    """The same inside a zip, read in place: `<name>/<split>_ood2.pkl`, else the four pickles in the
-    zip's only folder that has them (people zip the book split as `book/`, or with no folder)."""
+def prepare(name, root):
+    """-> ({split: (opener, printable path)}, where it came from): what data.py finds, else a build of
+    the raw files in `<root>/<name>/`, else a download (then a build, for raw downloads)."""
     try:
-        zf = zipfile.ZipFile(zpath)
-    except zipfile.BadZipFile:
-        raise UsageError(f"{zpath}: not a zip file")
-    names = set(zf.namelist())
-    folders = sorted({n[:-len(f"{s}_ood2.pkl")] for n in names for s in SPLITS if n.endswith(f"/{s}_ood2.pkl")
-                      or n == f"{s}_ood2.pkl"})  # every folder holding any of the four ("" = the zip's top)
-    complete = [f for f in folders if all(f"{f}{s}_ood2.pkl" in names for s in SPLITS)]
-    folder = f"{name}/" if f"{name}/" in complete else complete[0] if len(complete) == 1 else None
-    if folder is None and folders and not complete:  # some of a split, not all: say which pickle is missing
-        f = f"{name}/" if f"{name}/" in folders else folders[0]
-        missing = [f"{f}{s}_ood2.pkl" for s in SPLITS if f"{f}{s}_ood2.pkl" not in names]
-        have = [f"{f}{s}_ood2.pkl" for s in SPLITS if f"{f}{s}_ood2.pkl" in names]
-        raise UsageError(f"{zpath}: holds {', '.join(have)} but no {', '.join(missing)}; a dataset zip needs all "
-                         f"four pickles")
-    if folder is None:
-        return None
-    inner = {s: f"{folder}{s}_ood2.pkl" for s in SPLITS}
-    return {s: (lambda p=p: zf.open(p), f"{zpath}:{p}") for s, p in inner.items()}
-
-
-def find_split_files(name, root):
-    """-> ({split: (opener, printable path)}, where the split came from, in words), from the first
-    source that has it: pickles, a zip of them, raw files (built once into the cache), a download."""
+        return data.find_split_files(name, root)
+    except UsageError:
+        if name not in RAW:
+            raise
     folder = name if os.path.isdir(name) else os.path.join(root, name)
-    name = os.path.basename(os.path.normpath(folder))
     zpath = folder + ".zip"
-    if found := _pickles_in(folder):
-        raw = [f for f in RAW.get(name, ((),))[0] if os.path.exists(os.path.join(folder, f))]
-        # earlier versions built their pickles beside the raw files: say that those are not read
-        return found, f"the four pickles in {folder}" + (f" ({' + '.join(raw)} there unused)" if raw else "")
-    if os.path.exists(zpath) and (found := _pickles_in_zip(zpath, name)):
-        return found, f"the four pickles in {zpath}"
-    if name not in RAW:
-        missing = [p for p in (os.path.join(folder, f"{s}_ood2.pkl") for s in SPLITS) if not os.path.exists(p)]
-        raise UsageError(f"--data {name}: no {', '.join(missing)} and no {zpath}")
     files, build, download = RAW[name]
     raw = [os.path.join(folder, f) for f in files]
     absent = [f for f, p in zip(files, raw) if not os.path.exists(p)]
@@ -186,28 +65,15 @@ def find_split_files(name, root):
         if found:
             return found
     out = _cached_build(name, raw, build)
-    return _pickles_in(out), f"built by {build.__name__} from {' + '.join(raw)} (cached in {out})"
-
-
-# ---------------------------------------------------------------------------------------------
-# Raw files -> the authors' four pickles, built once into a cache. The cache folder's name is a hash
-# of the raw files' paths, sizes and modification times, so a changed raw file is rebuilt, never
-# silently ignored, and nothing is written beside the raw files (a read-only data folder works).
-
-
-def cache_dir():
-    """$COLLM_CACHE, else ~/.cache/collm: where splits built from raw files are kept."""
-    return os.environ.get("COLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "collm")
+    return data.find_split_files(name, root)[0], f"built by {build.__name__} from {' + '.join(raw)} (cached in {out})"
 
 
 def _cached_build(name, raw, build):
     """Run `build(raw folder, out folder)` once per version of the raw files; return the out folder.
     The build writes into a temporary folder renamed into place at the end, so a failed or
     interrupted build leaves nothing that a later run could mistake for a split."""
-    stamp = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in raw]
-    key = hashlib.sha1(repr((BUILD_VERSION, stamp)).encode()).hexdigest()[:12]
-    out = os.path.join(cache_dir(), f"{name}-{key}")
-    if _pickles_in(out):
+    out = data.built_folder(name, raw)
+    if data._pickles_in(out):
         return out
 
     def build_into(tmp):
@@ -218,14 +84,14 @@ def _cached_build(name, raw, build):
                              f"set $COLLM_CACHE to a writable folder")
         build(os.path.dirname(raw[0]), tmp)
         with open(os.path.join(tmp, "raw_files.txt"), "w") as f:  # for a human wondering what this is
-            f.write("".join(f"{p}\t{size} bytes\tmtime_ns {mtime}\n" for p, size, mtime in stamp))
+            f.write("".join(f"{p}\t{os.stat(p).st_size} bytes\tmtime_ns {os.stat(p).st_mtime_ns}\n" for p in raw))
 
     try:
         write_atomic(out, build_into)
     except OSError:  # the rename failed: another run finished the same build first, so use its copy
         if not os.path.isdir(out):  # no: a real error of the build itself
             raise
-        if not _pickles_in(out):
+        if not data._pickles_in(out):
             raise UsageError(f"{out} exists but does not hold the four pickles; remove it and run again")
     return out
 
@@ -270,7 +136,7 @@ def _download_ml1m(folder, zpath, root):
     failed = []
     try:
         _download(AUTHORS_ZIP_URL, zpath)
-        found = _pickles_in_zip(zpath, "ml-1m")
+        found = data._pickles_in_zip(zpath, "ml-1m")
         if found:
             return found, f"the four pickles in {zpath} (downloaded from {AUTHORS_ZIP_URL})"
         os.remove(zpath)  # ours, and not what we expected: go on to GroupLens
@@ -284,7 +150,7 @@ def _download_ml1m(folder, zpath, root):
         with tempfile.TemporaryFile() as f:
             _fetch(GROUPLENS_URL, f, "GroupLens ml-1m.zip")
             with zipfile.ZipFile(f) as zf:
-                contents = {n: zf.read(f"ml-1m/{n}") for n in RAW["ml-1m"][0]}
+                contents = {n: zf.read(f"ml-1m/{n}") for n in RAW_FILES["ml-1m"]}
         os.makedirs(folder, exist_ok=True)
         for n, blob in contents.items():
             with open(os.path.join(folder, n), "xb") as out:  # "x": never over a file of the user's
@@ -559,21 +425,63 @@ def build_amazon_book_split(raw_dir, out_dir):
 
 
 # Datasets that can be built from raw files: (raw file names, builder, download when all are absent)
-RAW = {"ml-1m": (("ratings.dat", "movies.dat"), build_ml1m_split, _download_ml1m),
-       "amazon-book": (("Books_5.json.gz", "meta_Books.json.gz"), build_amazon_book_split, _download_amazon)}
+RAW = {"ml-1m": (RAW_FILES["ml-1m"], build_ml1m_split, _download_ml1m),
+       "amazon-book": (RAW_FILES["amazon-book"], build_amazon_book_split, _download_amazon)}
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI
+# Looking at a split: its sizes and shares (--stats), one row's prompt (--show)
+
+
+def untitled_items(ds):
+    """-> ids of the items in the data whose title is ''. The Amazon-Book notebook keeps books whose
+    metadata has no title (its fillna('')), and so do we: their prompts quote an empty title. Worth
+    knowing before training on them, so --stats says how many."""
+    return [i for i in np.flatnonzero(data.items_in_data(ds)).tolist() if ds.titles[i] == ""]
+
+
+def print_stats(ds):
+    """--stats: per split, its rows, positive rate, cold and warm shares and history lengths."""
+    print(f"{ds.name}: users {ds.user_num - 1} (table {ds.user_num}), items {ds.item_num - 1} "
+          f"(table {ds.item_num}), domain {ds.domain}")
+    print(f"{'split':<12}{'rows':>8}{'pos rate':>10}{'cold':>8}{'warm':>8}{'his min':>9}{'his mean':>10}{'his max':>9}")
+    for s, sp in ds.splits.items():
+        h = np.diff(sp.his_ptr)
+        print(f"{s:<12}{len(sp):>8,}{sp.label.mean():>10.3f}{1 - sp.not_cold.mean():>8.3f}{sp.warm.mean():>8.3f}"
+              f"{h.min():>9}{h.mean():>10.1f}{h.max():>9}")
+    print(f"source: {ds.source}")
+    untitled = untitled_items(ds)
+    if untitled:
+        print(f"warning: {len(untitled)} items have no title (kept as the authors' notebook keeps them: their prompts "
+              f"quote an empty title \"\"), e.g. item {', '.join(map(str, untitled[:3]))}")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Find, build or download a CoLLM dataset's split; say where it came from.")
-    add_data_flags(p)
+    p = argparse.ArgumentParser(description="Find, build or download a CoLLM dataset's split and say where it came "
+                                            "from; --stats and --show look at it.")
+    data.add_data_flags(p)
+    p.add_argument("--stats", action="store_true", help="print split sizes, positive rates, cold/warm shares, "
+                   "history lengths")
+    p.add_argument("--show", type=int, default=None, metavar="ROW", help="print the prompt of this row of --split")
+    p.add_argument("--split", default="test", choices=data.SPLITS, help="split for --show (default test)")
+    p.add_argument("--prompt", default="text", choices=("text", "collm"),
+                   help="--show: the text-only (stage 1) or the CoLLM (stage 2) prompt")
+    p.add_argument("--template", default=None, help="--show: a template file instead of prompts/<domain>_<prompt>.txt")
     args = p.parse_args(argv)
-    _, source = find_split_files(args.data, data_root(args.data_root))
+    _, source = prepare(args.data, data.data_root(args.data_root))
     print(f"--data {args.data}: {source}")
+    if args.stats or args.show is not None:
+        ds = data.load_dataset(args.data, args.data_root)
+    if args.stats:
+        print_stats(ds)
+    if args.show is not None:
+        template = data.load_template(ds.domain, args.prompt, args.template)
+        sp = ds.splits[args.split]
+        if not 0 <= args.show < len(sp):
+            raise UsageError(f"--show {args.show}: {args.split} has rows 0..{len(sp) - 1}")
+        hist = [ds.titles[i] for i in sp.history(args.show)]
+        print(data.render_prompt(data.prompt_segments(template, hist, ds.titles[sp.iid[args.show]])))
 
 
 if __name__ == "__main__":
-    cli_main(main)
+    data.cli_main(main)

@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # The stage-2 study behind the README's results, as a queue per CPU core: each line below is one run
-# of scripts/stage2.sh. Start (or continue, in a later sitting) with one queue per core:
+# of tools/stage2.sh. Start (or continue, in a later sitting) with one queue per core:
 #
-#   scripts/study.sh 0 &  scripts/study.sh 1 &
+#   tools/study.sh 0 &  tools/study.sh 1 &
 #
 # A run whose runs/NAME/metrics.json exists is done and skipped; an unfinished one resumes from its
 # last.pt. Runs are chosen on valid AUC (their history in metrics.json; eval.py --plot draws it) and
 # score only 16 test rows; the chosen settings are then scored on the whole test split with
-#   python train.py --evaluate --ckpt runs/NAME/best.pt --split test
+#   python tools/use.py --ckpt runs/NAME/best.pt --split test
 # which rewrites the test entries of runs/NAME/metrics.json (eval.py --table reads them from there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 core=$1
-# core  name                 flags (after scripts/stage2.sh's shared ones); mf-s2024 and lightgcn-s2024
+# core  name                 flags (after tools/stage2.sh's shared ones); mf-s2024 and lightgcn-s2024
 # are the second seed of the setting chosen on valid (frozen: for MF 0.7100 against tune-rec's 0.7072);
 # sasrec-tune-lora-s2024 likewise (valid 0.6818 with the LoRA tuned, 0.6816 frozen), and din-1000-s2024
 # (1,000 steps: valid 0.7108 at step 500, above every 500-step DIN run).
@@ -49,5 +49,5 @@ echo "$QUEUE" | while read -r c name flags; do
   [ -f "runs/cie-$name/metrics.json" ] && continue
   echo "core $core: cie-$name"
   # shellcheck disable=SC2086  # the flags are words
-  scripts/stage2.sh "$core" "cie-$name" --test-rows 16 $flags
+  tools/stage2.sh "$core" "cie-$name" --test-rows 16 $flags
 done

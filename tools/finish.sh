@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# After the stage-2 study (scripts/study.sh): one chosen run scored on the whole test split, and
+# After the stage-2 study (tools/study.sh): one chosen run scored on the whole test split, and
 # the best run of a collaborative model shipped as an export folder in checkpoints/.
 #
-#   scripts/finish.sh CORE RUN            score runs/RUN/best.pt on the test split (its metrics.json
+#   tools/finish.sh CORE RUN            score runs/RUN/best.pt on the test split (its metrics.json
 #                                         gets the test entries eval.py --table reads)
-#   scripts/finish.sh CORE RUN SHIPNAME   export it to checkpoints/SHIPNAME (fp16), score the export on
+#   tools/finish.sh CORE RUN SHIPNAME   export it to checkpoints/SHIPNAME (fp16), score the export on
 #                                         the test split into runs/SHIPNAME, and the 32-row fp32 slice
 #                                         tests/test_shipped.py rescores into runs/SHIPNAME-check
 #
@@ -17,13 +17,13 @@ core=$1 run=$2 ship=${3:-}
 pin=(env OMP_NUM_THREADS=1 taskset -c "$core")
 log=runs/$run.finish.log
 if [ -z "$ship" ]; then
-  "${pin[@]}" python train.py --evaluate --ckpt "runs/$run/best.pt" --split test >> "$log" 2>&1
+  "${pin[@]}" python tools/use.py --ckpt "runs/$run/best.pt" --split test >> "$log" 2>&1
   exit
 fi
 [ -f "checkpoints/$ship/collm_export.json" ] ||
-  "${pin[@]}" python train.py --evaluate --ckpt "runs/$run/best.pt" --export "checkpoints/$ship" --export-dtype fp16 >> "$log" 2>&1
+  "${pin[@]}" python tools/use.py --ckpt "runs/$run/best.pt" --export "checkpoints/$ship" --export-dtype fp16 >> "$log" 2>&1
 [ -f "runs/$ship/metrics.json" ] ||
-  "${pin[@]}" python train.py --evaluate --ckpt "checkpoints/$ship" --split test --out "runs/$ship" >> "$log" 2>&1
+  "${pin[@]}" python tools/use.py --ckpt "checkpoints/$ship" --split test --out "runs/$ship" >> "$log" 2>&1
 [ -f "runs/$ship-check/metrics.json" ] ||
-  "${pin[@]}" python train.py --evaluate --ckpt "checkpoints/$ship" --split test --rows 32 --dtype fp32 --no-compile \
+  "${pin[@]}" python tools/use.py --ckpt "checkpoints/$ship" --split test --rows 32 --dtype fp32 --no-compile \
     --out "runs/$ship-check" >> "$log" 2>&1

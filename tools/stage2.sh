@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One stage-2 run of the results study on ONE CPU core, continuing where an earlier sitting stopped.
 #
-#   scripts/stage2.sh CORE NAME [train.py flags]   e.g.
-#   scripts/stage2.sh 0 cie-din --rec din --rec-ckpt runs/din/model.pt --tune-rec
+#   tools/stage2.sh CORE NAME [train.py flags]   e.g.
+#   tools/stage2.sh 0 cie-din --rec din --rec-ckpt runs/din/model.pt --tune-rec
 #
 # The run goes to runs/NAME (log: runs/NAME.log), pinned to core CORE with one thread: on a 2-core
 # machine two runs side by side finish sooner than one run on both cores, whose threads wait on each
