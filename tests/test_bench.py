@@ -19,6 +19,9 @@ TINY = ["--llm", "tiny", "--dtype", "fp32", "--device", "cpu", "--batch-size", 2
         "--repeats", 1, "--matmul-size", 128, "--data", "toy", "--eval-rows", 12]
 
 
+# The whole bench, as a user runs it: a child process per path, then the report. Second tier: tier 1
+# runs each child path on its own (test_stage_two_paths_run_alone, test_catalog_alone).
+@pytest.mark.tier2
 @pytest.mark.parametrize("stage", ["lora", "cie"])
 def test_one_tiny_step_per_path_ends_with_the_json_line(toy_root, stage):
     res = bench(*TINY, "--data-root", toy_root, "--stage", stage)
@@ -47,15 +50,24 @@ def test_catalog_alone(toy_root):
         assert out[k] > 0, (k, out[k])
 
 
-@pytest.mark.parametrize("path", ["ours-train", "whole-train", "ref-train"])
+@pytest.mark.parametrize("path", ["ours-train", "whole-train", "ref-train", "ours-eval", "ref-eval"])
 def test_stage_two_paths_run_alone(toy_root, path):
     """--only runs one measurement (what each child process does); stage 2 splices the collaborative
     tokens into slots (ours: known positions; the reference's way: searched for)."""
     res = bench(*TINY, "--data-root", toy_root, "--stage", "cie", "--only", path)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["seconds"] > 0 and out["samples"] == 2 and 0 < out["tokens"] <= out["padded"]
+    rows = 2 if path.endswith("train") else 12  # a training step's batch; --eval-rows scored
+    assert out["seconds"] > 0 and out["samples"] == rows and 0 < out["tokens"] <= out["padded"]
     assert out["mem_peak"] >= out["mem_base"] > 0 and out["mem_tensors"] > 0
+
+
+def test_the_baseline_alone(toy_root):
+    """--only baseline: the model alone on one fixed batch, and the machine's matmul peak."""
+    res = bench(*TINY, "--data-root", toy_root, "--stage", "cie", "--only", "baseline")
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["train_seconds"] > 0 and out["eval_seconds"] > 0 and out["peak_flops"] > 0 and out["n_params"] > 0
 
 
 def test_tensor_peak_counts_live_tensors_once():

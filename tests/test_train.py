@@ -4,6 +4,9 @@ import dataclasses
 import json
 import os
 import platform
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -311,6 +314,7 @@ def test_random_backbones_have_the_published_sizes():
         collm.load_llm("random:gpt-5")
 
 
+@pytest.mark.tier2  # SmolLM2's real shape, random: a few seconds per step even on the toy data
 def test_a_random_backbone_runs_and_says_its_numbers_mean_nothing(toy_root, tmp_path):
     res = run_python("train.py", "--stage", "lora", "--llm", "random:smollm2-135m", "--dtype", "fp32", "--data", "toy",
               "--data-root", toy_root, "--batch-size", 2, "--max-steps", 2, "--eval-every", 2, "--eval-rows", 4,
@@ -508,6 +512,7 @@ def test_whole_cie_tuning_resumes_exactly(toy_root, lora_run_no_dropout, mf_ckpt
     assert ma["test"] == mb["test"] and ma["history"] == mb["history"]
 
 
+@pytest.mark.tier2  # two ranks equal one process in tier 1 already (test_two_ranks_end_identical_...)
 def test_whole_cie_tuning_on_two_ranks_equals_one_process(toy_root, lora_run_no_dropout, mf_ckpt, tmp_path):
     """Two processes of 4 rows each take the same steps as one process accumulating two batches of 4."""
     args = whole_cie(toy_root, lora_run_no_dropout, mf_ckpt, tmp_path / "two")[1:]
@@ -696,6 +701,34 @@ def test_resumed_run_equals_uninterrupted_run(toy_root, tmp_path):
     assert ma["seconds"] < 600 and 1e6 < mb["seconds"] < 1e6 + 600
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.tier2)],
+                         ids=["Ctrl-C", "SIGTERM"])  # one handler for both: tier 1 sends the one a user sends
+def test_a_signal_saves_last_pt_at_the_step_and_the_resumed_run_equals_an_uninterrupted_one(toy_root, tmp_path, sig):
+    common = ["--stage", "lora", *TINY, "--data", "toy", "--data-root", toy_root, "--max-steps", 10,
+              "--eval-every", 5, "--test-rows", 20, "--lr", 3e-3, "--no-calibrate"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, common), "--out", str(tmp_path / "b")], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the first logged step (--log-every 1): training is under way, no last.pt yet
+        if line.startswith("step "):
+            proc.send_signal(sig)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    stopped = [line for line in out.splitlines() if line.startswith("stopped by")]
+    assert len(stopped) == 1 and f"--resume {tmp_path / 'b'}" in stopped[0], out[-2000:]
+    step = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"]
+    assert f"at step {step} (last.pt saved)" in stopped[0] and 1 <= step < 10
+    assert not (tmp_path / "b" / "metrics.json").exists()
+    resumed = run_python("train.py", "--resume", tmp_path / "b")
+    straight = run_python("train.py", *common, "--out", tmp_path / "a")
+    assert resumed.returncode == 0 and straight.returncode == 0, resumed.stderr[-2000:]
+    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in "ab")
+    assert a["step"] == b["step"] == 10 and all(torch.equal(a["lora"][k], b["lora"][k]) for k in a["lora"])
+    ma, mb = (json.load(open(tmp_path / d / "metrics.json")) for d in "ab")
+    assert ma["test"] == mb["test"] and ma["history"] == mb["history"]
+
+
 def torchrun(*args, timeout=300):
     """train.py under torchrun with two processes on this machine (gloo on CPU), one thread each."""
     return run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args,
@@ -854,6 +887,14 @@ BAD_INPUTS = {  # case: (tmp, toy_root, lora_dir, mf_ckpt) -> (command line, wor
                                                                           ["not a train.py checkpoint"]),
     "--resume without last.pt": lambda tmp, *_: (["train.py", "--resume", tmp / "empty"], ["no last.pt"]),
 }
+
+
+def test_a_typo_in_llm_fails_at_once_and_leaves_no_run_folder(toy_root, tmp_path):
+    res = run_python("train.py", "--llm", "smollm2-13m", "--data", "toy", "--data-root", toy_root, "--out", tmp_path / "typo")
+    assert_one_line_error(res, "--llm smollm2-13m", "smollm2-135m", "hub id (owner/name)")
+    assert not (tmp_path / "typo").exists()  # refused before the folder was claimed
+    assert "FutureWarning" not in res.stderr  # transformers' deprecation, which peft triggers, is silenced
+    assert not collm.known_llm("smollm2-13m") and collm.known_llm("lmsys/vicuna-7b-v1.3") and collm.known_llm(str(tmp_path))
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
