@@ -628,9 +628,8 @@ def set_up(cfg):
             print(f"calibrated: every score shifted by {shift:+.3f} (now {float(model.score_bias):+.3f})")
     if run.master:
         # derived quantities said once, up front: the global batch is what the learning rate is tuned for
-        print(f"=> stage {cfg.stage} | llm {cfg.llm} | {device} {dtype_name} ({dtype_reason}) "
-              f"| processes {world} | global batch {run.samples_per_step} "
-              f"| trainable {sum(p.numel() for p in trainable.values()):,} in {len(trainable)} tensors | out {run.out}")
+        print(f"=> ready: stage {cfg.stage} | llm {cfg.llm} | processes {world} | global batch {run.samples_per_step} "
+              f"| trainable {sum(p.numel() for p in trainable.values()):,} in {len(trainable)} tensors")
     return run
 
 
@@ -644,8 +643,9 @@ def rough_length(cfg, device, dtype_name, world):
     """', about N h on a 2-core CPU' for the real small LLMs on a CPU, else '' (no basis for a guess)."""
     if device.type != "cpu" or cfg.llm not in collm.PRETRAINED or dtype_name not in CPU_SECONDS_PER_ROW:
         return ""
-    hours = cfg.max_steps * cfg.batch_size * cfg.grad_accum * CPU_SECONDS_PER_ROW[dtype_name] / 3600
-    return f", about {hours:.1f} h on a 2-core CPU"
+    seconds = cfg.max_steps * cfg.batch_size * cfg.grad_accum * CPU_SECONDS_PER_ROW[dtype_name]
+    length = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+    return f", about {length} on a 2-core CPU"
 
 
 RUN_FILES = ("best.pt", "last.pt", "metrics.json")  # what a run writes into its folder

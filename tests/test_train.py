@@ -608,6 +608,14 @@ def test_bad_collaborative_inputs_are_one_clear_line(toy_root, lora_run, rec_ckp
 # The loop, through the real command line
 
 
+def test_the_first_line_guesses_the_length_only_for_the_real_small_llms_on_a_cpu():
+    cpu, default = torch.device("cpu"), train.Config()  # the README's main job: 14,000 rows
+    assert train.rough_length(default, cpu, "fp32", 1) == ", about 3.7 h on a 2-core CPU"
+    assert train.rough_length(dataclasses.replace(default, max_steps=50), cpu, "bf16", 1) == ", about 3 min on a 2-core CPU"
+    assert train.rough_length(train.Config(llm="tiny"), cpu, "fp32", 1) == ""
+    assert train.rough_length(default, torch.device("cuda"), "bf16", 1) == ""
+
+
 def test_lr_schedule_warms_up_then_decays_by_global_step():
     cfg = train.Config(lr=1e-3, warmup_start_lr=1e-5, min_lr=8e-5, warmup_steps=10, max_steps=110)
     lrs = [train.lr_at(s, cfg) for s in range(111)]
@@ -709,12 +717,16 @@ def test_a_signal_saves_last_pt_at_the_step_and_the_resumed_run_equals_an_uninte
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "train.py", *map(str, common), "--out", str(tmp_path / "b")], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first_line = proc.stdout.readline()
+    assert first_line.startswith("=> stage 1 (TALLRec)"), first_line
     for line in proc.stdout:  # the first logged step (--log-every 1): training is under way, no last.pt yet
         if line.startswith("step "):
             proc.send_signal(sig)
             break
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    # the first line, before the model loads: what the run does, where, in which dtype; Ctrl-C's promise
+    assert line and "Ctrl-C saves last.pt" in first_line and str(tmp_path / "b") in first_line and "fp32" in first_line
     stopped = [line for line in out.splitlines() if line.startswith("stopped by")]
     assert len(stopped) == 1 and f"--resume {tmp_path / 'b'}" in stopped[0], out[-2000:]
     step = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"]
