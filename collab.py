@@ -1,29 +1,21 @@
 """collab.py: the collaborative models CoLLM borrows its user/item embeddings from (paper section 4.2).
 
 Chapter three. Four recommenders of the paper's Table II and a popularity anchor, each trained alone
-on the same pointwise task as the LLM (label = liked or not, binary cross-entropy on one logit per
-row), with Adam + L2 weight decay and early stopping on the FULL valid AUC:
+on the LLM's pointwise task (liked or not, binary cross-entropy on one logit per row), with Adam + L2
+weight decay and early stopping on the FULL valid AUC:
   - MF: one learned vector per user and per item; score = their dot product.
-  - LightGCN (He et al. 2020): the same vectors, smoothed over the graph of train positives before
-    the dot product, so a user's vector also carries the items their neighbours liked.
-  - SASRec (Kang & McAuley 2018): no user table; the user is the row's history (earlier liked items,
-    oldest first) read by a small causal transformer; score = <output at the last position, item>.
-  - DIN (Zhou et al. 2018, the reference's `RecEncoder_DIN`): user, target and history tables; the
-    history is pooled with weights that depend on the target; an MLP scores [target, pooled, user].
+  - LightGCN (He et al. 2020): the same vectors, first smoothed over the graph of train positives.
+  - SASRec (Kang & McAuley 2018): no user table; a small causal transformer reads the row's history.
+  - DIN (Zhou et al. 2018, the reference's `RecEncoder_DIN`): the history pooled with weights that depend
+    on the target; an MLP scores [target, pooled history, user].
   - pop: each item's positive rate in train, nothing personal: what "no collaborative signal" scores.
-MF, LightGCN and DIN's user table know nothing about an id that never occurs in train (on ML-1M, 42%
-of the test rows come from users who are new in the test period): see `UNSEEN` below.
 
-What CoLLM (collm.py) asks of a model: `dim` (the width of its vectors), `his_len` (how many history
-items a batch must carry; 0 = none) and one per-row call, `embed(uid, iid, his)` -> (user vector,
-item vector), (B, dim) each, which the projector maps into the prompt's two slots. `load_rec` rebuilds
-a model from the checkpoint this script writes, without the dataset.
+What CoLLM (collm.py) asks of a model: `dim`, `his_len` (history items a batch must carry; 0 = none)
+and `embed(uid, iid, his)` -> (user vector, item vector), (B, dim) each, for the prompt's two slots.
+`load_rec` rebuilds a model from the checkpoint this script writes, without the dataset.
 
-    python collab.py --model mf --data ml-1m --out runs/mf
-    python collab.py --model lightgcn --data ml-1m --out runs/lightgcn
-    python collab.py --model sasrec --data ml-1m --out runs/sasrec
-    python collab.py --model din --data ml-1m --out runs/din
-    python collab.py --model pop --data ml-1m --out runs/pop             # counts, no training loop
+    python collab.py --model mf --data ml-1m --out runs/mf      # or lightgcn, sasrec, din
+    python collab.py --model pop --data ml-1m --out runs/pop    # counts, no training loop
 """
 import argparse
 import os
@@ -41,22 +33,16 @@ import data
 import eval as metrics  # our eval.py, by what it holds (a plain `import eval` would hide the builtin)
 from data import UsageError
 
-# Each model class owns its `defaults`: the settings of its constructor and of its training (TRAINING
-# below), chosen as the best valid AUC of a small grid per model on ML-1M with unseen="mean" (the
-# grids, their commands and numbers are in docs/RESULTS.md; for MF the best is the reference's own).
-# Weight decay is the knob that matters: too strong and the model stops learning, too weak and it
-# overfits. A setting given per domain ({"movie": .., "book": ..}) follows the dataset (history
-# lengths: the reference's). A new model is a class with `name`, `defaults`, `dim`, `his_len`,
-# `embed` and `forward`, and one line in MODELS below.
+# Each model class owns its `defaults` (constructor's and training's, TRAINING below): the best valid AUC
+# of a small grid per model on ML-1M, unseen="mean" (docs/RESULTS.md; MF's are the reference's). Weight
+# decay is the knob that matters (too strong: no learning; too weak: overfitting). Per-domain ones follow the data.
 TRAINING = ("lr", "wd", "patience")  # the defaults train_rec reads; every other one goes to the constructor
 INIT_STD = 0.1  # N(0, 0.1) init (LightGCN's); nn.Embedding's N(0, 1) makes d=256 dot products ~16 at step 0
 
-# An id with no train rows never gets a gradient from the data, only from the weight decay, which
-# Adam shrinks to ~0 within a few epochs: the reference scores such a user with a near-zero vector
-# of random direction, a coin flip per user. "mean" (our default) gives it the mean of the trained
-# rows instead: a new user is scored as the average user (the items most users liked rank first),
-# the usual cold-start fallback. It changes no trained row and no train step, only the tables that
-# scoring and CoLLM read. "untouched" keeps the reference's behaviour. Measured on ML-1M (README).
+# An id with no train rows gets no gradient from the data, only the weight decay's: the reference scores
+# such a user with a near-zero vector of random direction, a coin flip per user. "mean" (our default)
+# gives it the mean of the trained rows, the average user, the usual cold-start fallback (only the tables
+# that scoring and CoLLM read change, no train step). "untouched" keeps the reference's behaviour (README).
 UNSEEN = ("mean", "untouched")
 
 
@@ -66,25 +52,21 @@ def mean_for_unseen(table, seen):
 
 
 def register_seen(model, user_num, item_num, seen):
-    """Buffers user_seen / item_seen (bool, one per id) that tables() reads; seen=None marks every id seen,
-    which makes mean_for_unseen a no-op. Buffers, so checkpoints carry them."""
+    """Buffers user_seen / item_seen (one bool per id; checkpoints carry them); seen=None: every id seen."""
     user_seen, item_seen = seen if seen is not None else (np.ones(user_num, bool), np.ones(item_num, bool))
     model.register_buffer("user_seen", torch.as_tensor(user_seen, dtype=torch.bool))
     model.register_buffer("item_seen", torch.as_tensor(item_seen, dtype=torch.bool))
 
 
 # ---------------------------------------------------------------------------------------------
-# Models. Each exposes `dim`, `his_len`, `settings` (its constructor's arguments, for checkpoints),
-# embed(uid, iid, his) -> (user (B, dim), item (B, dim)) for CoLLM's slots, and forward(uid, iid, his)
-# -> (B,) logits. MF and LightGCN ignore `his` (his_len 0: their batches carry none).
+# Models. Each is a class with `name`, `defaults`, `dim`, `his_len`, `settings` (its constructor's
+# arguments, for checkpoints), `embed`, forward(uid, iid, his) -> (B,) logits, and a line in MODELS.
 
 
 def frozen_once(model, compute):
-    """compute() -> (U, I), the whole tables of MF or LightGCN. While the weights train, every call
-    recomputes them (gradients must flow); while they are frozen (requires_grad False, CoLLM's stage
-    2) the first result is kept and reused, so LightGCN propagates once, not once per step. The key is
-    each weight's storage and in-place version counter: load_state_dict, an in-place edit or .to(device)
-    changes it, and the next call recomputes."""
+    """compute() -> (U, I), the whole tables of MF or LightGCN: recomputed per call while the weights train;
+    while frozen (CoLLM's stage 2) the first result is reused, so LightGCN propagates once. Keyed on each
+    weight's storage and version counter, which load_state_dict, in-place edits and .to(device) change."""
     weights = (model.user.weight, model.item.weight)
     if any(w.requires_grad for w in weights):
         return compute()
@@ -97,8 +79,7 @@ def frozen_once(model, compute):
 
 
 class MF(nn.Module):
-    """Matrix factorisation: logit(u, i) = <U[u], I[i]>. CoLLM uses the tables as they are
-    (bar the unseen rows)."""
+    """Matrix factorisation: logit(u, i) = <U[u], I[i]>; CoLLM uses the tables (bar unseen rows)."""
     name, his_len = "MF", 0
     defaults = dict(dim=256, lr=1e-3, wd=1e-4, patience=50)
 
@@ -121,15 +102,13 @@ class MF(nn.Module):
         return U[uid], I[iid]  # (B, d) each
 
     def forward(self, uid, iid, his=None):
-        u, i = self.embed(uid, iid)
+        u, i = self.embed(uid, iid, his)
         return (u * i).sum(-1)  # (B,)
 
 
 def normalized_adjacency(edges, user_num, item_num):
-    """A_hat = D^-1/2 A D^-1/2 of the user-item bipartite graph, as a sparse (n, n) COO tensor.
-
-    Nodes are users 0..user_num-1 then items (offset by user_num); A holds a 1 for each distinct
-    (user, item) edge in both directions, no self loops; D = node degrees."""
+    """A_hat = D^-1/2 A D^-1/2 of the user-item bipartite graph, a sparse (n, n) COO tensor. Nodes: users,
+    then items offset by user_num; A: a 1 per distinct (user, item) edge, both ways, no self loops."""
     u, i = torch.as_tensor(edges, dtype=torch.long).reshape(-1, 2).unique(dim=0).T  # a repeat is one edge
     n = user_num + item_num
     rows = torch.cat([u, i + user_num])  # user -> item and item -> user
@@ -141,9 +120,7 @@ def normalized_adjacency(edges, user_num, item_num):
 
 class LightGCN(nn.Module):
     """LightGCN: E = mean(E0, A_hat E0, ..., A_hat^L E0), split back into U and I; logit = <U[u], I[i]>.
-
-    No weights or nonlinearities between layers: propagation only averages neighbours, so E0 are the
-    only parameters. The train edges are a buffer, so the checkpoint carries the graph with it."""
+    No weights or nonlinearities between layers: E0 are the only parameters. The checkpoint carries the graph."""
     name, his_len = "LightGCN", 0
     defaults = dict(dim=64, layers=2, lr=3e-3, wd=1e-5, patience=50)
 
@@ -182,26 +159,20 @@ class LightGCN(nn.Module):
 
 
 class CausalBlock(nn.Module):
-    """One SASRec block, one head, in the order of Kang & McAuley's code (which the reference copies):
-    the query is the layer-normed input, keys and values the input itself, and the attention output is
-    added to the normed query; then a second LayerNorm and the feed-forward with its own residual.
-    (A GPT-2 style pre-norm block scored slightly lower valid AUC.) `allowed`
-    (B, L, L) says which key each query may read. Dropout where SASRec has it: on the attention
-    weights and inside and after the feed-forward."""
+    """One SASRec block, one head, in the order of Kang & McAuley's code (the reference's; a GPT-2 style
+    pre-norm block scored lower): attention of LayerNorm(x) over x, added to the normed query, a LayerNorm,
+    the feed-forward with its residual. `allowed` (B, L, L): which key each query may read."""
 
     def __init__(self, dim, dropout):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-8), nn.LayerNorm(dim, eps=1e-8)
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.out = nn.Linear(dim, dim)
+        self.q, self.kv, self.out = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
         self.ffn = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim),
                                  nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, allowed, last_only=False):
-        """x (B, L, d) -> (B, L, d); last_only: only the last position's output, (B, 1, d). The last
-        block of SASRec needs no other (only the last position scores), which saves a quarter of the work."""
+        """x (B, L, d) -> (B, L, d); last_only: just the last position's, (B, 1, d), all SASRec's last block needs."""
         k, v = self.kv(x).chunk(2, -1)                                # (B, L, d) each
         if last_only:
             x, allowed = x[:, -1:], allowed[:, -1:]
@@ -213,17 +184,12 @@ class CausalBlock(nn.Module):
 
 
 class SASRec(nn.Module):
-    """SASRec: the user is their history. Input = the last his_len liked items (right-aligned, 0 =
-    padding), item embedding * sqrt(d) + a learned position embedding, then `blocks` causal blocks;
-    the output at the LAST position (the most recent item, having read all earlier ones) is the user
-    vector; logit = <user vector, target's item embedding>. Input and target share one item table,
-    as in SASRec. No user table: a user new in the test period is read from their history like any other.
-
-    Empty history (a user's first rows): every position is padding; each position may always read
-    itself, so the last one still has an output: the blocks applied to a zero input, one learned
-    "no history yet" vector shared by all such rows (no NaN from a softmax over nothing).
-    It peaks within a few epochs and then only overfits, and an epoch costs many of MF's: patience 10.
-    Dropout 0.2 is the paper's."""
+    """SASRec: the last his_len liked items (right-aligned, 0 = padding) as item embedding * sqrt(d) + a
+    learned position embedding, through `blocks` causal blocks; the LAST position's output is the user
+    vector (no user table: a new user is read like any other), dotted with the target's item embedding
+    (one item table, as in SASRec). An empty history still has an output (each position reads itself):
+    one learned "no history yet" vector, no NaN. It peaks within a few epochs, then only overfits, and an
+    epoch costs many of MF's: patience 10. Dropout 0.2 is the paper's."""
     name = "SASRec"
     defaults = dict(dim=64, his_len={"movie": 25, "book": 20}, blocks=2, dropout=0.2, lr=3e-3, wd=1e-2, patience=10)
 
@@ -245,8 +211,7 @@ class SASRec(nn.Module):
         return mean_for_unseen(self.item.weight, self.item_seen)  # (n_items, d)
 
     def encode(self, his, last_only=False):
-        """(B, L) history ids -> (B, L, d): position t has read items 0..t only (causal).
-        last_only: just the last position, (B, 1, d), what scoring and CoLLM read."""
+        """(B, L) history ids -> (B, L, d), position t having read items 0..t; last_only: (B, 1, d), the last."""
         L = his.shape[1]
         pad = his == 0                                                  # (B, L)
         x = self.items()[his] * self.dim ** 0.5 + self.pos.weight[-L:]  # (B, L, d)
@@ -258,20 +223,16 @@ class SASRec(nn.Module):
         return self.norm(x)
 
     def embed(self, uid, iid, his):
-        # A dislike does not extend the history, so about half of the rows repeat an earlier row's
-        # history (ML-1M train: 18,515 distinct of 33,891): encode each distinct one once, then copy.
+        # A dislike does not extend the history, so many rows repeat an earlier row's: encode each once.
         distinct, row = torch.unique(his, dim=0, return_inverse=True)  # (G, L), (B,)
         return self.encode(distinct, last_only=True)[row, -1], self.items()[iid]  # (B, d) each
 
-    def forward(self, uid, iid, his):
-        u, i = self.embed(uid, iid, his)
-        return (u * i).sum(-1)  # (B,)
+    forward = MF.forward  # the same dot product, with the history's user vector
 
 
 class Dice(nn.Module):
-    """DIN's activation: p = sigmoid(BatchNorm(x)), out = p * x + (1 - p) * alpha * x, a PReLU whose
-    kink follows the batch's own mean and spread. x (..., n); the statistics are over all leading dims.
-    A one-row training batch (a CoLLM batch's last, say) uses the running statistics instead of failing."""
+    """DIN's activation on x (..., n): p = sigmoid(BatchNorm(x)), out = p * x + (1 - p) * alpha * x, a PReLU
+    whose kink follows the batch; a one-row training batch uses the running statistics instead of failing."""
 
     def __init__(self, n):
         super().__init__()
@@ -287,16 +248,12 @@ class Dice(nn.Module):
 
 
 class DIN(nn.Module):
-    """DIN: logit = MLP([target item, attention-pooled history, user]), three dim-wide tables (user,
-    target item, history item: the reference's embedding_size 192 split in three).
-
-    Attention is a "local activation unit": the weight of history item k for target q is a small MLP
-    of [q, k, q-k, q*k] (hidden 64, 16, Dice after each, as in the DIN paper; the reference's copy has
-    no activation after 16). The weights are NOT softmax-normalised (DIN keeps the sum's size as a
-    signal of how much of the history matches); padding gets weight 0. An empty history pools to zero.
-    For CoLLM: user slot = the merged vector [q, pooled, u] (3 * dim), item slot = [q, q, q], so one
-    projector of width 3 * dim serves both (the reference's `all_encode` / `item_encoder`). Like
-    SASRec it peaks within a few epochs: patience 10."""
+    """DIN: logit = MLP([target item, attention-pooled history, user]), three dim-wide tables (the
+    reference's embedding_size 192 split in three). History item k weighs MLP([q, k, q-k, q*k]) for target
+    q (hidden 64, 16, Dice after each, as in the DIN paper; the reference has none after 16), NOT
+    softmax-normalised (the sum's size says how much of the history matches). For CoLLM: user slot =
+    [q, pooled, u], item slot = [q, q, q], so one projector of width 3 * dim serves both (the reference's
+    `all_encode` / `item_encoder`). Like SASRec it peaks within a few epochs: patience 10."""
     name = "DIN"
     defaults = dict(dim=64, his_len={"movie": 10, "book": 10}, dropout=0.0, lr=1e-3, wd=1e-4, patience=10)
 
@@ -331,24 +288,21 @@ class DIN(nn.Module):
 
 
 class Pop(nn.Module):
-    """logit(u, i) = logit of item i's positive rate in train, shrunk towards the global rate:
-    (positives_i + prior * global) / (rows_i + prior). An item with no train rows gets the global
-    rate. The same score for every user: UAUC still ranks a user's items by how liked they are in
-    general, the bar any personalised model has to clear. No embeddings, so CoLLM cannot use it."""
+    """logit(u, i) = logit of item i's train positive rate shrunk towards the global rate: (positives_i
+    + prior * global) / (rows_i + prior). The same for every user: the bar any personalised model has to
+    clear (UAUC still ranks a user's items by how liked they are). No embeddings: not for CoLLM."""
     name, his_len, dim = "Pop", 0, 0
     defaults = dict(prior=3.0)
 
     def __init__(self, user_num, item_num, seen=None, edges=None, prior=3.0):
         super().__init__()
-        self.settings = dict(prior=prior)
-        self.user_num, self.prior = user_num, prior
+        self.settings, self.user_num, self.prior = dict(prior=prior), user_num, prior
         self.register_buffer("logit", torch.zeros(item_num))  # (n_items,) filled by fit()
 
     def fit(self, iid, label):
         pos = np.bincount(iid, weights=label, minlength=len(self.logit))
         rows = np.bincount(iid, minlength=len(self.logit))
-        rate = label.mean()
-        p = (pos + self.prior * rate) / (rows + self.prior)
+        p = (pos + self.prior * label.mean()) / (rows + self.prior)
         self.logit.copy_(torch.as_tensor(np.log(p / (1 - p)), dtype=torch.float32))
         return self
 
@@ -361,17 +315,14 @@ MODELS = {"mf": MF, "lightgcn": LightGCN, "sasrec": SASRec, "din": DIN, "pop": P
 
 
 def settings_for(name, domain="movie", **given):
-    """A model's defaults (the domain's value where one is given per domain) with the `given` ones
-    that are not None in their place: both its constructor's settings and its training's."""
+    """A model's defaults (for `domain` where given per domain), the `given` ones not None in their place."""
     cfg = {k: v[domain] if isinstance(v, dict) else v for k, v in MODELS[name].defaults.items()}
     cfg.update({k: v for k, v in given.items() if v is not None and k in cfg})
     return cfg
 
 
 def build_model(name, user_num, item_num, seen=None, edges=None, domain="movie", **given):
-    """A fresh model `name` with its default settings, those in `given` replacing them (train_rec,
-    load_rec and CoLLM's --tune-rec from scratch all build through here). `given` may hold more
-    (a checkpoint's whole config): only the model's own settings are read."""
+    """A fresh model `name`, its defaults replaced by `given` (which may hold a checkpoint's whole config)."""
     settings = {k: v for k, v in settings_for(name, domain, **given).items() if k not in TRAINING}
     return MODELS[name](user_num, item_num, seen=seen, edges=edges, **settings)
 
@@ -388,8 +339,7 @@ def train_graph(ds):
 
 
 def seen_in_train(ds, unseen="mean"):
-    """(user_seen, item_seen) bool arrays: which ids have at least one train row (liked or not).
-    None for unseen="untouched": every id then keeps its own row, as in the reference."""
+    """(user_seen, item_seen): which ids have a train row; None for unseen="untouched" (each keeps its own)."""
     if unseen == "untouched":
         return None
     tr = ds.splits["train"]
@@ -402,9 +352,8 @@ def new_rec(name, ds):
 
 
 def rec_checkpoint(model, run_settings=None):
-    """The one checkpoint dict of a collaborative model: this script's model.pt, and the "rec" part
-    of train.py's CoLLM checkpoints. config = the table sizes and the constructor's settings (what
-    rec_from_checkpoint needs), plus, for a model.pt, every setting of the run that trained it."""
+    """The checkpoint dict of a collaborative model (model.pt, and the "rec" part of train.py's): config =
+    table sizes + constructor settings (what rec_from_checkpoint needs) + the run's settings, if given."""
     cfg = dict(run_settings or {})
     cfg.update(user_num=model.user_num if isinstance(model, Pop) else model.user_seen.numel(),
                item_num=len(model.logit) if isinstance(model, Pop) else model.item_seen.numel(), **model.settings)
@@ -431,8 +380,7 @@ def rec_from_checkpoint(ckpt, user_num=None, item_num=None, where="checkpoint"):
 
 
 def load_rec(path, user_num=None, item_num=None, fingerprint=None):
-    """A model from a model.pt of this script, in eval mode; checks table sizes if given, and that it
-    was trained on the split of this data.fingerprint if given."""
+    """A model from a model.pt, in eval mode; checks table sizes and the data.fingerprint, if given."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -446,8 +394,7 @@ def load_rec(path, user_num=None, item_num=None, fingerprint=None):
 
 
 def model_in(path):
-    """Which model a model.pt holds ("mf", "din", ...), or None where the file cannot tell (missing,
-    unreadable, not ours: load_rec says which when the model is built)."""
+    """Which model a model.pt holds ("mf", "din", ...), or None where the file cannot tell (load_rec says why)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # every way a file can fail to load means "cannot tell" here
@@ -456,9 +403,7 @@ def model_in(path):
 
 
 def check_trained_on(cfg, fingerprint, path):
-    """Same table sizes is not same data: a model trained on another split of equal sizes loads and
-    runs, and its embeddings describe other users. model.pt records its split's data.fingerprint
-    (main), checked here."""
+    """Same table sizes is not same data: refuse a model.pt whose data.fingerprint is another split's."""
     saved = cfg.get("data_fingerprint")
     if saved != fingerprint:
         raise UsageError(f"{path}: trained on another split (--data {cfg.get('data')}, fingerprint {saved}) "
@@ -550,21 +495,15 @@ def train_rec(ds, model_name, dim=None, lr=None, wd=None, batch_size=1024, epoch
             break
     bar.close()
     model.load_state_dict(best_state)
-    model.eval()
-    result = final_metrics(model, va, te)
+    result = final_metrics(model.eval(), va, te)
     result.update(best_epoch=best_epoch, samples_seen=epoch * len(tr), seconds=round(time.time() - start, 2),
                   config=cfg)
     return model, result
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
 def evaluate_main(argv):
-    """python collab.py --evaluate MODEL.pt [--split S] [--rows N]: a trained model's AUC and UAUC on a
-    split, or on its first N rows: what the LLM runs are chosen on (train.py scores the first
-    --eval-rows rows of valid_small), so a CoLLM run's valid curve can be read against the model it reads."""
+    """python collab.py --evaluate MODEL.pt [--split S] [--rows N]: a trained model's AUC and UAUC on a split
+    or its first N rows (as train.py's --eval-rows), to read a CoLLM run's valid curve against its model's."""
     p = argparse.ArgumentParser(description="Score a trained collaborative model (a model.pt of collab.py) on a split.")
     p.add_argument("--evaluate", required=True, metavar="MODEL_PT", help="the model.pt to score")
     data.add_data_flags(p)
@@ -618,10 +557,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: these ops are too small to gain from more)")
     args = p.parse_args(argv)
-    problems = [f"--{k.replace('_', '-')} {v} must be > 0" for k, v in
-                dict(dim=args.dim, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
-                     threads=args.threads).items()
-                if v is not None and v <= 0]
+    positive = dict(dim=args.dim, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
+                    threads=args.threads)
+    problems = [f"--{k.replace('_', '-')} {v} must be > 0" for k, v in positive.items() if v is not None and v <= 0]
     problems += [f"--{k} {v} must be >= 0" for k, v in dict(wd=args.wd, layers=args.layers, prior=args.prior).items()
                  if v is not None and v < 0]
     if args.dropout is not None and not 0 <= args.dropout < 1:
@@ -633,8 +571,7 @@ def main(argv=None):
     if problems:  # report every bad flag at once
         raise UsageError("; ".join(problems))
     ds = data.load_dataset(args.data, args.data_root)
-    # These models do many tiny ops (a 1024 x 64 batch): one thread is faster than two spin-waiting on
-    # each other, most of all beside other jobs. So one thread by default; results are the same either way.
+    # Many tiny ops (a 1024 x 64 batch): one thread beats two spin-waiting on each other; same results.
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

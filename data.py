@@ -1,22 +1,19 @@
 """data.py: splits, prompts, tokens and batches for CoLLM (paper sections 3.1 and 4.1).
 
-Chapter one. The authors' four split pickles become plain numpy arrays (load_dataset), each row
-becomes the paper's Yes/No prompt (prompt_segments), prompts are tokenised once (encode_split) and cut
-into padded batches (train_batches, collate). Nothing here imports torch models or the LLM. It also
-holds the two things every later chapter shares: the error type a CLI prints as one `error:` line
-(UsageError), and the atomic writer everything kept on disk goes through (write_atomic).
+Chapter one. The authors' split pickles become numpy arrays (load_dataset), each row the paper's
+Yes/No prompt (prompt_segments), tokenised once (encode_split) and cut into padded batches
+(train_batches, collate); no torch model, no LLM. It also holds what every later chapter shares: the
+error a CLI prints as one `error:` line (UsageError) and the atomic writer (write_atomic).
 
     python tools/prepare.py --data ml-1m --stats                  # split sizes, positive rates, cold shares
     python tools/prepare.py --data ml-1m --show 5 --prompt collm  # test row 5's prompt text
 
 Where a split is read from (`--data NAME_OR_DIR`, root = `--data-root`, else $COLLM_DATA, else ./data):
   1. `<root>/<name>/{train,valid,test,valid_small}_ood2.pkl`: the authors' pickles;
-  2. `<root>/<name>.zip` holding those pickles (the released ml-1m.zip), read in place, never unpacked,
-     so a read-only data folder works;
-  3. the pickles that `python tools/prepare.py --data NAME` built from raw files in `<root>/<name>/`
-     (GroupLens ratings.dat + movies.dat; Amazon 2018 Books_5.json.gz + meta_Books.json.gz) by the
-     authors' rules, kept in a cache ($COLLM_CACHE, else ~/.cache/collm) under a name that records
-     the raw files' sizes and times, so a changed raw file is never silently ignored.
+  2. `<root>/<name>.zip` holding them (the released ml-1m.zip), read in place: a read-only folder works;
+  3. what `python tools/prepare.py --data NAME` built by the authors' rules from raw files in `<root>/<name>/`
+     (GroupLens ratings.dat + movies.dat; Amazon 2018 Books_5.json.gz + meta_Books.json.gz), cached
+     ($COLLM_CACHE, else ~/.cache/collm) named by their sizes and times: a changed one is never ignored.
 tools/prepare.py also downloads what is missing; this chapter never touches the network.
 """
 import hashlib
@@ -42,8 +39,7 @@ BUILD_VERSION = 2  # part of a build's cache name: bump it when a builder's outp
 
 
 class UsageError(Exception):
-    """Bad input from the user (a file, a row, a flag). Every CLI prints it as one `error:` line and
-    exits 2; it is the only exception type this toolkit defines."""
+    """Bad input from the user (a file, a row, a flag): the one exception type this toolkit defines."""
 
 
 def cli_main(main):
@@ -71,11 +67,8 @@ def add_data_flags(parser):
 
 
 def write_atomic(path, write):
-    """write(tmp) creates a file or a folder at a temporary name beside `path`, which is then renamed
-    to `path` in one step: a crash or an error never leaves half a file under the real name, and the
-    temporary is removed whatever happens. The one way this toolkit writes what it keeps (pickles,
-    checkpoints, metrics.json, exports, converted models). An empty folder at `path` is replaced
-    (a rename cannot replace a folder on every system); anything else there makes the rename fail."""
+    """write(tmp) makes a file or folder at a temporary name, renamed to `path` in one step: a crash never
+    leaves half a file there. An empty folder at `path` is replaced (not every system renames over one)."""
     tmp = f"{path}.tmp{os.getpid()}"  # the final name in front: torch.save refuses some dot-names
     remove_stale_temporaries(path)  # what killed earlier writes of the same path left behind
     try:
@@ -91,10 +84,8 @@ def write_atomic(path, write):
 
 
 def remove_stale_temporaries(path):
-    """Remove `path.tmpPID` files and folders whose writer is gone: a write killed mid-way (kill -9,
-    a power cut) never reaches its `finally`, and without this its temporary stayed forever. A
-    writer is gone when no process on this machine has its id; one with our own id is an earlier
-    write of ours that died the same way (ids are reused). A live writer's temporary is left alone."""
+    """Remove `path.tmpPID` files and folders of writes killed mid-way (they never reach `finally`): no
+    process has that id, or ours does (ids are reused). A live writer's temporary is left alone."""
     folder, base = os.path.split(os.path.abspath(path))
     for name in os.listdir(folder) if os.path.isdir(folder) else ():
         m = re.fullmatch(re.escape(base) + r"\.tmp(\d+)", name)
@@ -177,24 +168,21 @@ def cache_dir():
 
 
 def built_folder(name, raw):
-    """Where tools/prepare.py keeps the split it built from the raw files `raw`: a cache folder named by
-    a hash of their paths, sizes and modification times (and BUILD_VERSION), so a changed raw file
-    means a new build, and nothing is written beside the raw files."""
+    """The cache folder of tools/prepare.py's build from the raw files `raw`, named by a hash of their
+    paths, sizes and modification times (and BUILD_VERSION): a changed raw file means a new build."""
     stamp = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in raw]
     key = hashlib.sha1(repr((BUILD_VERSION, stamp)).encode()).hexdigest()[:12]
     return os.path.join(cache_dir(), f"{name}-{key}")
 
 
 # ---------------------------------------------------------------------------------------------
-# In-memory form: one Split per file, numpy arrays only (pandas stays in the loader)
+# In-memory form: one Split per file, numpy arrays only; and loading the authors' pickles into it
 
 
 @dataclass
 class Split:
-    """One split, one row per (user, item, label) interaction.
-
-    Histories are ragged, so they are stored flat: row r's liked items, oldest first, are
-    `his_items[his_ptr[r]:his_ptr[r+1]]` (the pickles' leading 0 sentinel is dropped)."""
+    """One split, one row per (user, item, label) interaction. Histories are ragged, so stored flat: row
+    r's liked items, oldest first, are `his_items[his_ptr[r]:his_ptr[r+1]]` (leading 0 sentinel dropped)."""
     uid: np.ndarray       # (N,) int64, 1-based user id
     iid: np.ndarray       # (N,) int64, 1-based item id
     label: np.ndarray     # (N,) float32, 1 = rating >= 4
@@ -221,13 +209,8 @@ class Dataset:
     source: str = ""       # where the split came from, in words (pickles, a zip, a build from raw files)
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading the authors' pickles
-
-
 def _id_column(df, col, where):
-    """uid / iid as int64. Whole numbers stored as floats pass; anything else is refused, never
-    silently truncated (1.5 would otherwise become user 1)."""
+    """uid / iid as int64: whole numbers stored as floats pass, anything else is refused (1.5 is not user 1)."""
     raw = df[col].to_numpy()
     if np.issubdtype(raw.dtype, np.integer):
         return raw.astype(np.int64)
@@ -275,8 +258,7 @@ def _frame_to_split(df, where, titles):
     for h, t in zip(his, his_title):
         for i, s in zip(h[1:], t[1:]):
             titles.setdefault(int(i), str(s))
-    return Split(uid=uid, iid=iid, label=label.astype(np.float32),
-                 not_cold=df["not_cold"].to_numpy().astype(bool),
+    return Split(uid=uid, iid=iid, label=label.astype(np.float32), not_cold=df["not_cold"].to_numpy().astype(bool),
                  his_ptr=np.concatenate([[0], np.cumsum(lens)]), his_items=flat)
 
 
@@ -312,8 +294,7 @@ def load_dataset(name="ml-1m", root=None):
         table[i] = t
     # Warm = user AND item each have more than 3 train rows (the paper's warm/cold evaluation; README, Results).
     tr = splits["train"]
-    u_count = np.bincount(tr.uid, minlength=user_num)
-    i_count = np.bincount(tr.iid, minlength=item_num)
+    u_count, i_count = np.bincount(tr.uid, minlength=user_num), np.bincount(tr.iid, minlength=item_num)
     for sp in splits.values():
         sp.warm = (u_count[sp.uid] > 3) & (i_count[sp.iid] > 3)
     base = os.path.basename(os.path.normpath(name))
@@ -322,10 +303,8 @@ def load_dataset(name="ml-1m", root=None):
 
 
 def fingerprint(ds):
-    """A short hash of which (user, item, label) rows each split holds, in order: what a model
-    trained on this data learned from. Two datasets with the same table sizes (another seed of a
-    build, another cut of the same ratings) fit each other's embedding tables, so sizes alone cannot
-    tell a collaborative model trained elsewhere; this can (collab.py records it, train.py checks it)."""
+    """A short hash of which (user, item, label) rows each split holds, in order: it tells a model trained
+    on another split of equal table sizes (collab.py records it, train.py checks it)."""
     h = hashlib.sha1()
     for s in SPLITS:
         sp = ds.splits[s]
@@ -335,17 +314,13 @@ def fingerprint(ds):
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompts: the paper's Yes/No question, worded as the reference's prompt files. Templates live in prompts/{movie,book}_{text,collm}.txt.
-#
-# A prompt is assembled from SEGMENTS, each tokenised once and cached: the template's fixed text,
-# one segment per quoted title, and the slots. Two details make the concatenation equal to
-# tokenising the whole string at once (tests check this on the real LLaMA and Qwen2 tokenizers):
-#   - the space before a placeholder belongs to the segment after it (BPE and SentencePiece both
-#     attach a space to the word that follows it);
-#   - a punctuation mark right after a title is glued to the title's segment, because both
-#     tokenizers merge `)",` or `)".` into one token.
-# Slots are single tokens whose input embedding collm.py overwrites, so their positions are known
-# by construction, never searched for.
+# Prompts: the paper's Yes/No question, worded as the reference's (prompts/{movie,book}_{text,collm}.txt).
+# A prompt is assembled from SEGMENTS, each tokenised once and cached: the template's fixed text, one
+# segment per quoted title, and the slots. Two details make the concatenation equal to tokenising the
+# whole string at once (tests check this on the real LLaMA and Qwen2 tokenizers, SentencePiece and BPE):
+#   - the space before a placeholder belongs to the segment after it (both attach it to the next word);
+#   - a punctuation mark right after a title joins the title's segment (both merge `)",` or `)".`).
+# Slots are single tokens whose input embedding collm.py overwrites: their positions are known by construction.
 
 PLACEHOLDERS = ("<ItemTitleList>", "<TargetItemTitle>", "<UserID>", "<TargetItemID>")
 NEEDS = {"text": PLACEHOLDERS[:2], "collm": PLACEHOLDERS}
@@ -374,9 +349,8 @@ def load_template(domain, mode, path=None):
 
 
 def prompt_segments(template, history_titles, target_title):
-    """The prompt as a list of text segments, with SLOT where a collaborative embedding goes.
-
-    `history_titles` are all the user's liked titles, oldest first; the last MAX_TITLES are used."""
+    """The prompt as a list of text segments, with SLOT where a collaborative embedding goes;
+    `history_titles`: all the user's liked titles, oldest first (the last MAX_TITLES are used)."""
     recent = list(history_titles[-MAX_TITLES:])
     parts = re.split("(" + "|".join(PLACEHOLDERS) + ")", template)  # text, ph, text, ph, text
     segs = [parts[0]]
@@ -406,11 +380,9 @@ def render_prompt(segments):
 
 
 class SegmentTokenizer:
-    """Tokenise segments once each, as they would tokenise inside a longer text.
-
-    A segment in the middle of a prompt is encoded after a fixed anchor ("\\n") and the anchor's
-    tokens are cut off: that stops SentencePiece from adding its start-of-text space and lets BPE see
-    the leading space of " \\"Title\\"" as it would in context."""
+    """Tokenise segments once each, as they would tokenise inside a longer text: a segment in the middle
+    of a prompt is encoded after a fixed anchor ("\\n") whose tokens are cut off, which stops
+    SentencePiece adding its start-of-text space and lets BPE see a leading space as in context."""
     ANCHOR = "\n"
 
     def __init__(self, tokenizer):
@@ -428,10 +400,8 @@ class SegmentTokenizer:
         """One segment's token ids, tokenised once and cached; `first`: the segment opens the prompt."""
         key = (seg, first)
         if key not in self.cache:
-            if first:  # the start of the prompt: tokenise as a text start
-                ids = self.tok.encode(seg, add_special_tokens=False)
-            else:
-                ids = self.tok.encode(self.ANCHOR + seg, add_special_tokens=False)
+            ids = self.tok.encode(seg if first else self.ANCHOR + seg, add_special_tokens=False)
+            if not first:
                 if ids[:len(self.anchor)] != self.anchor:
                     raise UsageError(f"tokenizer merges the anchor {self.ANCHOR!r} into segment {seg!r}")
                 ids = ids[len(self.anchor):]
@@ -464,12 +434,9 @@ class Encoded:
 
 
 def encode_split(data, split, seg_tok, template):
-    """Tokenise every prompt of a split once (about two seconds on ML-1M train with a fast tokenizer).
-
-    Each row also records how many of its first tokens do not depend on the target item: where the
-    same prompt asked about two made-up titles ("A", "B") stops agreeing. That depends on the history
-    alone, so every row of one history gets the same number, and scoring computes those tokens once
-    for all of them (backbone.decode_after_prefix)."""
+    """Tokenise every prompt of a split once. Each row also records how many of its first tokens do not
+    depend on the target item (where the same prompt about two made-up titles "A", "B" stops agreeing):
+    every row of one history gets the same number, and scoring runs those tokens once for all of them."""
     sp = data.splits[split]
     tokens, offsets, slots, shared = [], [0], [], []
     for r in range(len(sp)):
@@ -487,15 +454,13 @@ def encode_split(data, split, seg_tok, template):
 
 
 # ---------------------------------------------------------------------------------------------
-# Batches. Prompts differ in length (160-290 LLaMA tokens on ML-1M), so a batch is padded to its
-# longest row. Random batches waste a good part of the compute on padding; grouping rows of similar
-# length first ("bucketing") wastes little (bench.py reports the share).
+# Batches. Prompts differ in length, so a batch is padded to its longest row: grouping rows of similar
+# length first ("bucketing") wastes little compute on padding (tools/bench.py reports the share).
 
 
 def train_batches(lengths, batch_size, rng, bucket=True, window=64):
-    """One epoch of row-index batches: shuffle; then, if bucketing, sort each window of
-    `window` batches' worth of rows by length and cut it into batches; finally shuffle the batches,
-    so consecutive steps still see unrelated rows."""
+    """One epoch of row-index batches: shuffle; if bucketing, sort each window of `window` batches' worth
+    of rows by length; cut into batches and shuffle those, so consecutive steps see unrelated rows."""
     order = rng.permutation(len(lengths))
     if bucket:
         w = batch_size * window
@@ -505,27 +470,22 @@ def train_batches(lengths, batch_size, rng, bucket=True, window=64):
 
 
 def eval_batches(lengths, batch_size, shared=None, groups=None):
-    """Every row exactly once, longest first (a memory problem shows at once). In length order; or,
-    given each row's shared-prefix length and prefix group (prefix_groups), longest prefix first
-    with each group's rows side by side, so that a batch holds whole groups and the model computes
-    each group's prefix once (backbone.decode_after_prefix)."""
+    """Every row once, longest first (a memory problem shows at once); given prefix groups (prefix_groups),
+    longest prefix first with each group's rows side by side, so the model runs each prefix once."""
     order = np.argsort(-lengths, kind="stable") if groups is None else np.lexsort((-lengths, groups, -shared))
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
 
 def prefix_groups(enc, rows):
-    """-> (len(rows),) group ids: rows with the same tokens before their target item's title (one
-    user with one history, asked about several items) get the same id."""
+    """-> (len(rows),) group ids, one per distinct run of tokens before the target title (user + history)."""
     ids = {}
-    starts = enc.offsets[rows]
     return np.array([ids.setdefault(enc.tokens[start:start + n].tobytes(), len(ids))
-                     for start, n in zip(starts, enc.shared[rows])])
+                     for start, n in zip(enc.offsets[rows], enc.shared[rows])])
 
 
 def padded_history(split, length, rows=None):
-    """(len(rows), length) int64: each row's last `length` history items, oldest first, RIGHT-aligned
-    and left-padded with 0 (the padding id), so the most recent item is always in the last column
-    (SASRec reads its user vector there). An empty history is a row of zeros."""
+    """(len(rows), length) int64: each row's last `length` history items, oldest first, RIGHT-aligned and
+    left-padded with 0, so the most recent is always in the last column (SASRec reads its user vector there)."""
     rows = np.arange(len(split)) if rows is None else np.asarray(rows)
     end = split.his_ptr[rows + 1]
     keep = np.minimum(end - split.his_ptr[rows], length)      # (N,) how many items fit
@@ -537,29 +497,24 @@ def padded_history(split, length, rows=None):
 
 
 def collate(enc, split, rows, pad_id, his_len=0):
-    """Rows -> a right-padded batch of numpy arrays. Right padding keeps every real token at its
-    natural position, so the causal mask alone is enough and `last` indexes the answer position.
-    his_len > 0 (a collaborative model that reads the history: SASRec, DIN) adds "his", the last
-    his_len liked item ids of each row (padded_history); MF and LightGCN batches go without."""
+    """Rows -> a right-padded batch of tensors: every real token keeps its natural position, so the
+    causal mask alone is enough and `last` indexes the answer position. his_len > 0 (SASRec, DIN) adds
+    "his", each row's last his_len liked item ids (padded_history)."""
     import torch
     lens = enc.lengths[rows]
     ids = np.full((len(rows), int(lens.max())), pad_id, np.int64)
     for b, r in enumerate(rows):
         ids[b, :lens[b]] = enc.tokens[enc.offsets[r]:enc.offsets[r + 1]]
     mask = np.arange(ids.shape[1])[None, :] < lens[:, None]
-    batch = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask.astype(np.int64)),
-                 last=torch.from_numpy(lens - 1), slots=torch.from_numpy(enc.slots[rows]),
-                 shared=torch.from_numpy(enc.shared[rows]),
-                 uid=torch.from_numpy(split.uid[rows]), iid=torch.from_numpy(split.iid[rows]),
-                 label=torch.from_numpy(split.label[rows]))
+    batch = dict(input_ids=ids, attention_mask=mask.astype(np.int64), last=lens - 1, slots=enc.slots[rows],
+                 shared=enc.shared[rows], uid=split.uid[rows], iid=split.iid[rows], label=split.label[rows])
     if his_len:
-        batch["his"] = torch.from_numpy(padded_history(split, his_len, rows))
-    return batch
+        batch["his"] = padded_history(split, his_len, rows)
+    return {k: torch.from_numpy(v) for k, v in batch.items()}
 
 
 def items_in_data(data):
-    """-> (item_num,) bool, True for the ids that occur in the data, as a target or in a history (a
-    title cannot tell: an Amazon book may have an empty one)."""
+    """-> (item_num,) bool: the ids that occur in the data, as a target or in a history (titles may be '')."""
     seen = np.zeros(data.item_num, bool)
     for sp in data.splits.values():
         seen[sp.iid] = True

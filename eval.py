@@ -1,16 +1,13 @@
 """eval.py: the metrics of the paper (AUC, UAUC, warm/cold subsets) and scoring a model on a split.
 
-Chapter two, before the models: both the collaborative models (collab.py) and CoLLM (train.py) are
-chosen on valid AUC, so both read it from here. Both numbers the paper reports are ranking measures
-of a score, so any model that gives one number per (user, item) row is evaluated the same way, a
-collaborative model or an LLM:
+Chapter two, before the models: the collaborative models (collab.py) and CoLLM (train.py) are both
+chosen on valid AUC. Both of the paper's numbers rank a score, so any model giving one number per
+(user, item) row, a collaborative model or an LLM, is evaluated the same way:
   - AUC: the chance that a random positive row scores above a random negative row (ties count 1/2);
   - UAUC: the AUC inside each user's own rows, averaged over users that have both a positive and a
     negative row (a user with one row or one class has no AUC and is skipped, and counted).
 Warm rows: user and item each have more than 3 train rows. Cold rows: not_cold == 0.
-
-Scoring a CoLLM (score_rows) is handed the model: rebuilding one from a checkpoint is train.py's
-knowledge, and the commands that start from a checkpoint are tools/use.py's:
+Scoring is handed the model: rebuilding one from a checkpoint is train.py's, the commands tools/use.py's:
 
     python tools/use.py --ckpt runs/cie-mf/best.pt --split test      # AUC / UAUC of a checkpoint
 """
@@ -52,6 +49,17 @@ def uauc(users, labels, scores):
     return (float(np.mean(per_user)) if per_user else float("nan")), len(per_user)
 
 
+def recall_ndcg_at_k(ranked, targets, k):
+    """Top-K quality of one user's ranking, beyond the paper's AUC: `ranked` item ids best first,
+    `targets` the items the user liked -> (Recall@k: the share of the targets in the top k; NDCG@k: the
+    hits discounted by log2(rank + 1), over the best such sum the targets allow)."""
+    targets = set(targets)
+    hits = [item in targets for item in ranked[:k]]
+    dcg = sum(1 / np.log2(rank + 2) for rank, hit in enumerate(hits) if hit)
+    ideal = sum(1 / np.log2(rank + 2) for rank in range(min(len(targets), k)))
+    return sum(hits) / len(targets), float(dcg / ideal)
+
+
 def subsets(split, rows=None):
     """The row masks the paper reports: all rows, warm rows, cold rows (of `rows`, default all)."""
     rows = np.arange(len(split)) if rows is None else rows
@@ -70,8 +78,7 @@ def report(split, scores, rows=None):
 
 
 def check_both_classes(split, rows, what):
-    """AUC ranks liked rows against the others, so rows of one class have none (nan): the run would
-    train for nothing, never write best.pt and fail at its end. Said before training instead."""
+    """Rows of one class have no AUC (nan): said before a run trains for nothing and fails at its end."""
     labels = np.unique(split.label[rows])
     if len(labels) < 2:
         held = f"all labelled {int(labels[0])}" if len(labels) else "none at all"
@@ -79,9 +86,8 @@ def check_both_classes(split, rows, what):
                          f"(0 = all)")
 
 # ---------------------------------------------------------------------------------------------
-# metrics.json: every run folder holds one, written by collab.py, train.py and tools/use.py,
-# in one layout: {"valid": {...}, "test": {...}, "test_warm": {...}, "test_cold": {...}, ...}, each
-# block {"auc", "uauc", "uauc_users", "rows"}; a scored split S adds S, S_warm and S_cold.
+# metrics.json, one per run folder (collab.py, train.py, tools/use.py): {"valid": {...}, "test": {...},
+# "test_warm", "test_cold", ...}, each block {"auc", "uauc", "uauc_users", "rows"}; a split S adds S, S_warm, S_cold.
 
 
 def split_block(rep, split):
@@ -90,8 +96,7 @@ def split_block(rep, split):
 
 
 def metrics_block(valid, test_report):
-    """The metrics every finished run writes: the model-selection block (the "all" block of the
-    valid split, at the chosen epoch or step) and the test split in full, warm and cold."""
+    """What every finished run writes: the model-selection block (valid "all") and test in full, warm, cold."""
     return {"valid": valid, **split_block(test_report, "test")}
 
 
@@ -109,12 +114,9 @@ def write_metrics(path, result):
 
 
 def score_rows(model, enc, split, rows, batch_size, pad_id, device, dtype=None, rank=0, world=1, what="scoring"):
-    """-> (len(rows),) float64 scores of `model` (a CoLLM, unwrapped from DDP) for `rows` of a split.
-
-    The rows are cut into batches that keep one user's rows with the same history together (the
-    model then computes their shared prompt prefix once), longest first; rank r scores batches
-    r, r + world, ... (no DistributedSampler: it pads shards by repeating rows, which would count
-    some rows twice), and every rank gathers every score. Scores come back in row order."""
+    """-> (len(rows),) float64 scores of `model` (a CoLLM, unwrapped from DDP) for `rows`, in row order.
+    Batches keep one history's rows together (their prompt prefix runs once), longest first; rank r scores
+    batches r, r + world, ... (a DistributedSampler would repeat rows) and every rank gathers every score."""
     import torch
     rows = np.asarray(rows)
     groups = data.prefix_groups(enc, rows) if getattr(model, "prefix_cache", False) else None
@@ -124,7 +126,7 @@ def score_rows(model, enc, split, rows, batch_size, pad_id, device, dtype=None, 
     model.eval()  # dropout off
     amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
     with torch.no_grad(), amp:
-        # a bar on rank 0 only; leave=False: it disappears when done, the caller prints the result
+        # leave=False: the bar disappears when done, the caller prints the result
         for b in tqdm(mine, desc=f"{what} {len(rows):,} rows", disable=rank != 0, leave=False):
             batch = data.collate(enc, split, rows[b], pad_id, model.his_len)  # + history ids for SASRec / DIN
             scores[b] = model(**{k: v.to(device) for k, v in batch.items()}).float().cpu().numpy()
@@ -140,13 +142,9 @@ def score_rows(model, enc, split, rows, batch_size, pad_id, device, dtype=None, 
 
 
 def score_catalog(model, enc, split, batch_size, pad_id, device, dtype=None, rows=None):
-    """-> (len(rows),) float64 scores of `rows` (default: every row), equal to score_rows's, for rows
-    that mostly begin with the same prompt up to the target title: one user's candidates with one
-    history (tools/use.py --user U --candidates unseen). Each distinct prefix (data.prefix_groups)
-    runs once for all its rows (collm.CoLLM.run_prefix), and each batch runs only its rows' own tokens,
-    the title and the end of the question. A title whose first characters merge with the quote before
-    it (a BPE token such as ' "(') changes a token before the title: such rows form prefix groups of
-    their own, scored exactly all the same. A model that cannot run a prefix apart goes to score_rows."""
+    """-> score_rows's scores of `rows` (default all) that mostly share their prompt up to the target title:
+    one user's candidates (tools/use.py --user U --candidates unseen). Each distinct prefix (data.prefix_groups)
+    runs once (collm.CoLLM.run_prefix), each batch only its rows' own tokens; score_rows for other models."""
     import torch
     rows = np.arange(len(split)) if rows is None else np.asarray(rows)
     if not model.shares_prefixes():
@@ -182,8 +180,7 @@ def score_one_prefix(model, enc, split, rows, batch_size, pad_id, device, bar):
 
 
 def read_metrics(run, flag):
-    """A run folder (or its metrics.json) -> (path, the parsed file); a missing or unreadable one is
-    one `error:` line naming it."""
+    """A run folder (or its metrics.json) -> (path, the parsed file); a UsageError if missing or unreadable."""
     path = os.path.join(run, "metrics.json") if os.path.isdir(run) else run
     if not os.path.isfile(path):
         raise UsageError(f"{flag} {run}: no metrics.json there (a train.py or collab.py --out folder)")

@@ -6,13 +6,10 @@
     torchrun --nproc-per-node 8 train.py --stage lora ...               # the same on 8 GPUs (DDP)
     python tools/use.py --ckpt runs/cie/best.pt --split test            # score a saved run
 
-Stage 1 trains only the LoRA adapters, on prompts made of titles alone. Stage 2 loads those adapters
-and freezes them, loads a trained collaborative model (collab.py) and freezes it too, and trains only
-the projector that maps its user/item embeddings into the two prompt slots. Two switches of the
-reference's stage-2 config open more of it to training: `--tune-rec` trains the collaborative model as
-well (its `freeze_rec: False`; from `--rec-ckpt`, or from scratch without one, its `pretrained_path`),
-the "whole CIE module" of the paper's section 5.3.2; `--tune-lora` trains stage 1's LoRA on
-(its `freeze_lora: False`).
+What each stage trains is collm.STAGES: LoRA on titles-only prompts in stage 1; in stage 2 the
+projector that maps a frozen collaborative model's (collab.py) user/item vectors into two prompt
+slots, plus that model with `--tune-rec` (from `--rec-ckpt`, or from scratch without one) and
+stage 1's LoRA with `--tune-lora`.
 
 What the loop does, step by step: AdamW with linear warmup then cosine decay driven by the global
 step; gradient accumulation; clipping; bf16/fp16 autocast; evaluation on a fixed valid subset every
@@ -340,7 +337,7 @@ def autocast(device, dtype):
 # that rebuild the model; --resume also the optimizer and loop state that only last.pt holds.
 BEST_KEYS = ("config", "lora", "step")
 
-LAST_KEYS = BEST_KEYS + ("optimizer", "scaler", "best", "bad_evals", "history")
+LAST_KEYS = BEST_KEYS + ("optimizer", "scaler", "best", "bad_evals", "history", "loss_log", "log_window", "seconds", "world")
 
 
 def load_checkpoint(path, need=()):
@@ -528,14 +525,14 @@ class LoopState:
                     seconds=time.time() - self.t0, log_window={"loss": self.window["loss"], "steps": self.window["steps"]})
 
     def restore(self, state):
-        """--resume: the loop as the paused sitting left it (files from before an entry existed lack it)."""
+        """--resume: the loop as the paused sitting left it."""
         self.step, self.best, self.bad_evals, self.history = state["step"], state["best"], state["bad_evals"], \
             state["history"]
-        self.loss_log = state.get("loss_log", [])
+        self.loss_log = state["loss_log"]
         # the log window the sitting ended in: the next log line averages all of its steps, not only
-        # those after the resume (files without one: the steps since the resume)
-        self.window.update(state.get("log_window", {}))
-        self.t0 -= state.get("seconds", 0.0)  # metrics.json's seconds: every sitting's wall time, summed
+        # those after the resume
+        self.window.update(state["log_window"])
+        self.t0 -= state["seconds"]  # metrics.json's seconds: every sitting's wall time, summed
 
 
 @dataclass
@@ -682,10 +679,9 @@ def claim_folder(cfg, out):
 
 def check_same_world(state, cfg, world):
     """A resumed run continues exactly only with the process count that wrote last.pt: the global
-    batch (batch x accum x processes) and which rows each step sees both depend on it. Files from
-    before last.pt recorded the count give it by their samples_seen."""
-    saved = state.get("world") or state.get("samples_seen", 0) // max(1, state["step"] * cfg.batch_size * cfg.grad_accum)
-    if saved and saved != world:
+    batch (batch x accum x processes) and which rows each step sees both depend on it."""
+    saved = state["world"]
+    if saved != world:
         run_it = f"torchrun --nproc-per-node {saved} train.py" if saved > 1 else "python train.py"
         raise UsageError(f"--resume {cfg.resume}: last.pt was written by {saved} process(es), this run has {world}; "
                          f"another count changes the global batch and the data order: run {run_it} --resume {cfg.resume}")

@@ -8,7 +8,8 @@ from conftest import assert_error_line, run_python
 
 KEYS = ("train_samples_per_s", "eval_samples_per_s", "train_peak_share", "eval_peak_share", "padding_share",
         "ref_padding_share", "speedup_train", "speedup_eval", "mem_ratio_train", "prefix_speedup_eval", "prefix_mem_eval",
-        "prefix_tensors_eval", "catalog_speedup", "device", "dtype", "cpu_capability", "cpu_bf16_units", "llm")
+        "prefix_tensors_eval", "catalog_speedup", "retrieve_rerank_seconds", "device", "dtype", "cpu_capability",
+        "cpu_bf16_units", "llm")
 
 
 def bench(*args):
@@ -46,8 +47,10 @@ def test_catalog_alone(toy_root):
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert (out["catalog_rows"], out["sample_rows"]) == (20, 12) and out["mean_rest_len"] < out["mean_len"]
-    for k in ("catalog_speedup", "catalog_speedup_batched", "catalog_rows_per_s", "plain_rows_per_s", "catalog_seconds"):
+    for k in ("catalog_speedup", "catalog_speedup_batched", "catalog_rows_per_s", "plain_rows_per_s", "catalog_seconds",
+              "retrieve_rerank_seconds"):
         assert out[k] > 0, (k, out[k])
+    assert out["retrieve_n"] == min(50, out["catalog_rows"])  # tools/use.py's default N
 
 
 @pytest.mark.parametrize("path", ["ours-train", "whole-train", "ref-train", "ours-eval", "ref-eval"])

@@ -172,3 +172,13 @@ def test_cli_bad_use_is_one_clear_line(args, words):
     with pytest.raises(data.UsageError) as e:
         results.main(args)
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_recall_and_ndcg_at_k_by_hand():
+    # liked items 3 and 9; ranked 3 first and 9 fourth: Recall@2 = 1/2, @4 = 2/2
+    # NDCG@4 = (1/log2(2) + 1/log2(5)) / (1/log2(2) + 1/log2(3)) = (1 + 0.4307) / (1 + 0.6309)
+    ranked = [3, 5, 7, 9, 1]
+    assert metrics.recall_ndcg_at_k(ranked, {3, 9}, 2) == pytest.approx((0.5, 1 / (1 + 1 / np.log2(3))))
+    assert metrics.recall_ndcg_at_k(ranked, {3, 9}, 4) == pytest.approx((1.0, (1 + 1 / np.log2(5)) / (1 + 1 / np.log2(3))))
+    assert metrics.recall_ndcg_at_k(ranked, [9], 3) == (0.0, 0.0)  # ranked 4th: outside the top 3
+    assert metrics.recall_ndcg_at_k(ranked, [5], 10) == pytest.approx((1.0, 1 / np.log2(3)))  # second: 1/log2(3)

@@ -468,3 +468,42 @@ def test_the_docs_scripts_run_as_written_on_the_readmes_exports(real_root, tmp_p
         assert res.returncode == 0, res.stderr[-3000:]
         words = res.stdout.split()
         assert words[0] == "score" and words[2] == "probability" and 0 < float(words[3]) < 1, res.stdout
+
+
+def test_retrieve_then_rerank_keeps_the_retrievers_top_n(runs, sparse_root, tmp_path, monkeypatch, capsys):
+    """--candidates unseen --retrieve N: the collaborative model scores every unseen item, the LLM scores
+    its N best; a stage-2 checkpoint retrieves with its own model, stage 1 with --rec-ckpt or pop."""
+    ds = data.load_dataset("toy", str(sparse_root))
+    unseen, _, _ = use.candidates(ds, 1, unseen=True)
+    mf = collab.load_rec(str(runs / "mf" / "model.pt"))  # the one the stage-2 run reads
+    collab.main(["--model", "sasrec", "--data", "toy", "--data-root", str(sparse_root), "--out", str(tmp_path / "sasrec"),
+                 "--epochs", "2", "--dim", "8"])  # a model.pt of this data, one that reads the history
+    sasrec = collab.load_rec(str(tmp_path / "sasrec" / "model.pt"))
+    capsys.readouterr()  # what training printed is not the JSON below
+    tr = ds.splits["train"]
+    pop = collab.build_model("pop", ds.user_num, ds.item_num).fit(tr.iid, tr.label)
+    for ckpt, extra, rec, name in ((runs / "cie" / "best.pt", [], mf, "mf (the checkpoint's own)"),
+                                   (runs / "lora" / "best.pt", [], pop, "pop (train positive rates)"),
+                                   (runs / "lora" / "best.pt", ["--rec-ckpt", tmp_path / "sasrec" / "model.pt"], sasrec,
+                                    "(sasrec)")):
+        code, out, err = cli(monkeypatch, capsys, "--ckpt", ckpt, "--data-root", sparse_root, "--user", 1,
+                             "--candidates", "unseen", "--retrieve", 3, "--json", *extra)
+        assert code == 0, err
+        got = json.loads(out)
+        assert got["retrieve"] == 3 and got["retriever"].endswith(name) and got["candidates"] == 3
+        rec_scores = dict(zip(unseen.iid.tolist(), collab.score(rec, unseen).tolist()))
+        best = sorted(rec_scores, key=lambda i: -rec_scores[i])[:3]
+        assert sorted(x["item"] for x in got["items"]) == sorted(best)  # the retriever's top 3, no rated item
+        for x in got["items"]:
+            assert x["retriever_score"] == pytest.approx(rec_scores[x["item"]], abs=1e-5)
+        assert [x["score"] for x in got["items"]] == sorted((x["score"] for x in got["items"]), reverse=True)
+    code, out, err = cli(monkeypatch, capsys, "--ckpt", runs / "cie" / "best.pt", "--data-root", sparse_root,
+                         "--user", 1, "--candidates", "unseen", "--retrieve", "all", "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["candidates"] == len(unseen) and "retriever" not in got  # exact: every unseen item
+    for bad, words in ((["--retrieve", 0], "--retrieve 0: a number of items >= 1, or all"),
+                       (["--retrieve", 5], "--retrieve and --rec-ckpt go with --candidates unseen")):
+        code, out, err = cli(monkeypatch, capsys, "--ckpt", runs / "cie" / "best.pt", "--data-root", sparse_root,
+                             "--user", 1, *(["--candidates", "unseen"] if bad[1] == 0 else []), *bad)
+        assert code == 2 and words in err, err

@@ -506,7 +506,21 @@ def catalog(args, ds, device, dtype):
                                                                          device, dtype))
     out.update(catalog_speedup=out["catalog_rows_per_s"] / out["plain_rows_per_s"],
                catalog_speedup_batched=out["catalog_rows_per_s"] / out["batched_rows_per_s"])
+    out.update(retrieve_rerank(args, ds, model, tok, cfg, whole, device, dtype))
     return out
+
+
+def retrieve_rerank(args, ds, model, tok, cfg, whole, device, dtype):
+    """Seconds of tools/use.py's default for one user's catalog: the collaborative model (stage 2's
+    own, a fresh MF here; pop for stage 1) scores every unseen item, the LLM reranks its top
+    use.RETRIEVE with the prefix once; the prompts' tokenising included, the model's loading not."""
+    def run():
+        retriever = use.retriever_of(argparse.Namespace(rec_ckpt=None), model, ds)
+        labels = np.full(len(whole), np.nan)
+        split, _, _, _ = use.retrieve(ds, whole, labels, retriever, use.RETRIEVE)
+        enc = collm.encode(cfg, replace(ds, splits={**ds.splits, "rank": split}), tok, "rank", model)
+        metrics.score_catalog(model, enc, split, args.eval_batch_size, data.SegmentTokenizer(tok).pad_id, device, dtype)
+    return dict(retrieve_n=min(use.RETRIEVE, len(whole)), retrieve_rerank_seconds=clock(device, run))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,7 +693,9 @@ def report(args, device, dtype_name, res, load):
     print(f"one user's catalog (user {cat['user']}, {cat['catalog_rows']:,} unseen items): prefix once, then "
           f"{cat['mean_rest_len']:.0f} of {cat['mean_len']:.0f} tokens a row: {cat['catalog_rows_per_s']:.1f} rows/s, "
           f"{cat['catalog_speedup']:.2f}x plain scoring, {cat['catalog_speedup_batched']:.2f}x the prefix once per batch; "
-          f"whole catalog {cat['catalog_seconds']:.1f} s (+ {cat['catalog_encode_seconds']:.1f} s building its prompts)")
+          f"whole catalog {cat['catalog_seconds']:.1f} s (+ {cat['catalog_encode_seconds']:.1f} s building its prompts); "
+          f"retrieve-then-rerank (tools/use.py's default, the LLM on the retriever's top {cat['retrieve_n']}) "
+          f"{cat['retrieve_rerank_seconds']:.1f} s")
     print(f"samples/s: real tokens/s over the mean prompt, {train_ours['mean_len']:.0f} tokens (train split) and "
           f"{eval_ours['mean_len']:.0f} (the scored test rows): an epoch's rate, whatever rows the timed batches drew")
     print(f"padding over a whole epoch: ours {train_ours['padding_epoch']:.1%} of train tokens (length-bucketed), "
@@ -700,7 +716,8 @@ def report(args, device, dtype_name, res, load):
                 fixed_eval_peak_share=round(f_eval * args.eval_batch_size * FIXED_LEN / base["eval_seconds"] / peak, 4),
                 mem_ratio_train_over_base=round(mem_over, 3), load_average=load,
                 catalog_speedup=round(cat["catalog_speedup"], 3), catalog_speedup_batched=round(cat["catalog_speedup_batched"], 3),
-                catalog_rows=cat["catalog_rows"], catalog_seconds=round(cat["catalog_seconds"], 2))
+                catalog_rows=cat["catalog_rows"], catalog_seconds=round(cat["catalog_seconds"], 2),
+                retrieve_n=cat["retrieve_n"], retrieve_rerank_seconds=round(cat["retrieve_rerank_seconds"], 2))
 
 
 def main(argv=None):

@@ -11,6 +11,7 @@ checkpoints/; the model is rebuilt from the run's own settings (train.build_mode
 evaluates by rerunning its training script with `evaluate: True`.
 """
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -20,6 +21,7 @@ from dataclasses import asdict
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the chapters, one folder up
+import collab  # noqa: E402
 import collm  # noqa: E402
 import data  # noqa: E402
 import eval as metrics  # noqa: E402  (our eval.py)
@@ -28,6 +30,9 @@ from data import UsageError  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # The command line: score a split, or export, or rank
+
+# --candidates unseen: how many of the collaborative model's best items the LLM reranks (docs/USE.md)
+RETRIEVE = 50
 
 
 def parse_evaluate(argv=None):
@@ -59,6 +64,13 @@ def parse_evaluate(argv=None):
                    help="--user: test = the user's test rows, each with the history it had (without test rows, --top "
                         "items the user never rated); unseen = every item of the data the user has no rating of, with "
                         "the user's current history: what to recommend next (default test)")
+    p.add_argument("--retrieve", default=None, metavar="N",
+                   help=f"--candidates unseen: a collaborative model scores every unseen item and the LLM reranks its "
+                        f"top N (default {RETRIEVE}; docs/USE.md: the recall it keeps against the seconds it saves); "
+                        f"the checkpoint's own model for stage 2, --rec-ckpt's or pop's for stage 1; all = the LLM "
+                        f"scores every unseen item (exact, minutes on a CPU)")
+    p.add_argument("--rec-ckpt", help="--retrieve with a stage-1 checkpoint: the collab.py model.pt that retrieves "
+                   "(default: pop, each item's train positive rate)")
     p.add_argument("--items", help="--user: comma-separated item ids to rank instead, with the user's current history")
     p.add_argument("--top", type=int, default=0, help="--user: print only the best K (0 = all; 10 items are drawn "
                    "when the user has no test rows)")
@@ -67,8 +79,12 @@ def parse_evaluate(argv=None):
     p.add_argument("--show-prompt", action="store_true", help="--user: print the first candidate's prompt")
     p.add_argument("--no-compile", action="store_true", help="score eagerly even if the run trained with --compile "
                    "(compiling takes about a minute: worth it for a whole split, not for a slice)")
-    args = p.parse_args(argv)
-    problems = []  # every bad flag at once
+    return check_flags(p.parse_args(argv))
+
+
+def check_flags(args):
+    """Every bad flag at once, in one line; then the ids parsed and --retrieve resolved."""
+    problems = []
     if args.batch_size < 1:  # -1 scored no row at all, and wrote AUC 0.5 with exit 0
         problems.append(f"--batch-size must be >= 1 (got {args.batch_size})")
     if args.rows < 0:  # rows[:-N] would be Python's "all but the last N"
@@ -81,6 +97,10 @@ def parse_evaluate(argv=None):
         problems.append("--items, --candidates, --top, --json and --show-prompt go with --user")
     if args.items is not None and args.candidates == "unseen":
         problems.append("--items and --candidates unseen: one at a time (the given items, or every unseen one)")
+    if (args.retrieve is not None or args.rec_ckpt) and args.candidates != "unseen":
+        problems.append("--retrieve and --rec-ckpt go with --candidates unseen")
+    if args.retrieve not in (None, "all") and not (args.retrieve.isdigit() and int(args.retrieve) >= 1):
+        problems.append(f"--retrieve {args.retrieve}: a number of items >= 1, or all")
     if (args.with_base or args.export_dtype != "fp32") and not args.export:
         problems.append("--with-base and --export-dtype go with --export")
     if problems:
@@ -89,6 +109,7 @@ def parse_evaluate(argv=None):
         args.user = list(dict.fromkeys(parse_ids(args.user, "--user")))  # each user once
     if args.items is not None:  # given, even as ',' (no ids): refused, never read as "not given"
         args.items = parse_ids(args.items, "--items")
+    args.retrieve = None if args.retrieve == "all" else int(args.retrieve or RETRIEVE)
     return args
 
 
@@ -118,14 +139,14 @@ def evaluate(args, state, cfg, command):
     ds = data.load_dataset(cfg.data, cfg.data_root)
     if args.user is not None:  # unknown ids are reported before the model is built
         of_users = [candidates(ds, u, args.items, args.top or 10, unseen=args.candidates == "unseen")
-                      for u in args.user]
+                    for u in args.user]
     model, tok = train.build_model(cfg, ds, dtype, state)
     model.to(device)
     what = f"({cfg.stage}, {cfg.llm}, step {state['step']})"
     if args.export:
         template = data.load_template(ds.domain, collm.STAGES[cfg.stage]["template"], cfg.template)
         export_model(model, tok, state, template, args.export, args.with_base, llm_source(cfg.llm),
-                             train.DTYPES[args.export_dtype])
+                     train.DTYPES[args.export_dtype])
         print(f"exported {args.ckpt} {what} -> {args.export}")
         return
     if cfg.compile and not args.no_compile:  # scored as the run was trained (train.py --compile)
@@ -167,6 +188,11 @@ def evaluate(args, state, cfg, command):
 def rank_user(args, cfg, ds, model, tok, user, candidates, device, dtype, what):
     """--user: score one user's candidate rows and print them best first, as a table or as JSON."""
     split, labels, note = candidates
+    rec_scores, about = None, {}
+    if args.candidates == "unseen" and args.retrieve is not None:  # retrieve, then the LLM reranks
+        split, labels, rec_scores, retriever = retrieve(ds, split, labels, retriever_of(args, model, ds), args.retrieve)
+        note = f"the {len(split)} of {note} that {retriever} ranks first"
+        about = dict(retriever=retriever, retrieve=args.retrieve)
     # the candidates as one more split, so that prompts, batches and scores take the usual path
     ds = dataclasses.replace(ds, splits={**ds.splits, "rank": split})
     enc = collm.encode(cfg, ds, tok, "rank", model)
@@ -174,8 +200,8 @@ def rank_user(args, cfg, ds, model, tok, user, candidates, device, dtype, what):
     # prefix runs once (test rows, each with its own history, are scored as evaluation scores them)
     scores = metrics.score_catalog(model, enc, split, args.batch_size, data.SegmentTokenizer(tok).pad_id, device, dtype)
     if args.json:
-        print(json.dumps(rank_json(ds, split, scores, labels, args.top or None,
-                                           user=user, data=cfg.data, ckpt=args.ckpt, candidates_are=note)))
+        print(json.dumps(rank_json(ds, split, scores, labels, args.top or None, rec_scores,
+                                   user=user, data=cfg.data, ckpt=args.ckpt, candidates_are=note, **about)))
         return
     print(f"user {user} of {cfg.data}: {note}\n{args.ckpt} {what}; "
           f"score = the 'Yes' logit, label = 1 liked / 0 not / - unknown")
@@ -184,6 +210,29 @@ def rank_user(args, cfg, ds, model, tok, user, candidates, device, dtype, what):
         segs = data.prompt_segments(template, [ds.titles[i] for i in split.history(0)], ds.titles[split.iid[0]])
         print(f"prompt of item {split.iid[0]}:\n{data.render_prompt(segs)}")
     print("\n".join(rank_table(ds, split, scores, labels, args.top or None)))
+
+
+def retriever_of(args, model, ds):
+    """-> (the collaborative model that retrieves, its name in words): a stage-2 checkpoint's own (the
+    model whose vectors fill its slots), else --rec-ckpt's, else pop counted from train."""
+    if model.rec is not None:
+        return copy.deepcopy(model.rec).cpu().eval(), f"{collab.model_name(model.rec)} (the checkpoint's own)"
+    if args.rec_ckpt:
+        return collab.load_rec(args.rec_ckpt, ds.user_num, ds.item_num, data.fingerprint(ds)), \
+            f"{args.rec_ckpt} ({collab.model_in(args.rec_ckpt)})"
+    tr = ds.splits["train"]
+    return collab.build_model("pop", ds.user_num, ds.item_num).fit(tr.iid, tr.label).eval(), "pop (train positive rates)"
+
+
+def retrieve(ds, split, labels, retriever, n):
+    """The first stage of retrieve-then-rerank: `retriever` = (model, name) scores every row of `split` (one
+    user's unseen items, one history), and the n best stay -> (their split, labels, retriever scores, name),
+    best first. Cheap: one collaborative forward for the whole catalog."""
+    model, name = retriever
+    scores = collab.score(model, split)
+    keep = np.argsort(-scores, kind="stable")[:n]
+    kept, _, _ = candidates(ds, int(split.uid[0]), items=split.iid[keep].tolist())
+    return kept, labels[keep], scores[keep], name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,7 +515,7 @@ def rank_table(ds, split, scores, labels, top=None):
     return lines
 
 
-def rank_json(ds, split, scores, labels, top=None, **about):
+def rank_json(ds, split, scores, labels, top=None, rec_scores=None, **about):
     """The ranking as one JSON-ready dict: `about` (user, ...), how many candidates were scored, and
     the best `top` items with their title, score, probability (sigmoid(score): the model was trained
     with binary cross-entropy on the score) and label (null = the data has no rating of it)."""
@@ -474,6 +523,9 @@ def rank_json(ds, split, scores, labels, top=None, **about):
     items = [{"item": int(split.iid[r]), "title": ds.titles[split.iid[r]], "score": float(scores[r]),
               "probability": float(0.5 + 0.5 * np.tanh(scores[r] / 2)),  # sigmoid, without overflow
               "label": None if np.isnan(labels[r]) else int(labels[r])} for r in order]
+    if rec_scores is not None:  # retrieve-then-rerank: the retriever's score beside the LLM's
+        for item, r in zip(items, order):
+            item["retriever_score"] = float(rec_scores[r])
     return {**about, "candidates": len(split), "items": items}
 
 
