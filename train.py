@@ -6,22 +6,16 @@
     torchrun --nproc-per-node 8 train.py --stage lora ...               # the same on 8 GPUs (DDP)
     python tools/use.py --ckpt runs/cie/best.pt --split test            # score a saved run
 
-What each stage trains is collm.STAGES: LoRA on titles-only prompts in stage 1; in stage 2 the
-projector that maps a frozen collaborative model's (collab.py) user/item vectors into two prompt
-slots, plus that model with `--tune-rec` (from `--rec-ckpt`, or from scratch without one) and
-stage 1's LoRA with `--tune-lora`.
+What each stage trains is collm.STAGES: stage 1 LoRA on titles-only prompts; stage 2 the projector of a
+frozen collaborative model's (collab.py) vectors into two prompt slots, plus that model with `--tune-rec`
+(from `--rec-ckpt`, or from scratch) and stage 1's LoRA with `--tune-lora`. The loop: AdamW, warmup then
+cosine decay by the global step, gradient accumulation, clipping, bf16/fp16 autocast; every `--eval-every`
+steps a fixed valid subset is scored, the best-AUC checkpoint kept, and the run stops after `--patience`
+evaluations without improvement; the best is then scored on test (metrics.json). Checkpoints hold only the
+small tensors, never the LLM, written atomically; `--resume DIR` continues a stopped run exactly.
 
-What the loop does, step by step: AdamW with linear warmup then cosine decay driven by the global
-step; gradient accumulation; clipping; bf16/fp16 autocast; evaluation on a fixed valid subset every
-`--eval-every` steps, keeping the best-AUC checkpoint and stopping after `--patience` evaluations
-without improvement; at the end, the best checkpoint is scored on the test split and metrics.json is
-written beside it. Checkpoints hold only the small tensors (LoRA, projector, collaborative model),
-never the LLM, and are written atomically; `--resume DIR` continues a stopped run exactly.
-
-Chapter five. The file reads in the order a run happens: settings (Config), devices and precision,
-checkpoints and the model a stage's settings describe (build_model), the schedule, the optimizer,
-then the loop in chapters (set_up, train_step, evaluate_and_save, finish, and train() that calls
-them). Scoring, exporting or ranking with a saved run is tools/use.py's, which builds the model here.
+Chapter five, in the order a run happens: settings (Config), devices and precision, checkpoints and
+build_model, the schedule and optimizer, the loop (set_up, train_step, evaluate_and_save, finish, train).
 """
 import argparse
 import json
@@ -55,8 +49,6 @@ def opt(default, help, **kw):
 
 
 DATA_FLAGS = data.DATA_FLAGS  # --data and --data-root, worded as every CLI words them
-
-
 # --help shows the settings in these groups, each opening at the field named here (Config's order)
 HELP_GROUPS = {"stage": "the run: the flags a newcomer sets",
                "rec": "stage 2's switches (--stage cie)",
@@ -70,7 +62,6 @@ HELP_GROUPS = {"stage": "the run: the flags a newcomer sets",
 class Config:
     """Every setting of a run: --help is generated from the fields (their help text lives here), and
     each checkpoint saves them all, which --resume and tools/use.py rebuild the run from."""
-    # the run: the flags a newcomer sets
     stage: str = opt("lora", "lora: stage 1, LoRA on text-only prompts (TALLRec); cie: stage 2, the projector",
                      choices=("lora", "cie"))
     llm: str = opt("smollm2-135m", "smollm2-135m | gemma3-270m (real LLMs from pip packages, README) | tiny | "
@@ -97,7 +88,6 @@ class Config:
     compile: bool = opt(False, "torch.compile each decoder layer (collm.compile_decoder): on CPU faster steps "
                         "and less activation memory (bench.py --compile measures both), after tens of "
                         "seconds of compiling")
-    # stage 2's switches (--stage cie)
     rec: str = opt("mf", "stage 2: the collaborative model (default: the one --rec-ckpt holds, else mf)",
                    choices=tuple(k for k, m in collab.MODELS.items() if "dim" in m.defaults))  # pop has none
     tune_rec: bool = opt(False, "stage 2: train the collaborative model too, the paper's whole-CIE tuning "
@@ -105,14 +95,12 @@ class Config:
                                 "scratch without it")
     tune_lora: bool = opt(False, "stage 2: train stage 1's LoRA on too (the reference's freeze_lora: False); the "
                                  "whole prompt then runs with gradients, as in stage 1, so a step costs more")
-    # the LoRA adapters (stage 1 trains them; stage 2 reads their shape from --ckpt)
     lora_r: int = opt(8, "LoRA rank (stage 2 takes this and the other --lora-* settings from --ckpt)")
     lora_alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA input")
     lora_targets: str = opt("q_proj,v_proj", "comma-separated module names that get LoRA")
     lora_layers: int = opt(0, "LoRA in the top N decoder layers only; the layers below then run forward-only "
                               "(0 = every layer, the paper's)")
-    # optimisation
     grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch * accum * processes)")
     min_lr: float = opt(8e-5, "learning rate at the end of the cosine decay")
     warmup_steps: int = opt(50, "linear warmup length in optimizer steps (the reference: 200)")
@@ -125,14 +113,12 @@ class Config:
                                 "untrained 'Yes' logit is far off, and its first steps would only move it); AUC is "
                                 "unchanged by it, and stage 2 starts from stage 1's shift (--no-calibrate: the "
                                 "reference's start)")
-    # evaluation and early stopping
     eval_split: str = opt("valid_small", "split used for model selection", choices=("valid_small", "valid"))
     eval_rows: int = opt(1000, "score only the first N rows of --eval-split while training (0 = all 5,200 of "
                                "valid_small, the reference's; 1,000 keeps each evaluation short on a CPU)")
     eval_batch_size: int = opt(0, "rows per scoring batch (0 = twice --batch-size)")
     test_rows: int = opt(0, "score only the first N test rows at the end (0 = all)")
     patience: int = opt(20, "stop after this many evaluations without a better valid AUC")
-    # the rest: prompts, seeds, logs, sittings, memory
     template: str = opt(None, "prompt template file (default prompts/<domain>_<text|collm>.txt)")
     seed: int = opt(2023, "seed for initialisation, batch order and dropout")
     log_every: int = opt(10, "print a log line every N steps")
@@ -170,9 +156,7 @@ def parse_config(argv=None):
 
 
 def rec_of(rec_ckpt, given):
-    """--rec is what --rec-ckpt holds: read from the file, and refused in one line if `given` (the
-    --rec typed, or None) names another model. A file that cannot tell keeps --rec; building the
-    model then says what is wrong with it."""
+    """--rec is what --rec-ckpt holds, refused if `given` (--rec, or None) differs; if the file can't tell, --rec."""
     held = collab.model_in(rec_ckpt)
     if held is None:
         return given or Config.rec
@@ -186,8 +170,7 @@ LORA_SHAPE = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_laye
 
 
 def command_line(cfg, world=1):
-    """The shortest command that makes this run again: every setting that differs from its default
-    (metrics.json keeps it, and tools/results.py --table --json puts it beside the run's numbers)."""
+    """The shortest command that makes this run again (metrics.json keeps it): the non-default settings."""
     flags = []
     for f in fields(Config):
         value = getattr(cfg, f.name)
@@ -199,10 +182,9 @@ def command_line(cfg, world=1):
     return " ".join([launcher, *flags])
 
 
-# Every numeric setting, by what its 0 means. Counts where 0 means nothing (0 steps, a batch of 0,
-# a log line every 0 steps) must be >= 1; where 0 means "all", "off" or "the default", >= 0. A
-# negative count is never meaningful, and some are worse than an error: `rows[:-1]` is Python's
-# "all but the last", so --test-rows -1 scored the wrong rows without a word.
+# Every numeric setting, by what its 0 means: >= 1 where 0 means nothing (0 steps, a batch of 0), >= 0
+# where it means "all", "off" or "the default". A negative count would be worse than an error:
+# `rows[:-1]` is Python's "all but the last", so --test-rows -1 would score the wrong rows silently.
 AT_LEAST_1 = ("batch_size", "grad_accum", "max_steps", "eval_every", "patience", "log_every", "lora_r", "lora_alpha")
 AT_LEAST_0 = ("eval_batch_size", "eval_rows", "test_rows", "warmup_steps", "pause_at", "lora_layers", "seed",
               "weight_decay", "grad_clip")
@@ -254,8 +236,7 @@ def resume_config(cfg):
 
 def setup_distributed(cfg):
     """-> (rank, world, device). Plain `python train.py` is world 1; torchrun sets RANK/WORLD_SIZE."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible")
@@ -267,23 +248,17 @@ def setup_distributed(cfg):
     return rank, world, device
 
 
-# Which dtype to compute in. Half precision (bf16/fp16) halves memory and, on hardware built for it,
-# multiplies matmul speed. On hardware NOT built for it, it is a disaster: on a CPU without bf16
-# matrix units (AVX2 only; most laptops, many cloud machines) bf16 matmuls run hundreds of times
-# slower than fp32 (docs/SPEED.md has the measurement). So `--dtype auto` picks what the hardware
-# computes natively, and says why.
+# Which dtype to compute in. Half precision halves memory and, on hardware built for it, multiplies
+# matmul speed; on a CPU without bf16 matrix units (AVX2 only: most laptops) bf16 matmuls run hundreds
+# of times slower than fp32 (docs/SPEED.md). So `--dtype auto` picks what the hardware computes natively.
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # None = plain fp32, no autocast
 BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX-512 BF16 / AMX, Arm's BF16 extension
 CPUINFO = "/proc/cpuinfo"
 
 
 def cpu_has_bf16_units():
-    """True when the CPU has bf16 matrix instructions AND torch's CPU matmul library (oneDNN) may use
-    them. The instructions are read from the kernel's CPU flags (Linux): torch's own check
-    (torch.ops.mkldnn._is_mkldnn_bf16_supported) asks oneDNN, which on x86 says yes for any AVX-512
-    CPU, bf16 units or not. But oneDNN's answer follows ONEDNN_MAX_CPU_ISA: capped below the units
-    (=AVX2, say, as the README's AVX2 measurements were taken), bf16 runs slowly again, so both must
-    say yes. Where /proc/cpuinfo does not exist we cannot tell, so False: fp32 is never wrong, at worst slower."""
+    """True when the CPU flags have bf16 matrix instructions AND oneDNN may use them (its own check says
+    yes for any AVX-512 CPU, but obeys ONEDNN_MAX_CPU_ISA). No /proc/cpuinfo: False, fp32 is never wrong."""
     try:
         with open(CPUINFO) as f:
             flags = {w for line in f if line.startswith(("flags", "Features")) for w in line.split(":", 1)[1].split()}
@@ -312,8 +287,7 @@ def native_dtype(device):
 
 
 def compute_dtype(choice, device):
-    """--dtype (auto | bf16 | fp16 | fp32) -> (torch dtype or None for fp32, name, reason). An explicit
-    half dtype on a CPU without units for it still runs, after a warning: the user asked for it."""
+    """--dtype -> (torch dtype or None for fp32, name, reason); a half dtype the CPU lacks units for warns."""
     if choice == "auto":
         name, reason = native_dtype(device)
         return DTYPES[name], name, "auto: " + reason
@@ -328,21 +302,16 @@ def autocast(device, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: a run's settings and its small trained tensors (collm.model_tensors), never the LLM,
-# written atomically by save(); and the model a stage's settings describe (build_model), which a
-# new run, --resume and tools/use.py all build the same way
+# Checkpoints: a run's settings and small trained tensors (collm.model_tensors), written atomically;
+# and the model a stage's settings describe (build_model), built alike by a run, --resume and tools/use.py
 
-
-# What each use of a checkpoint needs: scoring (best.pt, or last.pt) the tensors and the settings
-# that rebuild the model; --resume also the optimizer and loop state that only last.pt holds.
+# What each use of a checkpoint needs: scoring the tensors and settings; --resume also last.pt's state.
 BEST_KEYS = ("config", "lora", "step")
-
 LAST_KEYS = BEST_KEYS + ("optimizer", "scaler", "best", "bad_evals", "history", "loss_log", "log_window", "seconds", "world")
 
 
 def load_checkpoint(path, need=()):
-    """A train.py checkpoint, checked before use: every fault is one line naming the file and what is
-    wrong with it (missing, empty, truncated, damaged, not ours, or without the keys `need` lists)."""
+    """A train.py checkpoint, checked: a fault (empty, truncated, damaged, lacking `need`) is one line naming it."""
     if not os.path.isfile(path):
         raise UsageError(f"{path}: file not found")
     if os.path.getsize(path) == 0:
@@ -380,8 +349,7 @@ def write_checkpoint(ckpt, path):
 
 
 def unreadable(path):
-    """Why torch could not read a file, in words: a checkpoint is a zip (torch.save's format), so a
-    zip's signature without the directory at its end means the file was cut short."""
+    """Why torch could not read a file: a zip's signature (torch.save's format) without its end = cut short."""
     import zipfile
     with open(path, "rb") as f:
         head = f.read(4)
@@ -394,17 +362,13 @@ def tensors_in(obj):
     """Every tensor inside nested dicts and lists, in their stored order (kept by pickling)."""
     if isinstance(obj, torch.Tensor):
         yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from tensors_in(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
+    elif isinstance(obj, (dict, list, tuple)):
+        for v in obj.values() if isinstance(obj, dict) else obj:
             yield from tensors_in(v)
 
 
 def tensor_digest(tensors):
-    """A SHA-1 of tensors' dtypes, shapes and raw bytes: equal iff the tensors are bit for bit equal.
-    Checkpoints carry one (checked on load) and metrics.json one per rank (rank_digests)."""
+    """A SHA-1 of tensors' dtypes, shapes and raw bytes: equal iff the tensors are bit for bit equal."""
     import hashlib
     h = hashlib.sha1()
     for t in tensors:
@@ -414,21 +378,18 @@ def tensor_digest(tensors):
 
 
 def load_stage1(path):
-    """Stage 2's --ckpt: a stage-1 checkpoint file (best.pt), or an --export folder of one, such as the
-    shipped checkpoints/ folders, which hold the same tensors as safetensors."""
+    """Stage 2's --ckpt: a stage-1 best.pt, or an --export folder of one (the shipped checkpoints/)."""
     if not os.path.isdir(path):
         return load_checkpoint(path)
     state = collm.load_export(path)
-    # load_export points "llm" at the folder's base/ copy when it has one; stage 2 checks the LLM by
-    # the name the run trained with (its --llm), which the export records
+    # stage 2 checks the LLM by the --llm the run trained with, not by load_export's base/ copy
     with open(os.path.join(path, collm.EXPORT_JSON)) as f:
         state["config"]["llm"] = json.load(f)["llm"]
     return state
 
 
 def build_model(cfg, data_set, dtype, state=None):
-    """-> (CoLLM, tokenizer). `state` = a checkpoint of this script whose tensors are loaded
-    (resume, evaluation); without it, stage 2 takes LoRA from --ckpt and the rec model from --rec-ckpt."""
+    """-> (CoLLM, tokenizer) with `state`'s tensors (resume, scoring), or stage 2's from --ckpt and --rec-ckpt."""
     from peft import set_peft_model_state_dict
     stage1 = None
     if cfg.stage == "cie" and state is None:
@@ -475,8 +436,9 @@ def build_model(cfg, data_set, dtype, state=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Learning rate: warmup then cosine, a pure function of the GLOBAL step (the reference restarted
-# its warmup every 'epoch', a sawtooth)
+# The schedule and the optimizer (bench.py builds its own with these too, so both take the same steps).
+# Learning rate: warmup then cosine, a pure function of the GLOBAL step (the reference restarted its
+# warmup every 'epoch', a sawtooth)
 
 
 def lr_at(step, cfg):
@@ -486,30 +448,23 @@ def lr_at(step, cfg):
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ---------------------------------------------------------------------------------------------
-# The optimizer (bench.py builds its own with this too, so both take the same steps)
-
-
 def build_optimizer(params, cfg):
-    """AdamW over the trained tensors. Weight decay pulls weights towards 0 as a regulariser; on a
-    bias or a norm's scale (1-d tensors) that only shifts the output, so they are left undecayed,
-    as in nanoGPT and the reference. The lr set here is overwritten by lr_at() before every step."""
+    """AdamW, decaying matrices only (as nanoGPT and the reference): on biases and norm scales it only shifts."""
     params = list(params)
-    decay = [p for p in params if p.ndim >= 2]      # matrices decay, biases do not
+    decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop, in three chapters: set_up() builds a Run, train_step() takes one optimizer step, and
-# evaluate_and_save() / finish() keep what it learned. train() at the end reads them in order.
+# The loop: set_up() builds a Run, train_step() takes one optimizer step, evaluate_and_save() and
+# finish() keep what it learned; train() at the end calls them in order.
 
 
 @dataclass
 class LoopState:
-    """What the loop moves from step to step: small and plain, and what last.pt keeps beside the
-    optimizer's moments (saved(), restore()), so that --resume continues exactly."""
+    """What the loop moves from step to step, which last.pt keeps (saved(), restore()) for --resume."""
     step: int = 0             # optimizer steps taken: the clock of the schedule, evaluation, saving
     best: dict = field(default_factory=lambda: {"auc": -1.0, "step": 0})
     bad_evals: int = 0        # evaluations since the best one (early stop at --patience)
@@ -526,19 +481,15 @@ class LoopState:
 
     def restore(self, state):
         """--resume: the loop as the paused sitting left it."""
-        self.step, self.best, self.bad_evals, self.history = state["step"], state["best"], state["bad_evals"], \
-            state["history"]
-        self.loss_log = state["loss_log"]
-        # the log window the sitting ended in: the next log line averages all of its steps, not only
-        # those after the resume
-        self.window.update(state["log_window"])
+        self.step, self.best, self.bad_evals = state["step"], state["best"], state["bad_evals"]
+        self.history, self.loss_log = state["history"], state["loss_log"]
+        self.window.update(state["log_window"])  # the next log line averages all of the window's steps
         self.t0 -= state["seconds"]  # metrics.json's seconds: every sitting's wall time, summed
 
 
 @dataclass
 class Run:
-    """What set_up() builds for one training run, which the loop's chapters share, and the loop's
-    state (`loop`), the one part that changes."""
+    """What set_up() builds for one run, shared by the loop's chapters; `loop` is the part that changes."""
     cfg: Config
     rank: int                 # this process's place among `world` (0 logs and saves; every rank computes)
     world: int
@@ -600,8 +551,7 @@ def set_up(cfg):
     if cfg.compile:
         collm.compile_decoder(model)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    # DDP syncs the parameters that require grad when it is built: freeze/unfreeze first (done in
-    # build_model), then wrap, then build the optimizer.
+    # DDP syncs the parameters that require grad when it is built: freeze (build_model), then wrap.
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
     # fp16 has so few exponent bits that small gradients underflow to 0: the scaler multiplies the
@@ -611,12 +561,10 @@ def set_up(cfg):
     # takes every world-th batch: any step's batch can be recomputed, so a resume needs no data state.
     n_batches = len(data.train_batches(enc_train.lengths, cfg.batch_size, np.random.default_rng(0), False))
     run = Run(cfg=cfg, rank=rank, world=world, device=device, dtype=dtype, dtype_name=dtype_name,
-              dtype_reason=dtype_reason, out=out, ds=ds, tok=tok, lock=lock,
-              model=model, net=net, trainable=trainable, optimizer=build_optimizer(trainable.values(), cfg),
-              scaler=scaler, enc_train=enc_train, enc_eval=enc_eval, pad=data.SegmentTokenizer(tok).pad_id,
-              eval_rows=eval_rows,
-              eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, batches_per_rank=n_batches // world,
-              loop=LoopState(t0=t0))
+              dtype_reason=dtype_reason, out=out, ds=ds, tok=tok, lock=lock, model=model, net=net, trainable=trainable,
+              optimizer=build_optimizer(trainable.values(), cfg), scaler=scaler, enc_train=enc_train, enc_eval=enc_eval,
+              pad=data.SegmentTokenizer(tok).pad_id, eval_rows=eval_rows, batches_per_rank=n_batches // world,
+              eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, loop=LoopState(t0=t0))
     if state is not None:
         restore_loop_state(run, state)
     if cfg.calibrate and state is None and cfg.stage == "lora":
@@ -624,15 +572,13 @@ def set_up(cfg):
         if run.master:
             print(f"calibrated: every score shifted by {shift:+.3f} (now {float(model.score_bias):+.3f})")
     if run.master:
-        # derived quantities said once, up front: the global batch is what the learning rate is tuned for
         print(f"=> ready: stage {cfg.stage} | llm {cfg.llm} | processes {world} | global batch {run.samples_per_step} "
               f"| trainable {sum(p.numel() for p in trainable.values()):,} in {len(trainable)} tensors")
     return run
 
 
-# Seconds per training row of the two real small LLMs (135M-270M parameters) on a 2-core CPU, scoring
-# included, by compute dtype: the README's main job (docs/SPEED.md has the measurements). Only for the
-# first line's rough length; tqdm's bar gives the real one once steps run.
+# Seconds per training row (scoring included) of the real small LLMs on a 2-core CPU, by dtype
+# (docs/SPEED.md): only for the first line's rough length; tqdm's bar gives the real one.
 CPU_SECONDS_PER_ROW = {"bf16": 0.44, "fp32": 0.95}
 
 
@@ -650,11 +596,8 @@ LOCK_FILE = "train.lock"
 
 
 def claim_folder(cfg, out):
-    """A run folder belongs to one run. Two processes writing one folder both ended "fine" with one
-    run's numbers lost; a new run beside an old one's files mixed them (the old metrics.json beside
-    the new best.pt). So: an exclusive lock on out/train.lock for the whole run, which the kernel
-    drops when the process ends however it ends (flock: a killed run leaves no stale lock), and a
-    new run refuses a folder that holds another run's files. -> the open lock file (held while open)."""
+    """One run per folder: an exclusive flock on out/train.lock (dropped however the process ends), and a new
+    run refuses another run's files (no old metrics.json beside a new best.pt). -> the open lock file."""
     import fcntl
     os.makedirs(out, exist_ok=True)
     lock = open(os.path.join(out, LOCK_FILE), "a+")
@@ -678,8 +621,7 @@ def claim_folder(cfg, out):
 
 
 def check_same_world(state, cfg, world):
-    """A resumed run continues exactly only with the process count that wrote last.pt: the global
-    batch (batch x accum x processes) and which rows each step sees both depend on it."""
+    """--resume needs last.pt's process count: the global batch and each step's rows depend on it."""
     saved = state["world"]
     if saved != world:
         run_it = f"torchrun --nproc-per-node {saved} train.py" if saved > 1 else "python train.py"
@@ -708,8 +650,7 @@ def micro_batch(run, m):
 
 
 def train_step(run, window):
-    """Chapter 2: one optimizer step over a global batch of --batch-size x --grad-accum x processes
-    rows. Adds this rank's rows and mean loss to `window` (the log's running totals); -> the lr used."""
+    """Chapter 2: one optimizer step over a global batch; adds rows and mean loss to `window`. -> the lr."""
     cfg = run.cfg
     # The schedule is a pure function of the global step, so a resumed run continues on the same curve.
     lr = lr_at(run.loop.step, cfg)
@@ -717,14 +658,12 @@ def train_step(run, window):
         group["lr"] = lr
     # Dropout noise is a function of (seed, step, rank): a resumed run draws exactly the same.
     torch.manual_seed(cfg.seed + 1_000_003 * (run.loop.step * run.world + run.rank + 1))
-    # Gradient accumulation: --grad-accum micro-batches, each forward + backward, their gradients
-    # summed in .grad; one optimizer step at the end. A big batch in the memory of a small one.
+    # Gradient accumulation: the micro-batches' gradients sum in .grad, a big batch in a small one's memory.
     for k in range(cfg.grad_accum):
         batch = micro_batch(run, run.loop.step * cfg.grad_accum + k)
-        last_micro = k == cfg.grad_accum - 1
         # Under DDP every backward all-reduces the gradients across ranks; only the last micro-batch's
         # needs to (the sum is what counts), so the others run inside no_sync() and skip the traffic.
-        sync = run.net.no_sync() if run.world > 1 and not last_micro else nullcontext()
+        sync = run.net.no_sync() if run.world > 1 and k < cfg.grad_accum - 1 else nullcontext()
         with sync, autocast(run.device, run.dtype):
             score = run.net(**batch)                               # (B,) Yes-logits
             loss = F.binary_cross_entropy_with_logits(score, batch["label"])
@@ -733,9 +672,8 @@ def train_step(run, window):
         window["loss"] += loss.item() / cfg.grad_accum
         window["rows"] += len(score)
     if cfg.grad_clip > 0:
-        # Clip the norm of the whole gradient (all tensors as one vector): a rare huge gradient (a
-        # bad batch, the first steps of a fresh projector) cannot throw the weights far. The scaler's
-        # factor comes off first, so the threshold is in true gradient units.
+        # The whole gradient's norm: a rare huge gradient (a fresh projector) cannot throw the weights far.
+        # Unscaled first, so the threshold is in true gradient units.
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.trainable.values(), cfg.grad_clip)
     run.scaler.step(run.optimizer)  # skips the step if fp16 gradients overflowed, and lowers the scale
@@ -761,8 +699,7 @@ def log_step(run, bar, lr, window):
 
 
 def save(run, name, with_state):
-    """best.pt holds the trained tensors and settings; last.pt also the optimizer and loop state that
-    --resume needs. Only rank 0 writes (every rank holds the same weights)."""
+    """best.pt: the trained tensors and settings; last.pt also the optimizer and loop state (--resume)."""
     loop = run.loop
     ckpt = {"config": asdict(run.cfg), **collm.model_tensors(run.model), "step": loop.step, "best": loop.best,
             "samples_seen": loop.step * run.samples_per_step}  # what these weights learned from
@@ -773,8 +710,7 @@ def save(run, name, with_state):
 
 
 def evaluate_and_save(run, bar):
-    """Chapter 3, every --eval-every steps and at the last step: score the valid rows, keep the best
-    checkpoint, count evaluations without improvement. -> True when the run should stop early."""
+    """Chapter 3: score the valid rows, keep the best checkpoint. -> True when the run should stop early."""
     cfg = run.cfg
     split = run.ds.splits[cfg.eval_split]
     scores = metrics.score_rows(run.model, run.enc_eval, split, run.eval_rows, run.eval_batch_size, run.pad,
@@ -790,9 +726,8 @@ def evaluate_and_save(run, bar):
     if run.master:
         bar.write(f"eval step {run.loop.step}: {cfg.eval_split} AUC {res['auc']:.4f} UAUC {res['uauc']:.4f} "
                   f"(best {run.loop.best['auc']:.4f} at {run.loop.best['step']})")
-    # Early stop after --patience evaluations without a better valid AUC. Every rank computed the
-    # same metrics from the same gathered scores; all-reducing the decision anyway means no rank can
-    # ever wait for a collective the others skipped (the reference decided on rank 0 alone and hung).
+    # Every rank computed the same metrics; all-reducing the decision anyway means no rank can wait for
+    # a collective the others skipped (the reference decided on rank 0 alone and hung).
     return all_ranks_agree(run.loop.bad_evals >= cfg.patience, run.world, run.device)
 
 
@@ -824,9 +759,7 @@ def finish(run):
 
 
 def train(cfg):
-    """One run of a stage, read top to bottom: set up, step until --max-steps (evaluating and saving
-    on the way, stopping early when the valid AUC stops improving), then the test score. -> the
-    metrics.json dict, or None when the sitting paused (--pause-at)."""
+    """One run: set up, step (evaluating, saving, stopping early), test. -> metrics.json's dict, or None if paused."""
     run = set_up(cfg)
     bar = tqdm(total=cfg.max_steps, initial=run.loop.step, desc=cfg.stage, disable=not run.master, dynamic_ncols=True)
     stop = halt = False
@@ -864,9 +797,7 @@ def train(cfg):
 
 
 def catch_stop_signals():
-    """Ctrl-C (SIGINT) and SIGTERM (a scheduler's kill, a shutdown) during training end the step in
-    progress, save last.pt at it and say how to resume, instead of losing every step since the last
-    evaluation. -> an Event the loop reads after each step; a second signal stops at once."""
+    """Ctrl-C / SIGTERM: end the step, save last.pt, say how to resume. -> an Event; a second signal stops."""
     event = threading.Event()
 
     def handler(signum, frame):
@@ -881,12 +812,8 @@ def catch_stop_signals():
 
 
 def calibrate(model, enc, split, batch_size, pad, device, dtype, seed, n=256):
-    """--calibrate: score n random train rows with the model as it starts and shift every score by
-    the constant that brings their mean logit to the logit of train's positive rate. Without it a
-    small LLM's first steps are spent moving all its scores down together (an untrained SmolLM2's
-    first loss is far above the log 2 a calibrated model starts at). Whether that helps ranking is
-    an open question (docs/RESULTS.md has a run with and without it).
-    Every rank draws the same rows (the seed), so every rank sets the same constant. -> the shift."""
+    """--calibrate: shift every score so that n random train rows (the same on every rank) average the logit
+    of train's positive rate; else a small LLM's first steps only move all scores (docs/RESULTS.md)."""
     rows = np.sort(np.random.default_rng(seed).choice(len(split), min(n, len(split)), replace=False))
     scores = metrics.score_rows(model, enc, split, rows, batch_size, pad, device, dtype, what="calibrating: scoring")
     rate = float(split.label.mean())
@@ -896,12 +823,10 @@ def calibrate(model, enc, split, batch_size, pad, device, dtype, seed, n=256):
 
 
 def rank_digests(trainable, world):
-    """A hash of the trained weights from every rank. DDP keeps the replicas bit-identical; if they
-    ever differ (a parameter unfrozen after wrapping, say), the run says so instead of hiding it."""
+    """A hash of the trained weights from every rank: DDP keeps them bit-identical, else a warning."""
     mine = tensor_digest(trainable.values())
-    digests = [mine]
+    digests = [None] * world if world > 1 else [mine]
     if world > 1:
-        digests = [None] * world
         dist.all_gather_object(digests, mine)
     if len(set(digests)) > 1:
         print(f"warning: trained weights differ across ranks: {digests}")
