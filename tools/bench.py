@@ -320,7 +320,7 @@ def padded_tokens(lengths, batches):
 def ours_train(args, ds, device, dtype, prefix_cache=True):
     """prefix_cache=False: the same steps with the whole prompt in one decoder call ("whole-train";
     stage 2 only, as stage 1 always runs in one call)."""
-    model, tok, cfg = build(args, ds, dtype, device, with_rec=args.stage == "cie")
+    model, tok, cfg = build(args, ds, dtype, device, with_rec=collm.STAGES[args.stage]["rec"])
     model.prefix_cache = prefix_cache
     enc = collm.encode(cfg, ds, tok, "train", model)
     split, pad = ds.splits["train"], data.SegmentTokenizer(tok).pad_id
@@ -353,7 +353,7 @@ def eval_rows(args, ds):
 def ours_eval(args, ds, device, dtype, prefix_cache=True):
     """eval.score_rows itself over eval_rows(); prefix_cache=False ("whole-eval") scores every row's
     whole prompt in one decoder call, in length order, as before shared prefixes."""
-    model, tok, cfg = build(args, ds, dtype, device, with_rec=args.stage == "cie")
+    model, tok, cfg = build(args, ds, dtype, device, with_rec=collm.STAGES[args.stage]["rec"])
     model.prefix_cache = prefix_cache
     enc = collm.encode(cfg, ds, tok, "test", model)
     split, pad, batch_size, rows = ds.splits["test"], data.SegmentTokenizer(tok).pad_id, args.eval_batch_size, eval_rows(args, ds)
@@ -403,7 +403,7 @@ def reference_scores(model, batch, stage, slot_id):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     rows = torch.arange(len(ids), device=ids.device)
     u, i = model.collab_tokens(batch["uid"], batch["iid"])  # stage 1 computes these too, then drops them
-    if stage == "cie":
+    if collm.STAGES[stage]["rec"]:  # stage 2: the slots are filled
         embed = model.llm.get_input_embeddings()(ids)  # (B, T, H)
         where = (ids == slot_id).nonzero()  # (2B, 2) the placeholder positions, searched for
         if len(where) != 2 * len(ids):
@@ -483,7 +483,7 @@ def catalog(args, ds, device, dtype):
     against plain scoring of the same first --eval-rows candidates: eval.score_rows with each row's
     whole prompt in one call ("plain"), and score_rows as it scores a split, the prefix run once per
     batch ("batched"). Then the wall time of the catalog path over the user's whole catalog, once."""
-    model, tok, cfg = build(args, ds, dtype, device, with_rec=args.stage == "cie")
+    model, tok, cfg = build(args, ds, dtype, device, with_rec=collm.STAGES[args.stage]["rec"])
     pad, batch_size = data.SegmentTokenizer(tok).pad_id, args.eval_batch_size
     split, enc = user_catalog(args, ds, model, tok, cfg, args.eval_rows)
     rows = np.arange(len(split))
@@ -531,7 +531,7 @@ def baseline(args, ds, device, dtype):
     """The device's matmul peak, and our model's train step and scoring on fixed-shape batches of
     FIXED_LEN random tokens: what the hardware gives before any prompt varies in length."""
     peak = matmul_peak(device, dtype, args.matmul_size)
-    model, tok, cfg = build(args, ds, dtype, device, with_rec=args.stage == "cie")
+    model, tok, cfg = build(args, ds, dtype, device, with_rec=collm.STAGES[args.stage]["rec"])
     vocab = model.llm.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(args.seed)
 
