@@ -53,7 +53,9 @@ def test_catalog_alone(toy_root):
     assert out["retrieve_n"] == min(50, out["catalog_rows"])  # tools/use.py's default N
 
 
-@pytest.mark.parametrize("path", ["ours-train", "whole-train", "ref-train", "ours-eval", "ref-eval"])
+@pytest.mark.parametrize("path", ["ours-train", "whole-train", "ours-eval",  # the reference's paths: tier 2
+                                  pytest.param("ref-train", marks=pytest.mark.tier2),
+                                  pytest.param("ref-eval", marks=pytest.mark.tier2)])
 def test_stage_two_paths_run_alone(toy_root, path):
     """--only runs one measurement (what each child process does); stage 2 splices the collaborative
     tokens into slots (ours: known positions; the reference's way: searched for)."""

@@ -18,7 +18,7 @@ import collm
 import data
 import eval as metrics  # our eval.py
 import train
-from tools import use
+from tools import results, use
 from conftest import ROOT, assert_error_line, run_python, shared_tokenizer, toy_frames, write_dataset
 
 TINY = ["--llm", "tiny", "--dtype", "fp32", "--batch-size", "4", "--warmup-steps", "2", "--log-every", "1"]
@@ -494,6 +494,7 @@ def whole_cie(toy_root, stage1, mf_ckpt, out, *extra):
             "--max-steps", 6, "--eval-every", 3, "--test-rows", 40, "--lr", 3e-3, *extra]
 
 
+@pytest.mark.tier2  # tier 1 resumes stage 1 exactly (after a pause and after Ctrl-C); this, stage 2's whole CIE
 def test_whole_cie_tuning_resumes_exactly(toy_root, lora_run_no_dropout, mf_ckpt, tmp_path):
     straight = run_python(*whole_cie(toy_root, lora_run_no_dropout, mf_ckpt, tmp_path / "a"))
     paused = run_python(*whole_cie(toy_root, lora_run_no_dropout, mf_ckpt, tmp_path / "b", "--pause-at", 3))
@@ -653,11 +654,13 @@ def test_both_stages_and_eval_end_to_end(toy_root, lora_run, mf_ckpt, tmp_path):
     assert "warm" in res3.stdout and "cold" in res3.stdout
 
 
-def test_results_table_reads_the_runs(lora_run, mf_ckpt, tmp_path):
+def test_results_table_reads_the_runs(lora_run, mf_ckpt, tmp_path, capsys):
+    """tools/results.py --table (in this process: its CLI end to end is tests/test_eval.py's)."""
+    def table(*runs):
+        results.main(["--table", *map(str, runs)])
+        return capsys.readouterr().out
     mf_dir, lora_dir = os.path.dirname(mf_ckpt), lora_run[0]
-    res = run_python("tools/results.py", "--table", mf_dir, lora_dir)
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = res.stdout.strip().splitlines()
+    lines = table(mf_dir, lora_dir).strip().splitlines()
     assert lines[0].startswith("| run | method | variant | llm | samples seen |") and len(lines) == 4
     mf, m1 = (json.load(open(os.path.join(d, "metrics.json"))) for d in (mf_dir, lora_dir))
     assert lines[2].startswith(f"| {os.path.basename(mf_dir)} | MF | - | - |") and f"| {mf['test']['auc']:.4f} | {mf['test']['uauc']:.4f} |" in lines[2]
@@ -665,23 +668,22 @@ def test_results_table_reads_the_runs(lora_run, mf_ckpt, tmp_path):
     assert lines[3].endswith("| - |")  # toy data: no published numbers beside it
     m1["config"]["data"] = "ml-1m"  # the paper's column appears for ML-1M runs
     json.dump(m1, open(tmp_path / "metrics.json", "w"))
-    res = run_python("tools/results.py", "--table", tmp_path)
-    assert res.stdout.strip().endswith("| 0.7097 / 0.6818 |"), res.stdout
+    assert table(tmp_path).strip().endswith("| 0.7097 / 0.6818 |")
     (tmp_path / "metrics.json").write_text("{}")
-    assert_one_line_error(run_python("tools/results.py", "--table", tmp_path), "metrics.json", "not a finished")
+    with pytest.raises(data.UsageError, match="metrics.json: not a finished"):
+        table(tmp_path)
     # a checkpoint scored into a folder of its own (tools/use.py --out) is a row too: its samples
     # are those its weights learned from (best.pt's step, not the run's end); "-" where a file lacks them
     ev = tmp_path / "ev"
-    assert run_python("tools/use.py", "--ckpt", lora_dir / "best.pt", "--out", ev).returncode == 0
-    res = run_python("tools/results.py", "--table", ev)
-    assert res.returncode == 0, res.stderr[-3000:]
-    row = res.stdout.strip().splitlines()[-1]
+    use.main(["--ckpt", str(lora_dir / "best.pt"), "--out", str(ev)])
+    capsys.readouterr()
+    row = table(ev).strip().splitlines()[-1]
     assert row.startswith(f"| ev | TALLRec | - | tiny | {m1['best_step'] * 4:,} | 93 | {m1['test']['auc']:.4f} |"), row
     m = json.load(open(ev / "metrics.json"))
     assert m["command"] == json.load(open(lora_dir / "metrics.json"))["command"]  # what trained the weights
     del m["samples_seen"]
     json.dump(m, open(ev / "metrics.json", "w"))
-    assert "| ev | TALLRec | - | tiny | - | 93 |" in run_python("tools/results.py", "--table", ev).stdout
+    assert "| ev | TALLRec | - | tiny | - | 93 |" in table(ev)
 
 
 def test_resumed_run_equals_uninterrupted_run(toy_root, tmp_path):
@@ -758,6 +760,7 @@ def test_two_ranks_end_identical_evaluate_each_row_once_and_stop_together(toy_ro
     assert [h["step"] for h in m["history"]] == [2, 4]
 
 
+@pytest.mark.tier2  # a refusal of --resume with another process count: two torchrun starts
 def test_a_two_process_run_resumes_only_with_two(toy_root, tmp_path):
     """One process would continue with half the global batch and another data order (and count
     samples_seen wrong): refused, and the pause message says how to resume."""
