@@ -1006,7 +1006,7 @@ def test_smollm2_both_stages_in_the_native_dtype(real_root, tmp_path):
     assert m["test"]["rows"] == 16 and 0.0 <= m["test"]["auc"] <= 1.0
     native = train.native_dtype(torch.device("cpu"))
     assert (m["dtype"], m["dtype_reason"]) == (native[0], "auto: " + native[1])
-    assert f"cpu {native[0]} (auto: " in r2.stdout  # the choice and its reason, in the run's first line
+    assert f"cpu in {native[0]} (auto: " in r2.stdout.splitlines()[0]  # the choice and its reason, in the first line
 
 
 # ---------------------------------------------------------------------------------------------
