@@ -77,8 +77,8 @@ def parse_evaluate(argv=None):
     p.add_argument("--json", action="store_true", help="--user: print each user's ranking as one JSON object a line "
                    "(user, candidates scored, items: item, title, score, probability = sigmoid(score), label)")
     p.add_argument("--show-prompt", action="store_true", help="--user: print the first candidate's prompt")
-    p.add_argument("--no-compile", action="store_true", help="score eagerly even if the run trained with --compile "
-                   "(compiling takes about a minute: worth it for a whole split, not for a slice)")
+    p.add_argument("--no-compile", action="store_true", help="score a split eagerly even if the run trained with --compile "
+                   "(compiling takes about a minute: worth it for a whole split, not for a slice; --user always scores eagerly)")
     return check_flags(p.parse_args(argv))
 
 
@@ -149,7 +149,7 @@ def evaluate(args, state, cfg, command):
                      train.DTYPES[args.export_dtype])
         print(f"exported {args.ckpt} {what} -> {args.export}")
         return
-    if cfg.compile and not args.no_compile:  # scored as the run was trained (train.py --compile)
+    if cfg.compile and not args.no_compile and args.user is None:  # a split, as it trained; a user's rows: eager
         collm.compile_decoder(model)
     if args.user is not None:
         for user, of_user in zip(args.user, of_users):
@@ -191,7 +191,7 @@ def rank_user(args, cfg, ds, model, tok, user, candidates, device, dtype, what):
     rec_scores, about = None, {}
     if args.candidates == "unseen" and args.retrieve is not None:  # retrieve, then the LLM reranks
         split, labels, rec_scores, retriever = retrieve(ds, split, labels, retriever_of(args, model, ds), args.retrieve)
-        note = f"the {len(split)} of {note} that {retriever} ranks first"
+        note = f"the top {len(split)} by {retriever} of {note}"
         about = dict(retriever=retriever, retrieve=args.retrieve)
     # the candidates as one more split, so that prompts, batches and scores take the usual path
     ds = dataclasses.replace(ds, splits={**ds.splits, "rank": split})
