@@ -302,6 +302,15 @@ def load_dataset(name="ml-1m", root=None):
                    titles=table, user_num=user_num, item_num=item_num, source=source)
 
 
+def items_in_data(data):
+    """-> (item_num,) bool: the ids that occur in the data, as a target or in a history (titles may be '')."""
+    seen = np.zeros(data.item_num, bool)
+    for sp in data.splits.values():
+        seen[sp.iid] = True
+        seen[sp.his_items] = True
+    return seen
+
+
 def fingerprint(ds):
     """A short hash of which (user, item, label) rows each split holds, in order: it tells a model trained
     on another split of equal table sizes (collab.py records it, train.py checks it)."""
@@ -511,12 +520,3 @@ def collate(enc, split, rows, pad_id, his_len=0):
     if his_len:
         batch["his"] = padded_history(split, his_len, rows)
     return {k: torch.from_numpy(v) for k, v in batch.items()}
-
-
-def items_in_data(data):
-    """-> (item_num,) bool: the ids that occur in the data, as a target or in a history (titles may be '')."""
-    seen = np.zeros(data.item_num, bool)
-    for sp in data.splits.values():
-        seen[sp.iid] = True
-        seen[sp.his_items] = True
-    return seen

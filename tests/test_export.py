@@ -1,6 +1,7 @@
 """Using a trained model (tools/use.py --export, --user): the LoRA in peft's own format, loaded by plain
 transformers + peft with no code of ours; a stage-2 export reloaded through eval.load_export; nothing
 pickled; refusals; one user's ranking. Tiny LLaMA in fp32 on the toy dataset, runs of a few steps."""
+import dataclasses
 import importlib.util
 import json
 import os
@@ -15,7 +16,7 @@ import collm
 import data
 import eval as metrics  # our eval.py
 import train
-from tools import results, use
+from tools import results, topk, use
 from conftest import assert_error_line, run_python
 
 TINY = ["--llm", "tiny", "--dtype", "fp32", "--batch-size", "4", "--warmup-steps", "1", "--log-every", "1",
@@ -507,3 +508,65 @@ def test_retrieve_then_rerank_keeps_the_retrievers_top_n(runs, sparse_root, tmp_
         code, out, err = cli(monkeypatch, capsys, "--ckpt", runs / "cie" / "best.pt", "--data-root", sparse_root,
                              "--user", 1, *(["--candidates", "unseen"] if bad[1] == 0 else []), *bad)
         assert code == 2 and words in err, err
+
+
+def test_topk_table_follows_the_protocol(runs, toy_root, tmp_path):
+    """tools/topk.py: a user's candidates are the items it has not rated in train or valid, its targets its
+    liked test items; a collaborative model's top K and Recall/NDCG@K equal a count by hand; a checkpoint's
+    ranking is its LLM's order (scored the plain way, without prefix sharing) of its model's top N."""
+    out = tmp_path / "topk.json"
+    topk.main([str(runs / "lora" / "best.pt"), str(runs / "cie" / "best.pt"), "--data-root", str(toy_root),
+               "--users", "5", "--k", "3", "--retrieve", "4", "--seed", "1", "--out", str(out)])
+    got = json.loads(out.read_text())
+    ds = data.load_dataset("toy", str(toy_root))
+    tr, te = ds.splits["train"], ds.splits["test"]
+    pop = collab.build_model("pop", ds.user_num, ds.item_num).fit(tr.iid, tr.label).eval()
+    mf = collab.load_rec(str(runs / "mf" / "model.pt"))  # the model the stage-2 run reads
+    rows = {row["model"]: row for row in got["rows"]}
+    assert len(got["user_ids"]) == 5 and list(rows) == ["pop", "mf", "TALLRec", "CoLLM-MF"]
+    model, tok, cfg, _ = rebuilt(train.load_checkpoint(str(runs / "cie" / "best.pt")), toy_root)
+    found = {"pop": [], "mf": []}
+    for u in got["user_ids"]:
+        rated = {int(i) for s in ("train", "valid") for uu, i in zip(ds.splits[s].uid, ds.splits[s].iid) if uu == u}
+        candidates = [i for i in range(1, ds.item_num) if i not in rated]  # every toy item occurs in the data
+        liked = sorted({int(i) for uu, i, y in zip(te.uid, te.iid, te.label) if uu == u and y == 1} - rated)
+        assert got["targets"][str(u)] == liked and liked
+        for name, rec in (("pop", pop), ("mf", mf)):
+            with torch.no_grad():
+                s = rec(torch.full((len(candidates),), u), torch.tensor(candidates)).numpy()
+            ranked = [candidates[j] for j in np.argsort(-s, kind="stable")]
+            assert got["top_k"][name][str(u)] == ranked[:3]
+            hits = [i in liked for i in ranked[:3]]
+            found[name].append((sum(hits) / len(liked),
+                                sum(h / np.log2(r + 2) for r, h in enumerate(hits)) /
+                                sum(1 / np.log2(r + 2) for r in range(min(3, len(liked))))))
+            if name == "mf":  # the LLM reranks MF's top 4, each with the history of the user's first test row
+                first = min((x for x in range(len(te)) if te.uid[x] == u), key=lambda x: len(te.history(x)))
+                h, n = te.history(first), min(4, len(ranked))
+                split = data.Split(uid=np.full(n, u), iid=np.array(ranked[:n]), label=np.zeros(n, np.float32),
+                                   not_cold=np.zeros(n, bool), his_ptr=np.arange(n + 1) * len(h),
+                                   his_items=np.tile(h, n))
+                ds_u = dataclasses.replace(ds, splits={**ds.splits, "u": split})
+                llm = metrics.score_rows(model, collm.encode(cfg, ds_u, tok, "u", model), split, np.arange(n), 2,
+                                         data.SegmentTokenizer(tok).pad_id, torch.device("cpu"))
+                assert got["top_k"][str(runs / "cie" / "best.pt")][str(u)] == [ranked[j] for j in np.argsort(-llm)][:3]
+    for name, values in found.items():
+        assert (rows[name]["recall"], rows[name]["ndcg"]) == pytest.approx(tuple(np.mean(values, axis=0)))
+        assert rows[name]["recall_at_n"] >= rows[name]["recall"]
+    assert rows["CoLLM-MF"]["recall"] <= rows["mf"]["recall_at_n"] + 1e-12  # a reranker cannot pass its list
+    with pytest.raises(data.UsageError, match="--users 999: toy's test split has .* users with a liked test item"):
+        topk.main([str(runs / "lora" / "best.pt"), "--data-root", str(toy_root), "--users", "999"])
+
+
+@pytest.mark.parametrize("name", [m for m in collab.MODELS if m != "pop"])
+def test_every_collaborative_model_of_a_checkpoint_can_retrieve(name, toy_root):
+    """The retriever is a CPU copy of the checkpoint's own model, whichever it is (LightGCN's sparse graph
+    once made the copy fail with a traceback), scoring as the model does."""
+    import types
+    ds = data.load_dataset("toy", str(toy_root))
+    torch.manual_seed(0)
+    rec = collab.new_rec(name, ds).eval()
+    got, words = use.retriever_of(None, types.SimpleNamespace(rec=rec), ds)
+    test = ds.splits["test"]
+    assert got is not rec and words == f"{name} (the checkpoint's own)"
+    assert np.array_equal(collab.score(got, test), collab.score(rec, test))

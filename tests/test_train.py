@@ -686,14 +686,35 @@ def test_results_table_reads_the_runs(lora_run, mf_ckpt, tmp_path, capsys):
     assert "| ev | TALLRec | - | tiny | - | 93 |" in table(ev)
 
 
-def test_resumed_run_equals_uninterrupted_run(toy_root, tmp_path):
-    # --log-every 3: the pause at step 4 falls inside a log window, whose step-6 entry must still
-    # average steps 4-6 (it once averaged the two after the resume, divided by three)
-    common = ["--stage", "lora", *TINY, "--data", "toy", "--data-root", toy_root, "--max-steps", 8,
-              "--eval-every", 4, "--test-rows", 20, "--lr", 3e-3, "--log-every", 3]
-    straight = run_python("train.py", *common, "--out", tmp_path / "a")
-    paused = run_python("train.py", *common, "--out", tmp_path / "b", "--pause-at", 4)
-    assert straight.returncode == 0 and paused.returncode == 0, paused.stderr[-2000:]
+# A run stopped part way, by --pause-at or by a signal, and resumed must end exactly where one uninterrupted
+# run ends. --log-every 3: the stop at step 3 or 4 falls inside a log window, whose step-6 entry must still
+# average steps 4-6 (it once averaged the two after the resume, divided by three).
+def resumable(toy_root):
+    return ["--stage", "lora", *TINY, "--data", "toy", "--data-root", toy_root, "--max-steps", 8, "--eval-every", 4,
+            "--test-rows", 20, "--lr", 3e-3, "--log-every", 3]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(toy_root, tmp_path_factory):
+    """The run that every stopped-and-resumed run below is compared with: (its last.pt, its metrics.json)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    res = run_python("train.py", *resumable(toy_root), "--out", out)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return torch.load(out / "last.pt", weights_only=True), json.load(open(out / "metrics.json"))
+
+
+def assert_same_end(folder, uninterrupted):
+    a, ma = uninterrupted
+    b, mb = torch.load(folder / "last.pt", weights_only=True), json.load(open(folder / "metrics.json"))
+    assert a["step"] == b["step"] == 8 and all(torch.equal(a["lora"][k], b["lora"][k]) for k in a["lora"])
+    assert ma["test"] == mb["test"] and ma["history"] == mb["history"]
+    assert [x["step"] for x in mb["loss_log"]] == [3, 6] and ma["loss_log"] == mb["loss_log"]
+    return mb
+
+
+def test_resumed_run_equals_uninterrupted_run(toy_root, tmp_path, uninterrupted):
+    paused = run_python("train.py", *resumable(toy_root), "--out", tmp_path / "b", "--pause-at", 4)
+    assert paused.returncode == 0, paused.stderr[-2000:]
     assert "paused at step 4" in paused.stdout and not (tmp_path / "b" / "metrics.json").exists()
     state = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert 0 < state["seconds"] < 600
@@ -701,27 +722,20 @@ def test_resumed_run_equals_uninterrupted_run(toy_root, tmp_path):
     torch.save(state, tmp_path / "b" / "last.pt")
     resumed = run_python("train.py", "--resume", tmp_path / "b")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in "ab")
-    assert a["step"] == b["step"] == 8
-    for k in a["lora"]:
-        assert torch.equal(a["lora"][k], b["lora"][k]), k
-    ma, mb = (json.load(open(tmp_path / d / "metrics.json")) for d in "ab")
-    assert ma["test"] == mb["test"] and ma["history"] == mb["history"]
-    assert [x["step"] for x in mb["loss_log"]] == [3, 6] and ma["loss_log"] == mb["loss_log"]
-    assert ma["seconds"] < 600 and 1e6 < mb["seconds"] < 1e6 + 600
+    mb = assert_same_end(tmp_path / "b", uninterrupted)
+    assert uninterrupted[1]["seconds"] < 600 and 1e6 < mb["seconds"] < 1e6 + 600
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.tier2)],
                          ids=["Ctrl-C", "SIGTERM"])  # one handler for both: tier 1 sends the one a user sends
-def test_a_signal_saves_last_pt_at_the_step_and_the_resumed_run_equals_an_uninterrupted_one(toy_root, tmp_path, sig):
-    common = ["--stage", "lora", *TINY, "--data", "toy", "--data-root", toy_root, "--max-steps", 10,
-              "--eval-every", 5, "--test-rows", 20, "--lr", 3e-3, "--no-calibrate"]
+def test_a_signal_saves_last_pt_at_the_step_and_the_resumed_run_equals_an_uninterrupted_one(toy_root, tmp_path, sig,
+                                                                                            uninterrupted):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "train.py", *map(str, common), "--out", str(tmp_path / "b")], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, resumable(toy_root)), "--out", str(tmp_path / "b")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first_line = proc.stdout.readline()
     assert first_line.startswith("=> stage 1 (TALLRec)"), first_line
-    for line in proc.stdout:  # the first logged step (--log-every 1): training is under way, no last.pt yet
+    for line in proc.stdout:  # the first logged step (step 3): training is under way, no last.pt yet
         if line.startswith("step "):
             proc.send_signal(sig)
             break
@@ -732,15 +746,11 @@ def test_a_signal_saves_last_pt_at_the_step_and_the_resumed_run_equals_an_uninte
     stopped = [line for line in out.splitlines() if line.startswith("stopped by")]
     assert len(stopped) == 1 and f"--resume {tmp_path / 'b'}" in stopped[0], out[-2000:]
     step = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"]
-    assert f"at step {step} (last.pt saved)" in stopped[0] and 1 <= step < 10
+    assert f"at step {step} (last.pt saved)" in stopped[0] and 3 <= step < 8
     assert not (tmp_path / "b" / "metrics.json").exists()
     resumed = run_python("train.py", "--resume", tmp_path / "b")
-    straight = run_python("train.py", *common, "--out", tmp_path / "a")
-    assert resumed.returncode == 0 and straight.returncode == 0, resumed.stderr[-2000:]
-    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in "ab")
-    assert a["step"] == b["step"] == 10 and all(torch.equal(a["lora"][k], b["lora"][k]) for k in a["lora"])
-    ma, mb = (json.load(open(tmp_path / d / "metrics.json")) for d in "ab")
-    assert ma["test"] == mb["test"] and ma["history"] == mb["history"]
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_end(tmp_path / "b", uninterrupted)
 
 
 def torchrun(*args, timeout=300):

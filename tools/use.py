@@ -11,7 +11,6 @@ checkpoints/; the model is rebuilt from the run's own settings (train.build_mode
 evaluates by rerunning its training script with `evaluate: True`.
 """
 import argparse
-import copy
 import dataclasses
 import json
 import os
@@ -215,8 +214,9 @@ def rank_user(args, cfg, ds, model, tok, user, candidates, device, dtype, what):
 def retriever_of(args, model, ds):
     """-> (the collaborative model that retrieves, its name in words): a stage-2 checkpoint's own (the
     model whose vectors fill its slots), else --rec-ckpt's, else pop counted from train."""
-    if model.rec is not None:
-        return copy.deepcopy(model.rec).cpu().eval(), f"{collab.model_name(model.rec)} (the checkpoint's own)"
+    if model.rec is not None:  # a CPU copy, rebuilt from its tensors (deepcopy fails on LightGCN's sparse graph)
+        return collab.rec_from_checkpoint(collab.rec_checkpoint(model.rec)), \
+            f"{collab.model_name(model.rec)} (the checkpoint's own)"
     if args.rec_ckpt:
         return collab.load_rec(args.rec_ckpt, ds.user_num, ds.item_num, data.fingerprint(ds)), \
             f"{args.rec_ckpt} ({collab.model_in(args.rec_ckpt)})"
