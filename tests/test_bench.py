@@ -8,7 +8,7 @@ from conftest import assert_error_line, run_python
 
 KEYS = ("train_samples_per_s", "eval_samples_per_s", "train_peak_share", "eval_peak_share", "padding_share",
         "ref_padding_share", "speedup_train", "speedup_eval", "mem_ratio_train", "prefix_speedup_eval", "prefix_mem_eval",
-        "prefix_tensors_eval", "catalog_speedup", "retrieve_rerank_seconds", "device", "dtype", "cpu_capability",
+        "prefix_tensors_eval", "catalog_speedup", "catalog_sample_prefixes", "retrieve_rerank_seconds", "device", "dtype", "cpu_capability",
         "cpu_bf16_units", "llm")
 
 
@@ -51,6 +51,7 @@ def test_catalog_alone(toy_root):
               "retrieve_rerank_seconds"):
         assert out[k] > 0, (k, out[k])
     assert out["retrieve_n"] == min(50, out["catalog_rows"])  # tools/use.py's default N
+    assert out["sample_prefixes"] == 1 and len(out["load_average"].split()) == 3  # one user, one history
 
 
 @pytest.mark.parametrize("path", ["ours-train", "whole-train", "ours-eval",  # the reference's paths: tier 2

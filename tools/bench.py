@@ -496,7 +496,10 @@ def catalog(args, ds, device, dtype):
     sample = lambda rs: metrics.score_catalog(model, enc, split, batch_size, pad, device, dtype, rs)
     out = dict(catalog_rows_per_s=rate(True, sample), plain_rows_per_s=rate(False, plain),
                batched_rows_per_s=rate(True, plain), sample_rows=len(rows), mean_len=float(enc.lengths.mean()),
-               mean_rest_len=float((enc.lengths - enc.shared).mean()))
+               mean_rest_len=float((enc.lengths - enc.shared).mean()),
+               # what would make the prefix buy nothing, said in the result: one prefix per row (a tokenizer
+               # that changes tokens before the title), or other jobs on the cores while the rates were timed
+               sample_prefixes=len(np.unique(data.prefix_groups(enc, rows))), load_average=load_average())
     print(json.dumps(out), file=sys.stderr, flush=True)  # the rates now: the whole catalog can take minutes
     t = time.perf_counter()
     whole, whole_enc = user_catalog(args, ds, model, tok, cfg)
@@ -692,7 +695,8 @@ def report(args, device, dtype_name, res, load):
     cat = res["catalog"]
     print(f"one user's catalog (user {cat['user']}, {cat['catalog_rows']:,} unseen items): prefix once, then "
           f"{cat['mean_rest_len']:.0f} of {cat['mean_len']:.0f} tokens a row: {cat['catalog_rows_per_s']:.1f} rows/s, "
-          f"{cat['catalog_speedup']:.2f}x plain scoring, {cat['catalog_speedup_batched']:.2f}x the prefix once per batch; "
+          f"{cat['catalog_speedup']:.2f}x plain scoring ({cat['sample_prefixes']} prefix for its {cat['sample_rows']} "
+          f"sampled rows), {cat['catalog_speedup_batched']:.2f}x the prefix once per batch; "
           f"whole catalog {cat['catalog_seconds']:.1f} s (+ {cat['catalog_encode_seconds']:.1f} s building its prompts); "
           f"retrieve-then-rerank (tools/use.py's default, the LLM on the retriever's top {cat['retrieve_n']}) "
           f"{cat['retrieve_rerank_seconds']:.1f} s")
@@ -716,8 +720,13 @@ def report(args, device, dtype_name, res, load):
                 fixed_eval_peak_share=round(f_eval * args.eval_batch_size * FIXED_LEN / base["eval_seconds"] / peak, 4),
                 mem_ratio_train_over_base=round(mem_over, 3), load_average=load,
                 catalog_speedup=round(cat["catalog_speedup"], 3), catalog_speedup_batched=round(cat["catalog_speedup_batched"], 3),
-                catalog_rows=cat["catalog_rows"], catalog_seconds=round(cat["catalog_seconds"], 2),
+                catalog_rows=cat["catalog_rows"], catalog_sample_prefixes=cat["sample_prefixes"], catalog_seconds=round(cat["catalog_seconds"], 2),
                 retrieve_n=cat["retrieve_n"], retrieve_rerank_seconds=round(cat["retrieve_rerank_seconds"], 2))
+
+
+def load_average():
+    """The 1, 5 and 15 minute load averages in words: above the core count, other jobs shared the timings."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
 def main(argv=None):
@@ -726,7 +735,7 @@ def main(argv=None):
     device, dtype, dtype_name, dtype_reason = device_and_dtype(args)
     if args.only:
         return run_child(args, device, dtype)
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    load = load_average()
     print(f"=> bench {args.llm} | stage {args.stage} | {device.type} {dtype_name} ({dtype_reason}) | batch {args.batch_size}, eval batch "
           f"{args.eval_batch_size} | {args.steps} steps after {args.warmup} warm-up, best of {args.repeats} "
           f"| compile {'on' if args.compile else 'off'} | grad checkpoint {'on' if args.grad_checkpoint else 'off'} "
