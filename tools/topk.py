@@ -18,7 +18,6 @@ ordering its collaborative model's top N (a stage-1 checkpoint reranks pop's top
 """
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -110,16 +109,11 @@ def averaged(rankings, targets, k):
 
 
 def load(path, args):
-    """A checkpoint or export folder -> (its state, its train.Config with this command's device/dtype/root)."""
-    if not os.path.exists(path):
-        raise UsageError(f"{path}: not found (a train.py best.pt or an export folder such as checkpoints/...)")
-    state = collm.load_export(path) if os.path.isdir(path) else train.load_checkpoint(path)
-    if "lora" not in state or "config" not in state:
-        raise UsageError(f"{path}: not a train.py checkpoint or export (a collab.py model.pt is read through the "
-                         f"checkpoint whose slots it fills)")
-    saved = state["config"]
-    return state, train.Config(**{**saved, "device": args.device, "dtype": args.dtype or saved["dtype"],
-                                  "data_root": args.data_root or saved["data_root"]})
+    """A checkpoint or export folder -> (its state, its train.Config with this command's device/dtype/root),
+    as tools/use.py loads one."""
+    state, saved = use.load_for_evaluation(argparse.Namespace(ckpt=path, export=None, device=args.device,
+                                                              dtype=args.dtype, data_root=args.data_root))
+    return state, train.Config(**saved)
 
 
 def rec_row(name, model, users, split_of, targets, k, n):
@@ -213,8 +207,7 @@ def main(argv=None):
                   "rows": rows, "seconds": round(seconds, 1), "user_ids": users.tolist(),
                   "targets": {int(u): targets[u] for u in users},
                   "top_k": {name: {int(u): got[u] for u in users} for name, got in lists.items()}}
-        if os.path.dirname(os.path.abspath(args.out)):
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         metrics.write_metrics(args.out, result)
         print(f"-> {args.out}")
 
