@@ -374,10 +374,12 @@ def write_export(model, tok, state, info, tmp, with_base, dtype=None):
     seg = data.SegmentTokenizer(tok)
     os.makedirs(tmp)
     # peft names the base model in adapter_config.json and its README.md by the path it was loaded from
-    # here (cache/smollm2-135m, relative to where train.py ran). Saved with the hub id or no name (a
-    # name makes peft look the model up on the hub), then adapter_config.json names it as info does.
+    # here (cache/smollm2-135m, relative to where train.py ran): the config's _name_or_path and the
+    # model's name_or_path (README's tag). Saved with the hub id or no name (a name makes peft look the
+    # model up on the hub), then adapter_config.json names it as info does.
     hub_id = info["base_model"] if info["base_model"] != "base" else None
-    model.llm.get_base_model().config._name_or_path = hub_id or ""
+    base = model.llm.get_base_model()
+    base.config._name_or_path = base.name_or_path = hub_id or ""
     for peft_config in model.llm.peft_config.values():
         peft_config.base_model_name_or_path = hub_id
     model.llm.save_pretrained(tmp)  # peft writes exactly the adapter tensors and their LoraConfig
