@@ -6,8 +6,8 @@
 #   tools/stage1.sh 0 lora-gemma3 --llm gemma3-270m                    # the shipped recipe
 #   tools/stage1.sh 1 lora-gemma3-pass --llm gemma3-270m --max-steps 4237   # one whole pass
 #
-# The run goes to runs/NAME (log: runs/NAME.log), pinned to core CORE with one thread (two runs side by
-# side finish sooner than one run on both cores). If runs/NAME/last.pt exists the run is resumed with the
+# The run goes to runs/NAME (log: runs/NAME.log), pinned to core CORE with one thread; CORE 0,1 gives
+# one run both cores (a thread each): the way to finish the last run once the other is done. If runs/NAME/last.pt exists the run is resumed with the
 # flags it started with, so the same line starts a run and continues it in a later sitting. Valid AUC on
 # the first 1,000 valid_small rows every 250 steps (2,000 samples), as the shipped SmolLM2 stage 1 was
 # measured; 16 test rows at the end (the chosen run is scored on the whole test split afterwards).
@@ -23,4 +23,5 @@ else
 fi
 mkdir -p runs
 echo "$(date -u +%FT%TZ) python train.py ${args[*]}" >> "runs/$name.log"
-OMP_NUM_THREADS=1 exec taskset -c "$core" python train.py "${args[@]}" >> "runs/$name.log" 2>&1
+threads=$(tr , '\n' <<< "$core" | wc -l)
+OMP_NUM_THREADS=$threads exec taskset -c "$core" python train.py "${args[@]}" >> "runs/$name.log" 2>&1
