@@ -557,6 +557,8 @@ def test_topk_table_follows_the_protocol(runs, toy_root, tmp_path):
     assert rows["CoLLM-MF"]["recall"] <= rows["mf"]["recall_at_n"] + 1e-12  # a reranker cannot pass its list
     with pytest.raises(data.UsageError, match="--users 999: toy's test split has .* users with a liked test item"):
         topk.main([str(runs / "lora" / "best.pt"), "--data-root", str(toy_root), "--users", "999"])
+    with pytest.raises(data.UsageError, match=r"^CKPT \S*nope\.pt: file not found$"):
+        topk.main([str(runs / "lora" / "best.pt"), str(tmp_path / "nope.pt"), "--data-root", str(toy_root)])
 
 
 @pytest.mark.parametrize("name", [m for m in collab.MODELS if m != "pop"])
