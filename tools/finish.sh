@@ -8,13 +8,14 @@
 #                                         the test split into runs/SHIPNAME, and the 32-row fp32 slice
 #                                         tests/test_shipped.py rescores into runs/SHIPNAME-check
 #
-# One core, one thread, as the study's runs. Then checkpoints/checks.json takes the slice and
-#   python eval.py --table runs/mf ... runs/SHIPNAME ... --json checkpoints/results.json
+# One core, one thread, as the study's runs (CORE 0,1: both cores, a thread each). Then
+# checkpoints/checks.json takes the slice and
+#   python tools/results.py --table runs/mf ... runs/SHIPNAME ... --json checkpoints/results.json
 # lists every run of the results table (README: Shipped checkpoints).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 core=$1 run=$2 ship=${3:-}
-pin=(env OMP_NUM_THREADS=1 taskset -c "$core")
+pin=(env OMP_NUM_THREADS="$(tr , '\n' <<< "$core" | wc -l)" taskset -c "$core")
 log=runs/$run.finish.log
 if [ -z "$ship" ]; then
   "${pin[@]}" python tools/use.py --ckpt "runs/$run/best.pt" --split test >> "$log" 2>&1
