@@ -111,11 +111,8 @@ def averaged(rankings, targets, k):
 def load(path, args):
     """A checkpoint or export folder -> (its state, its train.Config with this command's device/dtype/root),
     as tools/use.py loads one."""
-    try:
-        state, saved = use.load_for_evaluation(argparse.Namespace(ckpt=path, export=None, device=args.device,
-                                                                  dtype=args.dtype, data_root=args.data_root))
-    except UsageError as e:  # use.py's words name its flag, --ckpt; here the path is a CKPT argument
-        raise UsageError(str(e).replace("--ckpt ", "CKPT ", 1)) from None
+    state, saved = use.load_for_evaluation(argparse.Namespace(ckpt=path, export=None, device=args.device,
+                                                              dtype=args.dtype, data_root=args.data_root), "CKPT")
     return state, train.Config(**saved)
 
 

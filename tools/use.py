@@ -112,16 +112,17 @@ def check_flags(args):
     return args
 
 
-def load_for_evaluation(args):
+def load_for_evaluation(args, flag="--ckpt"):
     """--ckpt (a checkpoint or an export folder) -> (its state, the run's settings with this command's
-    device, dtype and data root: what train.py turns into its Config)."""
+    device, dtype and data root: what train.py turns into its Config). `flag`: what the error lines call
+    the path (tools/topk.py takes it as a CKPT argument)."""
     if args.export:
         check_export_folder(args.export)  # before anything slow
     if not os.path.exists(args.ckpt):
-        raise UsageError(f"--ckpt {args.ckpt}: file not found")
+        raise UsageError(f"{flag} {args.ckpt}: file not found")
     state = collm.load_export(args.ckpt) if os.path.isdir(args.ckpt) else train.load_checkpoint(args.ckpt)
     if "lora" not in state or "config" not in state:
-        raise UsageError(f"--ckpt {args.ckpt}: not a train.py checkpoint (a collab.py model.pt? those are "
+        raise UsageError(f"{flag} {args.ckpt}: not a train.py checkpoint (a collab.py model.pt? those are "
                          f"evaluated by collab.py itself)")
     saved = state["config"]
     return state, {**saved, "device": args.device, "dtype": args.dtype or saved["dtype"],
